@@ -1,0 +1,32 @@
+# mmoe: every target that needs Python depends on `install` (idempotent, fast when done).
+PY      ?= python3
+VENV    ?= .venv
+PYTHON  := $(VENV)/bin/python
+DATA    ?= data/synthetic
+STAMP   := $(VENV)/.installed
+
+.PHONY: install data train test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PYTHON) || $(PY) -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PYTHON) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+data: install
+	@test -f $(DATA)/tokenizer.json || $(PYTHON) data_scripts/make_synthetic.py --out $(DATA) --seed 0
+
+train: install data
+	$(PYTHON) -m mmoe.training.main_job --config configs/default.yaml --data $(DATA)
+
+test: install
+	$(PYTHON) -m pytest -q tests
+
+bench: install
+	@for f in benchmarks/*.py; do echo "== $$f"; $(PYTHON) $$f || exit 1; done
+
+clean:
+	rm -rf runs lightning_logs .pytest_cache

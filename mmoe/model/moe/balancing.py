@@ -1,0 +1,166 @@
+"""Balancing losses and routing-health metrics: plain functions of one layer's RoutingResult.
+
+Every loss is computed per layer (callers sum over layers with per-site coefficients; nothing here
+pools tokens across layers). Padding tokens are excluded through `token_mask`. Each balance loss
+is normalised to equal 1 at perfect balance, so coefficients mean the same thing at any E or k.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from mmoe.constants import MODALITY_NAMES
+
+from .routing import RoutingResult
+
+LOSS_KINDS = ("balance", "z", "group", "modality", "device", "sequence")
+
+
+def _mask(r: RoutingResult, extra: Tensor | None = None) -> Tensor:
+    return r.token_mask if extra is None else r.token_mask & extra
+
+
+def _selected_counts(r: RoutingResult, mask: Tensor) -> Tensor:
+    return torch.bincount(r.expert_idx[r.selected & mask[:, None]], minlength=r.num_experts).float()
+
+
+def _fp_balance(counts: Tensor, mean_probs: Tensor) -> Tensor:
+    """n * sum_i f_i P_i with f the assignment fractions: 1 when both are uniform."""
+    f = counts / counts.sum().clamp_min(1.0)
+    return counts.numel() * (f * mean_probs).sum()
+
+
+def load_balance_loss(r: RoutingResult, mask: Tensor | None = None) -> Tensor:
+    """Switch/GShard loss E * sum_i f_i P_i (f: share of selected assignments, P: mean router prob)."""
+    m = _mask(r, mask)
+    n = m.sum().clamp_min(1)
+    P = (r.probs * m[:, None]).sum(0) / n
+    return _fp_balance(_selected_counts(r, m), P)
+
+
+def z_loss(r: RoutingResult) -> Tensor:
+    """ST-MoE router z-loss mean(logsumexp(logits)^2) over real tokens (plus the group gate's, if any)."""
+    m = r.token_mask.float()
+    n = m.sum().clamp_min(1)
+    loss = (torch.logsumexp(r.logits, -1).pow(2) * m).sum() / n
+    if r.group_logits is not None:
+        loss = loss + (torch.logsumexp(r.group_logits, -1).pow(2) * m).sum() / n
+    return loss
+
+
+def group_balance_loss(r: RoutingResult) -> Tensor:
+    """G * sum_g f_g P_g over expert groups; 0 for flat routing with a single group."""
+    if r.num_groups <= 1:
+        return r.probs.new_zeros(())
+    m = r.token_mask
+    G = r.num_groups
+    per = r.num_experts // G
+    counts = _selected_counts(r, m).view(G, per).sum(-1)
+    gp = r.group_probs if r.group_probs is not None else r.probs.view(-1, G, per).sum(-1)
+    P = (gp * m[:, None]).sum(0) / m.sum().clamp_min(1)
+    return _fp_balance(counts, P)
+
+
+def modality_balance_loss(r: RoutingResult) -> Tensor:
+    """Mean over modalities present of the load-balance loss on that modality's tokens alone.
+
+    Pooled balance can hide image tokens crowding a few experts while text tokens fill the rest.
+    """
+    if r.modality is None:
+        return load_balance_loss(r)
+    losses = [load_balance_loss(r, r.modality == mod) for mod in MODALITY_NAMES
+              if bool(((r.modality == mod) & r.token_mask).any())]
+    return torch.stack(losses).mean() if losses else r.probs.new_zeros(())
+
+
+def device_balance_loss(r: RoutingResult, num_devices: int) -> Tensor:
+    """D * sum_d f_d P_d with experts split into `num_devices` contiguous shards (DeepSeek-V2)."""
+    if num_devices <= 1:
+        return r.probs.new_zeros(())
+    if r.num_experts % num_devices:
+        raise ValueError(f"num_experts={r.num_experts} is not divisible by num_devices={num_devices}")
+    m = r.token_mask
+    counts = _selected_counts(r, m).view(num_devices, -1).sum(-1)
+    P = (r.probs * m[:, None]).sum(0).view(num_devices, -1).sum(-1) / m.sum().clamp_min(1)
+    return _fp_balance(counts, P)
+
+
+def sequence_balance_loss(r: RoutingResult) -> Tensor:
+    """DeepSeek-V3 sequence-wise balance: the load-balance loss per sequence, averaged over sequences."""
+    B, T = r.batch_shape
+    K, E = r.expert_idx.shape[1], r.num_experts
+    m = r.token_mask.view(B, T)
+    sel = (r.selected & r.token_mask[:, None]).view(B, T * K).float()
+    counts = torch.zeros(B, E, device=sel.device).scatter_add_(1, r.expert_idx.view(B, T * K), sel)
+    f = counts / counts.sum(-1, keepdim=True).clamp_min(1.0)
+    P = (r.probs.view(B, T, E) * m[..., None]).sum(1) / m.sum(-1, keepdim=True).clamp_min(1)
+    per_seq = E * (f * P).sum(-1)
+    has = m.any(-1)
+    return per_seq[has].mean() if bool(has.any()) else r.probs.new_zeros(())
+
+
+def balancing_losses(r: RoutingResult, num_devices: int = 1) -> dict[str, Tensor]:
+    """All balancing losses of one layer, keyed by kind (see LOSS_KINDS)."""
+    return {
+        "balance": load_balance_loss(r),
+        "z": z_loss(r),
+        "group": group_balance_loss(r),
+        "modality": modality_balance_loss(r),
+        "device": device_balance_loss(r, num_devices),
+        "sequence": sequence_balance_loss(r),
+    }
+
+
+# --------------------------------------------------------------------------- health metrics
+def _load_stats(load: Tensor, prefix: str) -> dict[str, Tensor]:
+    mean = load.mean().clamp_min(1e-9)
+    return {
+        f"{prefix}load_cv": load.std(unbiased=False) / mean,
+        f"{prefix}max_violation": (load.max() - mean) / mean,  # MaxVio (DeepSeek "Auxiliary-Loss-Free")
+        f"{prefix}dead_experts": (load == 0).sum().float(),
+    }
+
+
+@torch.no_grad()
+def routing_metrics(r: RoutingResult) -> dict[str, float]:
+    """Routing health of one layer: load CV, MaxVio, drop rate, entropies, dead experts, bias stats,
+    overall and per modality and per group. One host sync for the whole dict."""
+    out: dict[str, Tensor] = {}
+    m = r.token_mask
+    kept = r.expert_counts("kept").float()
+    sel = r.expert_counts("selected").float()
+    out.update(_load_stats(kept, ""))
+    out["drop_rate"] = 1.0 - kept.sum() / sel.sum().clamp_min(1)
+    out["experts_per_token"] = (r.kept & m[:, None]).sum() / m.sum().clamp_min(1)
+    p = r.probs.clamp_min(1e-12)
+    n = m.sum().clamp_min(1)
+    out["token_entropy"] = (-(p * p.log()).sum(-1) * m).sum() / n / math.log(r.num_experts)
+    pbar = (r.probs * m[:, None]).sum(0) / n
+    out["marginal_entropy"] = -(pbar * pbar.clamp_min(1e-12).log()).sum() / math.log(r.num_experts)
+    if r.expert_bias is not None:
+        out["bias_mean"], out["bias_std"] = r.expert_bias.mean(), r.expert_bias.std(unbiased=False)
+        out["bias_absmax"] = r.expert_bias.abs().max()
+    if r.modality is not None:
+        for mod, name in MODALITY_NAMES.items():
+            mm = m & (r.modality == mod)
+            if not bool(mm.any()):
+                continue
+            km = torch.bincount(r.expert_idx[r.kept & mm[:, None]], minlength=r.num_experts).float()
+            sm = torch.bincount(r.expert_idx[r.selected & mm[:, None]], minlength=r.num_experts).float()
+            out.update(_load_stats(km, f"{name}/"))
+            out[f"{name}/drop_rate"] = 1.0 - km.sum() / sm.sum().clamp_min(1)
+    if r.num_groups > 1:
+        gl = kept.view(r.num_groups, -1).sum(-1)
+        out.update({k: v for k, v in _load_stats(gl, "group/").items() if "dead" not in k})
+    keys = list(out)
+    values = torch.stack([out[k].float().reshape(()) for k in keys]).tolist()
+    return dict(zip(keys, values))
+
+
+def expert_load(r: RoutingResult) -> Tensor:
+    """(E,) share of kept assignments per expert (for load-over-time plots)."""
+    c = r.expert_counts("kept").float()
+    return c / c.sum().clamp_min(1)

@@ -1,0 +1,145 @@
+"""One flat config for every MoE site (ViT MLP, connector, MoA attention, decoder FFN).
+
+Strings pick behaviour (``Literal`` fields) so configs round-trip through plain YAML.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+
+class MoEConfigError(ValueError):
+    """A MoE config that cannot work; the message names the field."""
+
+
+@dataclass
+class MoEConfig:
+    """Routing, capacity, experts and balancing knobs of one MoE layer."""
+
+    num_experts: int = 4
+    """Routed experts E (shared experts not counted)."""
+    top_k: int = 2
+    """Experts per token for token choice; the cap for top-p; tokens-per-expert multiplier for expert choice."""
+    router: Literal["token_choice", "top_p", "expert_choice"] = "token_choice"
+    """token_choice: each token picks top-k (switch = top_k 1 without renormalisation); top_p: fewest experts
+    whose mass reaches `top_p` (adaptive k, capped at top_k); expert_choice: each expert picks its top-C tokens
+    (bidirectional sites only: it looks at future tokens)."""
+    score_func: Literal["softmax", "sigmoid"] = "softmax"
+    """Router score: softmax over experts (Switch, Mixtral) or independent sigmoids (DeepSeek-V3)."""
+    renormalize: bool = True
+    """Rescale the selected weights to sum to 1 (Mixtral: yes; Switch top-1: no)."""
+    top_p: float = 0.7
+    """Probability mass for the top_p router."""
+    noisy_gating: bool = False
+    """Shazeer-2017 noisy top-k: learned, input-dependent Gaussian noise on the logits, training only."""
+    jitter_eps: float = 0.0
+    """Multiplicative input jitter U(1-eps, 1+eps) on the router input, training only (Switch: 0.01)."""
+    hierarchy: Literal["flat", "group_limited", "two_level"] = "flat"
+    """flat: one gate over all experts. group_limited: DeepSeek-V3 (group score from the top affinities in each
+    group, keep top groups, mask the rest with -inf, pick experts inside). two_level: a group gate then an
+    expert gate inside each chosen group, weight = product."""
+    num_groups: int = 1
+    """Expert groups G for hierarchical routing (E must divide evenly)."""
+    top_groups: int = 1
+    """Groups kept per token for hierarchical routing."""
+    capacity_factor: float = 0.0
+    """Training capacity factor; 0 means dropless. Capacity C = ceil(cf * tokens * k / E)."""
+    eval_capacity_factor: float = 0.0
+    """Capacity factor in eval mode; 0 means dropless."""
+    drop_policy: Literal["position", "score"] = "score"
+    """Which assignments survive when an expert overflows: earlier positions first (first choices before
+    second choices, GShard) or higher router weight first (Megatron 'probs')."""
+    num_shared_experts: int = 0
+    """Always-on experts (DeepSeekMoE) added unweighted to the routed output."""
+    expert_hidden: int = 0
+    """Hidden width of each routed expert; 0 means the site's dense hidden width."""
+    routed_scaling: float = 1.0
+    """Constant factor on routed weights (DeepSeek's routed_scaling_factor)."""
+    aux_free_bias: bool = False
+    """DeepSeek-V3 auxiliary-loss-free balancing: a per-expert bias added to scores for selection only,
+    nudged after each optimizer step towards equal load."""
+    bias_update_rate: float = 1e-3
+    """Step size u of the bias update b_i += u * sign(mean_load - load_i)."""
+
+    def validate(self, causal: bool = False, site: str = "moe") -> None:
+        """Raise MoEConfigError naming the field when the combination cannot work."""
+        def fail(field: str, why: str) -> None:
+            raise MoEConfigError(f"{site}: moe.{field} {why}")
+
+        if self.num_experts < 1:
+            fail("num_experts", f"must be >= 1, got {self.num_experts}")
+        if not 1 <= self.top_k <= self.num_experts:
+            fail("top_k", f"must be in [1, num_experts={self.num_experts}], got {self.top_k}")
+        if self.router == "expert_choice" and causal:
+            fail("router", "'expert_choice' lets each expert pick tokens by looking at the whole sequence; it is "
+                 "not causal-safe and cannot be used in a causal decoder site (use token_choice or top_p)")
+        if self.router not in ("token_choice", "top_p", "expert_choice"):
+            fail("router", f"unknown router {self.router!r}")
+        if self.score_func not in ("softmax", "sigmoid"):
+            fail("score_func", f"unknown score function {self.score_func!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            fail("top_p", f"must be in (0, 1], got {self.top_p}")
+        if self.capacity_factor < 0 or self.eval_capacity_factor < 0:
+            fail("capacity_factor", "must be >= 0 (0 = dropless)")
+        if self.hierarchy != "flat":
+            if self.router != "token_choice":
+                fail("hierarchy", f"hierarchical routing needs router='token_choice', got {self.router!r}")
+            if self.num_groups < 2 or self.num_experts % self.num_groups:
+                fail("num_groups", f"must be >= 2 and divide num_experts={self.num_experts}, got {self.num_groups}")
+            if not 1 <= self.top_groups <= self.num_groups:
+                fail("top_groups", f"must be in [1, num_groups={self.num_groups}], got {self.top_groups}")
+            per_group = self.num_experts // self.num_groups
+            if self.hierarchy == "group_limited" and self.top_groups * per_group < self.top_k:
+                fail("top_groups", f"{self.top_groups} groups of {per_group} experts cannot hold top_k={self.top_k}")
+            if self.hierarchy == "two_level":
+                if self.top_k % self.top_groups or self.top_k // self.top_groups > per_group:
+                    fail("top_k", f"two_level routing picks top_k/top_groups experts in each chosen group: "
+                         f"top_k={self.top_k} must be a multiple of top_groups={self.top_groups} and at most "
+                         f"{per_group * self.top_groups}")
+            if self.hierarchy not in ("group_limited", "two_level"):
+                fail("hierarchy", f"unknown hierarchy {self.hierarchy!r}")
+        if self.num_shared_experts < 0 or self.expert_hidden < 0:
+            fail("num_shared_experts", "and expert_hidden must be >= 0")
+
+    @property
+    def slots(self) -> int:
+        """Assignment slots per token in a routing result (E for expert choice)."""
+        return self.num_experts if self.router == "expert_choice" else self.top_k
+
+    def capacity(self, num_tokens: int, training: bool) -> int:
+        """Per-expert capacity for `num_tokens` routed tokens; 0 means unlimited (dropless)."""
+        cf = self.capacity_factor if training else self.eval_capacity_factor
+        if cf <= 0:
+            return 0
+        return max(1, math.ceil(cf * num_tokens * self.top_k / self.num_experts))
+
+
+def select_layers(spec: str | list[int], n_layers: int, field: str = "moe_layers") -> list[int]:
+    """Which layers carry MoE: 'none', 'all', 'every_N' (layers N-1, 2N-1, ...), 'last_N', 'first_N', '0,3,5'."""
+    if isinstance(spec, (list, tuple)):
+        layers = [int(i) for i in spec]
+    else:
+        s = str(spec).strip().lower()
+        try:
+            if s in ("", "none"):
+                layers = []
+            elif s == "all":
+                layers = list(range(n_layers))
+            elif s.startswith("every_"):
+                n = int(s[6:])
+                layers = [i for i in range(n_layers) if (i + 1) % n == 0]
+            elif s.startswith("last_"):
+                layers = list(range(max(0, n_layers - int(s[5:])), n_layers))
+            elif s.startswith("first_"):
+                layers = list(range(min(n_layers, int(s[6:]))))
+            else:
+                layers = [int(t) for t in s.split(",")]
+        except ValueError:
+            raise MoEConfigError(f"{field}: cannot parse {spec!r}; use 'none', 'all', 'every_N', 'last_N', "
+                                 "'first_N' or a comma list of layer indices") from None
+    bad = [i for i in layers if not 0 <= i < n_layers]
+    if bad:
+        raise MoEConfigError(f"{field}: layer indices {bad} out of range for {n_layers} layers")
+    return sorted(set(layers))

@@ -1,0 +1,55 @@
+"""Token dispatch: the one seam expert parallelism replaces.
+
+`plan` flattens a RoutingResult's kept slots and sorts them by expert; `dispatch` gathers the
+inputs of those assignments into one contiguous (A, D) block with per-expert counts; `combine`
+scatters expert outputs back (weighted sum per token, or raw per slot for MoA's query path).
+An all-to-all dispatcher (mmoe.parallel) keeps this interface and moves the block across ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .routing import RoutingResult
+
+
+@dataclass
+class DispatchPlan:
+    """Assignments sorted by expert: A = number of kept (token, slot) pairs."""
+
+    token_idx: Tensor  # (A,) token of each assignment
+    slot_idx: Tensor  # (A,) flat slot index n*K + j
+    weights: Tensor  # (A,) combine weight (float32)
+    tokens_per_expert: Tensor  # (E,) long, sums to A
+    num_tokens: int
+    num_slots: int  # K
+
+
+class LocalDispatcher:
+    """Single-process dispatch: sort by expert, gather, scatter back. No (T x E x C) tensors."""
+
+    def plan(self, routing: RoutingResult) -> DispatchPlan:
+        N, K = routing.expert_idx.shape
+        slots = routing.kept.flatten().nonzero().squeeze(1)  # (A,) ascending = token order
+        experts = routing.expert_idx.flatten()[slots]
+        experts, order = torch.sort(experts, stable=True)
+        slots = slots[order]
+        return DispatchPlan(
+            token_idx=slots // K, slot_idx=slots, weights=routing.weights.flatten()[slots],
+            tokens_per_expert=torch.bincount(experts, minlength=routing.num_experts),
+            num_tokens=N, num_slots=K)
+
+    def dispatch(self, x: Tensor, plan: DispatchPlan, per_slot: bool = False) -> tuple[Tensor, Tensor]:
+        """x: (N, D) per token, or (N*K, D) per slot -> ((A, D) sorted by expert, tokens_per_expert)."""
+        return x[plan.slot_idx if per_slot else plan.token_idx], plan.tokens_per_expert
+
+    def combine(self, y: Tensor, plan: DispatchPlan, per_slot: bool = False) -> Tensor:
+        """(A, D) expert outputs -> (N, D) weighted sum per token, or (N*K, D) unweighted per slot."""
+        if per_slot:
+            out = y.new_zeros(plan.num_tokens * plan.num_slots, y.shape[-1])
+            return out.index_copy(0, plan.slot_idx, y)
+        out = y.new_zeros(plan.num_tokens, y.shape[-1])
+        return out.index_add(0, plan.token_idx, y * plan.weights.to(y.dtype)[:, None])

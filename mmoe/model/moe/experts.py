@@ -1,0 +1,135 @@
+"""Packed expert weights and their grouped matmul.
+
+Weights of all E experts live in one (E, in, out) parameter so that one contiguous block of tokens
+sorted by expert is multiplied expert by expert without copies: `torch._grouped_mm` on CUDA (bf16,
+Hopper-class GPUs), a split + per-expert matmul loop elsewhere. Upcycling copies a dense layer into
+every expert.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..layers import activation_fn
+
+
+def _use_grouped_mm(x: Tensor, w: Tensor) -> bool:
+    return (x.is_cuda and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16
+            and hasattr(torch, "_grouped_mm") and w.shape[-1] % 8 == 0 and w.shape[-2] % 8 == 0
+            and torch.cuda.get_device_capability(x.device)[0] >= 9)
+
+
+class GroupedLinear(nn.Module):
+    """E independent linear maps applied to a block of tokens sorted by expert."""
+
+    def __init__(self, num_experts: int, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.num_experts, self.in_features, self.out_features = num_experts, in_features, out_features
+        self.weight = nn.Parameter(torch.empty(num_experts, in_features, out_features))
+        self.bias = nn.Parameter(torch.zeros(num_experts, out_features)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.in_features)  # nn.Linear's default, per expert
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: Tensor, tokens_per_expert: Tensor) -> Tensor:
+        """x: (A, in) sorted by expert; tokens_per_expert: (E,) -> (A, out)."""
+        if _use_grouped_mm(x, self.weight):
+            offs = tokens_per_expert.cumsum(0).to(torch.int32)
+            y = torch._grouped_mm(x, self.weight, offs=offs)
+            if self.bias is not None:
+                y = y + self.bias.repeat_interleave(tokens_per_expert, dim=0, output_size=x.shape[0])
+            return y
+        counts = tokens_per_expert.tolist()
+        outs = []
+        for e, xe in enumerate(x.split(counts)):
+            if xe.shape[0] == 0:
+                continue
+            ye = xe @ self.weight[e]
+            outs.append(ye + self.bias[e] if self.bias is not None else ye)
+        if not outs:
+            return x.new_zeros(0, self.out_features)
+        return torch.cat(outs)
+
+    @torch.no_grad()
+    def copy_dense_(self, linear: nn.Linear, experts: slice | None = None,
+                    in_slice: slice = slice(None), out_slice: slice = slice(None)) -> None:
+        """Copy an nn.Linear (out, in) into experts (all by default); slices pick sub-blocks (MoA heads)."""
+        w = linear.weight[out_slice, in_slice].t()
+        self.weight[experts or slice(None)] = w.to(self.weight.dtype)
+        if self.bias is not None:
+            b = linear.bias[out_slice] if linear.bias is not None else torch.zeros_like(self.bias[0])
+            self.bias[experts or slice(None)] = b.to(self.bias.dtype)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
+
+
+class GroupedExperts(nn.Module):
+    """E feed-forward experts: SwiGLU (Llama/Mixtral) or a 2-layer MLP with GELU-family activation (ViT)."""
+
+    def __init__(self, num_experts: int, dim: int, hidden: int, activation: str = "swiglu", bias: bool = False):
+        super().__init__()
+        self.activation = activation
+        self.glu = activation == "swiglu"
+        self.w_in = GroupedLinear(num_experts, dim, 2 * hidden if self.glu else hidden, bias=bias)
+        self.w_out = GroupedLinear(num_experts, hidden, dim, bias=bias)
+        self.act = activation_fn("silu" if self.glu else activation)
+
+    def forward(self, x: Tensor, tokens_per_expert: Tensor) -> Tensor:
+        h = self.w_in(x, tokens_per_expert)
+        if self.glu:
+            gate, up = h.chunk(2, dim=-1)
+            h = self.act(gate) * up
+        else:
+            h = self.act(h)
+        return self.w_out(h, tokens_per_expert)
+
+    @torch.no_grad()
+    def upcycle_(self, dense: nn.Module) -> None:
+        """Copy a dense MLP into every expert (co-upcycling): identical experts reproduce the dense MLP."""
+        if self.glu:
+            gate, up, down = dense_glu_parts(dense)
+            hid = gate.weight.shape[0]
+            self.w_in.weight[:, :, :hid] = gate.weight.t()
+            self.w_in.weight[:, :, hid:] = up.weight.t()
+            self.w_out.copy_dense_(down)
+        else:
+            fc1, fc2 = dense_mlp_parts(dense)
+            self.w_in.copy_dense_(fc1)
+            self.w_out.copy_dense_(fc2)
+
+
+def dense_glu_parts(m: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+    """(gate, up, down) linears of a Llama-style SwiGLU MLP."""
+    for names in (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2")):
+        if all(hasattr(m, n) for n in names):
+            return tuple(getattr(m, n) for n in names)  # type: ignore[return-value]
+    raise TypeError(f"cannot upcycle {type(m).__name__}: expected gate_proj/up_proj/down_proj linears")
+
+
+def dense_mlp_parts(m: nn.Module) -> tuple[nn.Linear, nn.Linear]:
+    """(in, out) linears of a 2-layer MLP in timm (fc1/fc2), open_clip (c_fc/c_proj) or mmoe naming."""
+    for names in (("fc1", "fc2"), ("c_fc", "c_proj"), ("linear_1", "linear_2")):
+        if all(hasattr(m, n) for n in names):
+            return getattr(m, names[0]), getattr(m, names[1])
+    raise TypeError(f"cannot upcycle {type(m).__name__}: expected fc1/fc2 or c_fc/c_proj linears")
+
+
+def reference_expert(experts: GroupedExperts, e: int, x: Tensor) -> Tensor:
+    """Expert e applied to x with plain ops: the loop reference the packed path is tested against."""
+    w_in, w_out = experts.w_in, experts.w_out
+    h = x @ w_in.weight[e] + (w_in.bias[e] if w_in.bias is not None else 0)
+    if experts.glu:
+        g, u = h.chunk(2, -1)
+        h = F.silu(g) * u
+    else:
+        h = experts.act(h)
+    return h @ w_out.weight[e] + (w_out.bias[e] if w_out.bias is not None else 0)
