@@ -44,12 +44,20 @@ class LocalDispatcher:
 
     def dispatch(self, x: Tensor, plan: DispatchPlan, per_slot: bool = False) -> tuple[Tensor, Tensor]:
         """x: (N, D) per token, or (N*K, D) per slot -> ((A, D) sorted by expert, tokens_per_expert)."""
-        return x[plan.slot_idx if per_slot else plan.token_idx], plan.tokens_per_expert
+        # index_select: its backward is one index_add (x[idx] would use a slower accumulating index_put)
+        return x.index_select(0, plan.slot_idx if per_slot else plan.token_idx), plan.tokens_per_expert
 
     def combine(self, y: Tensor, plan: DispatchPlan, per_slot: bool = False) -> Tensor:
         """(A, D) expert outputs -> (N, D) weighted sum per token, or (N*K, D) unweighted per slot."""
+        N, K, D = plan.num_tokens, plan.num_slots, y.shape[-1]
         if per_slot:
-            out = y.new_zeros(plan.num_tokens * plan.num_slots, y.shape[-1])
-            return out.index_copy(0, plan.slot_idx, y)
-        out = y.new_zeros(plan.num_tokens, y.shape[-1])
-        return out.index_add(0, plan.token_idx, y * plan.weights.to(y.dtype)[:, None])
+            return y.new_zeros(N * K, D).index_copy(0, plan.slot_idx, y)
+        w = plan.weights.to(y.dtype)
+        if 2 * y.shape[0] >= N * K:
+            # Most slots kept (dropless top-k): put outputs back in slot layout and reduce over K.
+            # Deterministic, and avoids index_add, whose CPU kernel opens a thread team even for a
+            # few rows and can stall for milliseconds right after an MKL matmul at decode sizes.
+            ws = w.new_zeros(N * K).index_copy(0, plan.slot_idx, w)
+            ys = y.new_zeros(N * K, D).index_copy(0, plan.slot_idx, y)
+            return torch.bmm(ws.view(N, 1, K), ys.view(N, K, D)).view(N, D)
+        return y.new_zeros(N, D).index_add(0, plan.token_idx, y * w[:, None])

@@ -23,6 +23,83 @@ def _use_grouped_mm(x: Tensor, w: Tensor) -> bool:
             and torch.cuda.get_device_capability(x.device)[0] >= 9)
 
 
+class _GroupedMM(torch.autograd.Function):
+    """y[rows of e] = x[rows of e] @ w[e] (+ b[e]) for a block sorted by expert; `counts` is a host list.
+
+    Written as one autograd node so the backward writes each expert's weight gradient straight into
+    one (E, in, out) buffer: indexing `w[e]` per expert instead would make autograd materialise a
+    full-size zero gradient per expert, and `torch.cat` of the outputs would copy the block once more.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, b: Tensor | None, counts: list[int]) -> Tensor:
+        out = x.new_empty(x.shape[0], w.shape[-1])
+        s = 0
+        for e, c in enumerate(counts):
+            if c:
+                if b is None:
+                    torch.mm(x[s:s + c], w[e], out=out[s:s + c])
+                else:
+                    torch.addmm(b[e], x[s:s + c], w[e], out=out[s:s + c])
+                s += c
+        ctx.save_for_backward(x, w)
+        ctx.counts, ctx.has_bias = counts, b is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, w = ctx.saved_tensors
+        counts = ctx.counts
+        g = g.contiguous()
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        gx = torch.empty_like(x) if need_x else None
+        gw = torch.empty_like(w) if need_w else None
+        gb = g.new_empty(w.shape[0], w.shape[-1]) if need_b and ctx.has_bias else None
+        s = 0
+        for e, c in enumerate(counts):
+            if c == 0:
+                if gw is not None:
+                    gw[e].zero_()
+                if gb is not None:
+                    gb[e].zero_()
+                continue
+            ge = g[s:s + c]
+            if gx is not None:
+                torch.mm(ge, w[e].t(), out=gx[s:s + c])
+            if gw is not None:
+                torch.mm(x[s:s + c].t(), ge, out=gw[e])
+            if gb is not None:
+                torch.sum(ge, 0, out=gb[e])
+            s += c
+        return gx, gw, gb, None
+
+
+class _SwiGLUAct(torch.autograd.Function):
+    """silu(gate) * up on h = [gate | up]; the backward writes both halves into one buffer (no cat)."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor) -> Tensor:
+        g, u = h.chunk(2, dim=-1)
+        sg = F.silu(g)
+        ctx.save_for_backward(g, u, sg)
+        return sg * u
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        g, u, sg = ctx.saved_tensors
+        dh = grad.new_empty(*grad.shape[:-1], 2 * grad.shape[-1])
+        dg, du = dh.chunk(2, dim=-1)
+        torch.mul(grad, sg, out=du)
+        torch.mul(grad, u, out=dg)
+        torch.ops.aten.silu_backward.grad_input(dg, g, grad_input=dg)
+        return dh
+
+
+def swiglu_act(h: Tensor) -> Tensor:
+    """silu(h[..., :H]) * h[..., H:] for a fused gate/up projection."""
+    return _SwiGLUAct.apply(h)
+
+
 class GroupedLinear(nn.Module):
     """E independent linear maps applied to a block of tokens sorted by expert."""
 
@@ -47,16 +124,7 @@ class GroupedLinear(nn.Module):
             if self.bias is not None:
                 y = y + self.bias.repeat_interleave(tokens_per_expert, dim=0, output_size=x.shape[0])
             return y
-        counts = tokens_per_expert.tolist()
-        outs = []
-        for e, xe in enumerate(x.split(counts)):
-            if xe.shape[0] == 0:
-                continue
-            ye = xe @ self.weight[e]
-            outs.append(ye + self.bias[e] if self.bias is not None else ye)
-        if not outs:
-            return x.new_zeros(0, self.out_features)
-        return torch.cat(outs)
+        return _GroupedMM.apply(x, self.weight, self.bias, tokens_per_expert.tolist())
 
     @torch.no_grad()
     def copy_dense_(self, linear: nn.Linear, experts: slice | None = None,
@@ -86,8 +154,7 @@ class GroupedExperts(nn.Module):
     def forward(self, x: Tensor, tokens_per_expert: Tensor) -> Tensor:
         h = self.w_in(x, tokens_per_expert)
         if self.glu:
-            gate, up = h.chunk(2, dim=-1)
-            h = self.act(gate) * up
+            h = swiglu_act(h)
         else:
             h = self.act(h)
         return self.w_out(h, tokens_per_expert)

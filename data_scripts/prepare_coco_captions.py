@@ -1,0 +1,121 @@
+#!/usr/bin/env python
+"""Convert COCO-format captions (COCO, Flickr30k in COCO format) to LLaVA JSON + filtered caption GT.
+
+    python data_scripts/prepare_coco_captions.py --captions C.json --images DIR --out OUT [--split val2014]
+        [--mode per-caption|per-image] [--seed 0]
+
+Input: ``{"images": [{"id", "file_name"}], "annotations": [{"image_id", "id", "caption"}]}``, file names
+relative to --images. (The Karpathy ``dataset_coco.json`` layout with ``sentences`` is a different format
+and is rejected with a message.)
+
+Writes ``OUT/<split>_llava.json`` and ``OUT/<split>_captions.json`` (the COCO captions JSON restricted to
+images whose file exists and that have captions; the GT for ``eval/caption.py``).
+
+Training samples, ``--mode``:
+  per-caption (default)  one single-turn sample per reference caption ("<image>\\nDescribe the image
+                         briefly." -> caption): uses every human caption, so the model sees the spread
+                         of valid descriptions instead of one arbitrary pick.
+  per-image              one sample per image with one caption drawn with ``random.Random(--seed)``:
+                         one sample per image, deterministic for a given seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _convert_common import (  # noqa: E402
+    IMAGE_TOKEN, check_images_dir, fail, image_field, load_json, print_summary, require, run_main, write_json,
+)
+
+CAPTION_PROMPT = "Describe the image briefly."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--captions", required=True, help="COCO-format captions JSON")
+    p.add_argument("--images", required=True, help="directory the images' file_name are relative to")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--split", help="output name prefix (default: captions file stem)")
+    p.add_argument("--mode", choices=("per-caption", "per-image"), default="per-caption")
+    p.add_argument("--seed", type=int, default=0, help="caption choice for --mode per-image")
+    p.add_argument("--relative", action="store_true", help="write LLaVA image paths relative to --out")
+    return p
+
+
+def _validate(data: Any, path: str) -> tuple[list[dict], list[dict]]:
+    images = require(data, "images", list, path)
+    if images and isinstance(images[0], dict) and "sentences" in images[0]:
+        fail(f"{path}: looks like a Karpathy split file (images[].sentences); convert it to COCO captions "
+             "format ({'images': [{'id','file_name'}], 'annotations': [{'image_id','caption'}]}) first")
+    anns = require(data, "annotations", list, path)
+    for i, img in enumerate(images):
+        require(img, "id", (int, str), f"{path}: images[{i}]")
+        require(img, "file_name", str, f"{path}: images[{i}]")
+    for i, ann in enumerate(anns):
+        require(ann, "image_id", (int, str), f"{path}: annotations[{i}]")
+        require(ann, "caption", str, f"{path}: annotations[{i}]")
+    return images, anns
+
+
+def _main(argv: list[str] | None) -> None:
+    args = build_parser().parse_args(argv)
+    images_dir = check_images_dir(args.images)
+    out_dir = Path(args.out)
+    split = args.split or Path(args.captions).stem
+    data = load_json(args.captions, "captions")
+    images, anns = _validate(data, args.captions)
+
+    known_ids = {img["id"] for img in images}
+    orphans = [a["image_id"] for a in anns if a["image_id"] not in known_ids]
+    if orphans:
+        fail(f"{args.captions}: {len(orphans)} annotations refer to image ids missing from 'images' "
+             f"(e.g. {orphans[:5]})")
+    caps: dict[Any, list[dict]] = {}
+    for ann in anns:
+        caps.setdefault(ann["image_id"], []).append(ann)
+
+    kept_images, missing, no_caption = [], [], 0
+    for img in images:
+        if not (images_dir / img["file_name"]).is_file():
+            missing.append(img["file_name"])
+        elif img["id"] not in caps:
+            no_caption += 1
+        else:
+            kept_images.append(img)
+
+    rng = random.Random(args.seed)
+    samples = []
+    for img in kept_images:
+        path = image_field(images_dir / img["file_name"], out_dir, args.relative)
+        chosen = caps[img["id"]] if args.mode == "per-caption" else [rng.choice(caps[img["id"]])]
+        for ann in chosen:
+            samples.append({
+                "id": f"{split}_{img['id']}_{ann.get('id', len(samples))}", "image": path, "image_id": img["id"],
+                "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\n{CAPTION_PROMPT}"},
+                                  {"from": "gpt", "value": ann["caption"].strip()}],
+            })
+    kept_ids = {img["id"] for img in kept_images}
+    gt = {**{k: v for k, v in data.items() if k not in ("images", "annotations")},
+          "images": kept_images, "annotations": [a for a in anns if a["image_id"] in kept_ids]}
+    write_json(out_dir / f"{split}_llava.json", samples)
+    write_json(out_dir / f"{split}_captions.json", gt)
+    print_summary(f"captions -> {out_dir}", [
+        ("split", split), ("mode", args.mode), ("images_in", len(images)), ("images_kept", len(kept_images)),
+        ("missing_images", len(missing)), ("images_without_captions", no_caption),
+        ("captions_kept", len(gt["annotations"])), ("llava_samples", len(samples)),
+    ], missing)
+    if not kept_images:
+        fail(f"no image listed in {args.captions} exists under {images_dir} with captions")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""Load Hugging Face causal-LM checkpoints (a local `save_pretrained` directory) into `Decoder`.
+
+Supported: Llama, Mistral, Qwen2 (q/k/v biases) dense, loaded exactly by name; Mixtral, whose experts and
+router go straight into `MoEFFN` (softmax top-k, renormalised, like `MixtralSparseMoeBlock`). `moe=` upcycles
+the dense model: each dense MLP into a `MoEFFN` (every expert a copy) and each dense attention into
+`MoAAttention` (heads split across experts), routers fresh.
+
+Not modelled: Mistral/Qwen2 sliding-window attention. It only differs from full causal attention beyond
+`sliding_window` tokens, so results are exact for shorter contexts; longer ones attend to the full prefix.
+RoPE scaling variants (llama3, yarn, linear, dynamic) are rejected.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from mmoe.model.decoder import Decoder, DecoderConfig, upcycle_decoder
+from mmoe.model.moe import MoEConfig
+
+SUPPORTED = ("llama", "mistral", "qwen2", "mixtral")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file, field or tensor."""
+
+
+def _rope_theta(hf: dict, where: str) -> float:
+    rp = hf.get("rope_parameters") or {}
+    rs = hf.get("rope_scaling") or {}
+    kind = rp.get("rope_type") or rs.get("rope_type") or rs.get("type") or "default"
+    if kind != "default":
+        raise CheckpointError(f"{where}: rope_type={kind!r} (RoPE scaling) is not supported; only 'default'")
+    return float(rp.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def decoder_config_from_hf(hf: dict, where: str = "config.json") -> DecoderConfig:
+    """DecoderConfig equivalent to a transformers config dict (Llama / Mistral / Qwen2 / Mixtral)."""
+    mt = hf.get("model_type")
+    if mt not in SUPPORTED:
+        raise CheckpointError(f"{where}: model_type={mt!r} (architectures={hf.get('architectures')}) is not "
+                              f"supported; supported: {', '.join(SUPPORTED)}")
+
+    def need(key: str):
+        if key not in hf:
+            raise CheckpointError(f"{where}: missing field {key!r} for model_type={mt!r}")
+        return hf[key]
+
+    if hf.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{where}: hidden_act={hf['hidden_act']!r} is not supported (only 'silu')")
+    if mt == "llama" and (hf.get("attention_bias") or hf.get("mlp_bias")):
+        raise CheckpointError(f"{where}: attention_bias/mlp_bias=True Llama variants are not supported")
+    n_heads = need("num_attention_heads")
+    dim = need("hidden_size")
+    cfg = DecoderConfig(
+        vocab_size=need("vocab_size"), dim=dim, n_layers=need("num_hidden_layers"), n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads, hidden=need("intermediate_size"),
+        max_seq_len=hf.get("max_position_embeddings", 4096), rope_theta=_rope_theta(hf, where),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        attn_bias=(mt == "qwen2"), ffn_moe=None, attn_moe=None, attn_moe_layers="none",
+        head_dim=(hf.get("head_dim") or 0) if (hf.get("head_dim") or 0) != dim // n_heads else 0,
+    )
+    if mt == "mixtral":
+        cfg.ffn_moe = MoEConfig(num_experts=need("num_local_experts"), top_k=need("num_experts_per_tok"),
+                                router="token_choice", score_func="softmax", renormalize=True)
+        cfg.ffn_moe_layers = "all"
+    return cfg
+
+
+def _checkpoint_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [f for f in files if not (path / f).exists()]
+        if missing:
+            raise CheckpointError(f"{index}: shard files {missing} listed in weight_map are missing")
+        return [path / f for f in files]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no *.safetensors files (only safetensors checkpoints are supported)")
+    return files
+
+
+class _Tensors:
+    """Lazy name -> tensor access over safetensors shards, remembering which file holds each name."""
+
+    def __init__(self, files: list[Path]):
+        self.where: dict[str, Path] = {}
+        self.handles = {f: safe_open(str(f), framework="pt") for f in files}
+        for f, h in self.handles.items():
+            for k in h.keys():
+                self.where[k] = f
+        self.used: set[str] = set()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def get(self, name: str, shape: tuple | None = None) -> torch.Tensor:
+        if name not in self.where:
+            raise CheckpointError(f"missing tensor {name!r} in {sorted({str(f) for f in self.handles})}")
+        t = self.handles[self.where[name]].get_tensor(name)
+        if shape is not None and tuple(t.shape) != tuple(shape):
+            raise CheckpointError(f"tensor {name!r} in {self.where[name]} has shape {tuple(t.shape)}, "
+                                  f"expected {tuple(shape)}")
+        self.used.add(name)
+        return t
+
+
+def _prefix(t: _Tensors) -> str:
+    return "model." if any(k.startswith("model.") for k in t.where) else ""
+
+
+def _load_into(model: Decoder, t: _Tensors, mixtral: bool) -> None:
+    """Fill every tensor of `model` from the checkpoint (names, shapes and leftovers checked)."""
+    p = _prefix(t)
+    state = model.state_dict()
+    new: dict[str, torch.Tensor] = {}
+    for name, ref in state.items():
+        if name == "lm_head.weight" and model.cfg.tie_embeddings:
+            continue  # tied to embed_tokens
+        if name.endswith("router.expert_bias"):
+            new[name] = ref  # aux-loss-free bias: not part of HF checkpoints
+            continue
+        m = re.fullmatch(r"layers\.(\d+)\.mlp\.(router\.gate\.weight|experts\.w_in\.weight|experts\.w_out\.weight)", name)
+        if mixtral and m:
+            new[name] = _mixtral_tensor(t, p, int(m.group(1)), m.group(2), tuple(ref.shape))
+            continue
+        src = name if name == "lm_head.weight" else p + name
+        new[name] = t.get(src, tuple(ref.shape))
+    leftovers = [k for k in t.where if k not in t.used and not k.endswith("rotary_emb.inv_freq")
+                 and not (k == "lm_head.weight" and model.cfg.tie_embeddings)]
+    if leftovers:
+        raise CheckpointError(f"unexpected tensors not used by the {'mixtral' if mixtral else 'dense'} mapping: "
+                              f"{leftovers[:8]}{' ...' if len(leftovers) > 8 else ''} (in {t.where[leftovers[0]]})")
+    dtype = model.embed_tokens.weight.dtype
+    model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in new.items()}, strict=False)
+
+
+def _mixtral_tensor(t: _Tensors, p: str, i: int, what: str, shape: tuple) -> torch.Tensor:
+    """Mixtral MoE tensors in MoEFFN layout (legacy per-expert w1/w2/w3 or fused gate_up_proj/down_proj)."""
+    E = shape[0]  # (E, ...) for expert tensors; the gate is (E, dim) too
+    base = f"{p}layers.{i}"
+    blk = f"{base}.block_sparse_moe" if f"{base}.block_sparse_moe.gate.weight" in t else f"{base}.mlp"
+    if what == "router.gate.weight":
+        return t.get(f"{blk}.gate.weight", shape)
+    _, a, b = shape  # w_in: (E, dim, 2*hidden); w_out: (E, hidden, dim)
+    if f"{blk}.experts.gate_up_proj" in t:  # transformers v5 fused layout: (E, 2I, H) and (E, H, I)
+        if what == "experts.w_in.weight":
+            return t.get(f"{blk}.experts.gate_up_proj", (E, b, a)).transpose(1, 2)
+        return t.get(f"{blk}.experts.down_proj", (E, b, a)).transpose(1, 2)
+    if what == "experts.w_in.weight":
+        hid = b // 2
+        return torch.stack([torch.cat([t.get(f"{blk}.experts.{e}.w1.weight", (hid, a)).t(),
+                                       t.get(f"{blk}.experts.{e}.w3.weight", (hid, a)).t()], dim=1)
+                            for e in range(E)])
+    return torch.stack([t.get(f"{blk}.experts.{e}.w2.weight", (b, a)).t() for e in range(E)])
+
+
+def load_decoder(path: str | Path, moe: dict | None = None,
+                 dtype: torch.dtype | None = None) -> tuple[Decoder, DecoderConfig]:
+    """Decoder from a transformers `save_pretrained` directory (config.json + safetensors, sharded or not).
+
+    `moe` overrides DecoderConfig fields (ffn_moe, ffn_moe_layers, attn_moe, attn_moe_layers) and upcycles
+    the dense layers it selects. `dtype` defaults to float32. Returns the model in eval mode and its config.
+    """
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise CheckpointError(f"{path}: no config.json (expected a transformers save_pretrained directory)")
+    hf = json.loads(cfg_file.read_text())
+    cfg = decoder_config_from_hf(hf, str(cfg_file))
+    mixtral = hf["model_type"] == "mixtral"
+    moe = dict(moe or {})
+    allowed = {"ffn_moe", "ffn_moe_layers", "attn_moe", "attn_moe_layers"}
+    if set(moe) - allowed:
+        raise CheckpointError(f"moe: unknown keys {sorted(set(moe) - allowed)}; allowed: {sorted(allowed)}")
+    if mixtral and ({"ffn_moe", "ffn_moe_layers"} & set(moe)):
+        raise CheckpointError("moe: a Mixtral checkpoint already has MoE FFNs; only attn_moe/attn_moe_layers apply")
+    dtype = dtype or torch.float32
+    tensors = _Tensors(_checkpoint_files(path))
+    with torch.device("cpu"):
+        model = Decoder(cfg).to(dtype)
+    _load_into(model, tensors, mixtral)
+    if moe:
+        target = replace(cfg, **moe)
+        if target.ffn_moe is not None and not target.moe_ffn_layer_ids() and not mixtral:
+            target.ffn_moe = None
+        model, cfg = upcycle_decoder(model, target), target
+    return model.eval(), cfg
+
+
+__all__ = ["load_decoder", "decoder_config_from_hf", "CheckpointError"]

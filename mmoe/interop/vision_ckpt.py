@@ -1,0 +1,173 @@
+"""Dense ViT checkpoints (timm or open_clip) -> MoE VisionEncoder, with co-upcycling (CuMo).
+
+open_clip / OpenAI-CLIP state dicts are mapped into timm's ViT layout with timm's own converter
+(``_convert_openai_clip``: conv1 -> patch_embed.proj, in_proj -> qkv, ln_1 -> norm1, c_fc -> fc1, ...).
+Each dense MLP ``blocks.{i}.mlp.fc1/fc2`` then fills every expert of MoE layer i; routers keep their
+fresh initialisation. Anything missing or of the wrong shape raises :class:`CheckpointMismatchError`
+naming the tensors and the file. Keys of blocks that are not built (after ``feature_layer``), the final
+norm and heads are ignored; any other unknown key is an error (it means a different architecture).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mmoe.model.vision import VisionEncoder
+
+
+class CheckpointMismatchError(RuntimeError):
+    """A checkpoint does not fit the module; the message names the tensors and the file."""
+
+
+def read_state_dict(path) -> dict[str, Tensor]:
+    """Tensors of a .safetensors file or a torch-saved state dict (unwrapping 'state_dict' / 'model')."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {p}")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(p), device="cpu")
+    else:
+        try:
+            sd = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - re-raised with the file name
+            raise CheckpointMismatchError(f"{p}: cannot read checkpoint ({type(e).__name__}: {e})") from e
+        for key in ("state_dict", "model", "module"):
+            if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+                sd = sd[key]
+    if not isinstance(sd, dict) or not sd:
+        raise CheckpointMismatchError(f"{p}: expected a non-empty state dict, got {type(sd).__name__}")
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    sd = {k: v for k, v in sd.items() if isinstance(v, Tensor)}
+    return sd
+
+
+def to_timm_layout(sd: dict[str, Tensor], path="<state dict>") -> tuple[dict[str, Tensor], str]:
+    """(state dict in timm ViT naming, detected format 'open_clip' | 'timm')."""
+    for prefix in ("visual.", ""):
+        if f"{prefix}class_embedding" in sd and f"{prefix}conv1.weight" in sd:
+            from timm.models.vision_transformer import _convert_openai_clip
+
+            return _convert_openai_clip(sd, None, prefix=prefix), "open_clip"
+    keys = [k for k in sd if k.endswith("patch_embed.proj.weight")]
+    if len(keys) == 1:
+        prefix = keys[0][: -len("patch_embed.proj.weight")]
+        return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}, "timm"
+    raise CheckpointMismatchError(
+        f"{path}: not a timm ViT (no unique '*patch_embed.proj.weight') nor an open_clip ViT "
+        f"('visual.class_embedding' + 'visual.conv1.weight'); first keys: {sorted(sd)[:8]}")
+
+
+_IGNORABLE = re.compile(r"^(head|norm|fc_norm|attn_pool|head_drop)\.|^(head|proj)$")
+
+
+class _DenseMLP(nn.Module):
+    def __init__(self, fc1: nn.Linear, fc2: nn.Linear):
+        super().__init__()
+        self.fc1, self.fc2 = fc1, fc2
+
+
+def _linear(w: Tensor, b: Tensor | None) -> nn.Linear:
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        if b is not None:
+            lin.bias.copy_(b)
+    return lin
+
+
+def _fmt(names: list[str], limit: int = 20) -> str:
+    return ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def load_vision_checkpoint(encoder: "VisionEncoder", path) -> str:
+    """Load a dense (or already-MoE) timm/open_clip ViT checkpoint into `encoder`; returns the format.
+
+    Dense MLPs of MoE layers are upcycled into every expert; routers stay as initialised.
+    """
+    raw = read_state_dict(path)
+    sd, fmt = to_timm_layout(raw, path)
+    vit = encoder.vit
+    target = vit.state_dict()
+    n_blocks = len(vit.blocks)
+    new: dict[str, Tensor] = {}
+    used: set[str] = set()
+    missing: list[str] = []
+    mismatched: list[str] = []
+    upcycle: dict[int, tuple[Tensor, Tensor | None, Tensor, Tensor | None]] = {}
+
+    moe_prefixes = {f"blocks.{i}.mlp.": m for i, m in encoder.moe_mlps.items()}
+    for i, m in encoder.moe_mlps.items():
+        pre = f"blocks.{i}.mlp."
+        if f"{pre}moe.experts.w_in.weight" in sd:  # already an MoE checkpoint: plain copy below
+            moe_prefixes.pop(pre)
+            continue
+        ex = m.moe.experts
+        has_bias = ex.w_in.bias is not None
+        want = {f"{pre}fc1.weight": (ex.w_in.out_features, ex.w_in.in_features),
+                f"{pre}fc2.weight": (ex.w_out.out_features, ex.w_out.in_features)}
+        if has_bias:
+            want[f"{pre}fc1.bias"] = (ex.w_in.out_features,)
+            want[f"{pre}fc2.bias"] = (ex.w_out.out_features,)
+        ok = True
+        for k, shape in want.items():
+            if k not in sd:
+                missing.append(f"{k} (dense MLP to upcycle into the experts of vision layer {i})")
+                ok = False
+            elif tuple(sd[k].shape) != shape:
+                mismatched.append(f"{k}: checkpoint {tuple(sd[k].shape)} vs experts' {shape}")
+                ok = False
+            used.add(k)
+        if ok:
+            upcycle[i] = (sd[f"{pre}fc1.weight"], sd.get(f"{pre}fc1.bias") if has_bias else None,
+                          sd[f"{pre}fc2.weight"], sd.get(f"{pre}fc2.bias") if has_bias else None)
+
+    for k, v in target.items():
+        if any(k.startswith(p) for p in moe_prefixes):
+            new[k] = v  # experts get upcycled below; routers stay fresh
+            continue
+        if k not in sd:
+            missing.append(k)
+            new[k] = v
+        elif tuple(sd[k].shape) != tuple(v.shape):
+            mismatched.append(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}")
+            new[k] = v
+        else:
+            new[k] = sd[k]
+        used.add(k)
+
+    unexpected = []
+    for k in sd:
+        if k in used or _IGNORABLE.search(k):
+            continue
+        mb = re.match(r"^blocks\.(\d+)\.", k)
+        if mb and int(mb.group(1)) >= n_blocks:  # block after feature_layer: not built
+            continue
+        unexpected.append(k)
+
+    if missing or mismatched or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)}: {_fmt(missing)}")
+        if mismatched:
+            parts.append(f"shape mismatch {len(mismatched)}: {_fmt(mismatched)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)}: {_fmt(sorted(unexpected))}")
+        raise CheckpointMismatchError(f"{path} ({fmt} checkpoint) does not fit the vision encoder: "
+                                      + "; ".join(parts))
+
+    vit.load_state_dict(new, strict=True)
+    for i, (w1, b1, w2, b2) in upcycle.items():
+        encoder.moe_mlps[i].upcycle_(_DenseMLP(_linear(w1, b1), _linear(w2, b2)))
+    return fmt
+
+
+__all__ = ["CheckpointMismatchError", "read_state_dict", "to_timm_layout", "load_vision_checkpoint"]

@@ -1,0 +1,174 @@
+"""Vision -> LLM connector: linear, LLaVA mlp2x_gelu, or CuMo's MLP-MoE, with optional token pooling.
+
+Pooling (factor `pool`) averages the sqrt(P) x sqrt(P) patch grid *before* the projection, so the
+projector and its router see the fewer tokens. The MoE connector is upcyclable from a dense mlp
+connector checkpoint: every expert a copy, router fresh (CuMo co-upcycling).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmoe.constants import MODALITY_IMAGE
+
+from .layers import GeluMLP
+from .moe import MoEConfig, MoEFFN, RoutingResult
+from .moe.experts import GroupedLinear
+
+
+class ConnectorConfigError(ValueError):
+    """A connector config or input that cannot work; the message names the field."""
+
+
+@dataclass
+class ConnectorConfig:
+    """Projector from vision features to LLM embeddings."""
+
+    kind: Literal["linear", "mlp", "moe_mlp"] = "mlp"
+    """linear (LLaVA-1), mlp = Linear-GELU-Linear (LLaVA-1.5 mlp2x_gelu), moe_mlp (CuMo MLP-MoE)."""
+    hidden: int = 0
+    """Hidden width of the MLP / each expert; 0 means the LLM dim (out_dim), as in LLaVA and CuMo."""
+    moe: MoEConfig | None = None
+    """MoE config for kind == 'moe_mlp' (CuMo: top-2 of 4)."""
+    pool: int = 1
+    """Average-pool the patch grid by this factor before projecting (pool**2 fewer image tokens)."""
+    checkpoint: str | None = None
+    """Dense connector state dict (safetensors / torch) loaded at init; upcycled when kind == 'moe_mlp'."""
+
+
+class MoEProjector(MoEFFN):
+    """MoEFFN whose experts map in_dim -> out_dim (the connector changes width; MoEFFN keeps it)."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int, cfg: MoEConfig, activation: str = "gelu",
+                 layer: int = 0):
+        super().__init__(in_dim, hidden, cfg, activation=activation, bias=True, causal=False, site="connector",
+                         layer=layer)
+        self.out_dim = out_dim
+        if out_dim != in_dim:
+            eh = self.experts.w_out.in_features
+            self.experts.w_out = GroupedLinear(cfg.num_experts, eh, out_dim, bias=True)
+            if self.shared is not None:
+                self.shared = GeluMLP(in_dim, self.shared.fc1.out_features, out_dim=out_dim, activation=activation)
+
+    def forward(self, x: Tensor, token_mask: Tensor | None = None,
+                modality: Tensor | None = None) -> tuple[Tensor, RoutingResult]:
+        B, T, D = x.shape
+        flat = x.reshape(B * T, D)
+        r = self.router(flat, None if token_mask is None else token_mask.reshape(-1),
+                        None if modality is None else modality.reshape(-1), batch_shape=(B, T))
+        r.site, r.layer = self.site, self.layer
+        plan = self.dispatcher.plan(r)
+        xs, counts = self.dispatcher.dispatch(flat, plan)
+        y = self.dispatcher.combine(self.experts(xs, counts), plan)
+        if self.shared is not None:
+            y = y + self.shared(flat)
+        return y.view(B, T, self.out_dim), r
+
+
+class Connector(nn.Module):
+    """(N, P, in_dim) vision features -> (N, P', out_dim) LLM tokens, plus the MoE routing (if any)."""
+
+    def __init__(self, cfg: ConnectorConfig, in_dim: int, out_dim: int, grid: int | None):
+        super().__init__()
+        self.cfg, self.in_dim, self.out_dim, self.grid = cfg, in_dim, out_dim, grid
+        if cfg.pool < 1:
+            raise ConnectorConfigError(f"connector.pool must be >= 1, got {cfg.pool}")
+        if grid is not None and cfg.pool > 1 and grid % cfg.pool:
+            raise ConnectorConfigError(f"connector.pool: {cfg.pool} does not divide the {grid}x{grid} patch grid")
+        hidden = cfg.hidden or out_dim
+        self.proj: nn.Module
+        if cfg.kind == "linear":
+            self.proj = nn.Linear(in_dim, out_dim)
+        elif cfg.kind == "mlp":
+            self.proj = GeluMLP(in_dim, hidden, out_dim=out_dim, activation="gelu", bias=True)
+        elif cfg.kind == "moe_mlp":
+            if cfg.moe is None:
+                raise ConnectorConfigError("connector.moe: kind 'moe_mlp' needs a MoE config")
+            self.proj = MoEProjector(in_dim, hidden, out_dim, cfg.moe, activation="gelu", layer=0)
+        else:
+            raise ConnectorConfigError(f"connector.kind must be linear, mlp or moe_mlp, got {cfg.kind!r}")
+        if cfg.checkpoint:
+            self.load_dense_checkpoint(cfg.checkpoint)
+
+    # ------------------------------------------------------------------ tokens
+    def _grid_side(self, num_patches: int) -> int:
+        g = self.grid if self.grid is not None else math.isqrt(num_patches)
+        if g * g != num_patches:
+            raise ConnectorConfigError(
+                f"connector.pool: {num_patches} tokens are not a {g}x{g} patch grid (a CLS token? set "
+                f"vision.keep_cls false to pool)")
+        if g % self.cfg.pool:
+            raise ConnectorConfigError(f"connector.pool: {self.cfg.pool} does not divide the {g}x{g} patch grid")
+        return g
+
+    def num_tokens(self, num_patches: int) -> int:
+        """Image tokens handed to the LLM for `num_patches` vision tokens."""
+        if self.cfg.pool == 1:
+            return num_patches
+        return (self._grid_side(num_patches) // self.cfg.pool) ** 2
+
+    def pool_tokens(self, feats: Tensor) -> Tensor:
+        """(N, g*g, C) -> (N, (g/pool)^2, C) by average pooling on the grid (row-major patch order)."""
+        p = self.cfg.pool
+        if p == 1:
+            return feats
+        N, P, C = feats.shape
+        g = self._grid_side(P)
+        x = feats.transpose(1, 2).reshape(N, C, g, g)
+        x = F.avg_pool2d(x, kernel_size=p, stride=p)
+        return x.flatten(2).transpose(1, 2)
+
+    def forward(self, feats: Tensor) -> tuple[Tensor, list[RoutingResult]]:
+        x = self.pool_tokens(feats)
+        if isinstance(self.proj, MoEFFN):
+            modality = torch.full(x.shape[:2], MODALITY_IMAGE, dtype=torch.long, device=x.device)
+            y, r = self.proj(x, None, modality)
+            return y, [r]
+        return self.proj(x), []
+
+    # ------------------------------------------------------------------ checkpoints
+    @torch.no_grad()
+    def load_dense_checkpoint(self, path) -> None:
+        """Load a dense connector; upcycle it into every expert for kind 'moe_mlp' (router stays fresh).
+
+        Accepts this class's state dict (kind linear/mlp: 'proj.*'), a bare GeluMLP ('fc1.*'/'fc2.*'),
+        LLaVA's mm_projector ('[model.]mm_projector.0/2.*' for mlp2x_gelu, '.weight/.bias' for linear),
+        or a moe_mlp connector's own state dict.
+        """
+        from mmoe.interop.vision_ckpt import CheckpointMismatchError, read_state_dict
+
+        sd = read_state_dict(path)
+        for pre in ("model.mm_projector.", "mm_projector.", "connector.", "proj."):
+            if any(k.startswith(pre) for k in sd):
+                sd = {k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)}
+        sd = {re.sub(r"^0\.", "fc1.", re.sub(r"^2\.", "fc2.", k)): v for k, v in sd.items()}
+        if isinstance(self.proj, MoEFFN) and any(k.startswith("experts.") for k in sd):
+            dense_sd, dense = sd, self.proj  # an MoE connector checkpoint: plain load
+        elif isinstance(self.proj, MoEFFN):
+            e = self.proj.experts
+            dense = GeluMLP(e.w_in.in_features, e.w_in.out_features, out_dim=e.w_out.out_features)
+            dense_sd = sd
+        else:
+            dense, dense_sd = self.proj, sd
+        want = dense.state_dict()
+        missing = [k for k in want if k not in dense_sd]
+        bad = [f"{k}: checkpoint {tuple(dense_sd[k].shape)} vs model {tuple(v.shape)}"
+               for k, v in want.items() if k in dense_sd and dense_sd[k].shape != v.shape]
+        unexpected = [k for k in dense_sd if k not in want]
+        if missing or bad or unexpected:
+            raise CheckpointMismatchError(
+                f"{path} does not fit the {self.cfg.kind} connector ({self.in_dim}->{self.out_dim}): "
+                f"missing {missing}; shape mismatch {bad}; unexpected {unexpected}")
+        dense.load_state_dict(dense_sd, strict=True)
+        if dense is not self.proj:
+            self.proj.upcycle_(dense)
+
+
+__all__ = ["ConnectorConfig", "ConnectorConfigError", "Connector", "MoEProjector"]

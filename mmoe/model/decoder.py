@@ -1,0 +1,330 @@
+"""Llama-style decoder with per-layer MoA attention and MoE FFN, and a preallocated KV cache.
+
+Block: x + attn(norm(x)); x + ffn(norm(x)). Each layer picks dense `Attention` or `MoAAttention`, and dense
+`SwiGLU` or `MoEFFN`. Module names follow Hugging Face Llama (`embed_tokens`, `layers.i.self_attn.q_proj`,
+`layers.i.mlp.gate_proj`, `input_layernorm`, `post_attention_layernorm`, `norm`, `lm_head`), so dense
+checkpoints load by name (see `mmoe.interop.hf`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .layers import RMSNorm, SwiGLU, apply_rope, init_linear_
+from .moe.attention import AttnMask, MoAAttention, sdpa, shared_kv
+from .moe.config import MoEConfig, MoEConfigError, select_layers
+from .moe.experts import GroupedLinear
+from .moe.layer import MoEFFN
+from .moe.routing import Router, RoutingResult
+
+
+@dataclass
+class DecoderConfig:
+    """Shape of the language decoder and where its MoE layers sit."""
+
+    vocab_size: int = 512
+    """Vocabulary size (rows of the embedding and the LM head)."""
+    dim: int = 128
+    """Model width d_model."""
+    n_layers: int = 4
+    """Number of transformer blocks."""
+    n_heads: int = 4
+    """Query heads of a dense attention layer (MoA: total over all experts)."""
+    n_kv_heads: int = 2
+    """Key/value heads (GQA); must divide n_heads. MoA shares these across experts."""
+    hidden: int = 344
+    """Hidden width of the dense SwiGLU FFN (and of each expert unless ffn_moe.expert_hidden is set)."""
+    max_seq_len: int = 512
+    """Longest sequence (prompt + generated tokens) the model accepts."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    norm_eps: float = 1e-6
+    """RMSNorm epsilon."""
+    tie_embeddings: bool = True
+    """Share the LM head weight with the token embedding."""
+    attn_bias: bool = False
+    """Biases on the q/k/v projections (Qwen2); o_proj never has one."""
+    ffn_moe: MoEConfig | None = None
+    """MoE config of the FFN layers; None keeps every FFN dense."""
+    ffn_moe_layers: str = "every_2"
+    """Which layers get a MoE FFN when ffn_moe is set: 'none', 'all', 'every_N', 'last_N', 'first_N', '0,3'."""
+    attn_moe: MoEConfig | None = None
+    """Mixture-of-attention-heads config (num_experts must divide n_heads / n_kv_heads); None keeps attention dense."""
+    attn_moe_layers: str = "none"
+    """Which layers get MoA when attn_moe is set (same syntax as ffn_moe_layers)."""
+    head_dim: int = 0
+    """Per-head width; 0 means dim // n_heads (set it for checkpoints such as Mistral-Nemo)."""
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.dim // self.n_heads
+
+    def moe_ffn_layer_ids(self) -> list[int]:
+        return [] if self.ffn_moe is None else select_layers(self.ffn_moe_layers, self.n_layers, "ffn_moe_layers")
+
+    def moa_layer_ids(self) -> list[int]:
+        return [] if self.attn_moe is None else select_layers(self.attn_moe_layers, self.n_layers, "attn_moe_layers")
+
+    def validate(self) -> "DecoderConfig":
+        """Raise ValueError (MoEConfigError for MoE fields) naming the field when the shape cannot work."""
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"decoder.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.head_dim and self.dim % self.n_heads:
+            raise ValueError(f"decoder.dim={self.dim} must be divisible by n_heads={self.n_heads} (or set head_dim)")
+        if self.head_size % 2:
+            raise ValueError(f"decoder.head_dim={self.head_size} must be even for RoPE")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"decoder.n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}")
+        if self.ffn_moe is not None:
+            self.ffn_moe.validate(causal=True, site="decoder.ffn_moe")
+            self.moe_ffn_layer_ids()
+        if self.attn_moe is not None:
+            self.attn_moe.validate(causal=True, site="decoder.attn_moe")
+            self.moa_layer_ids()
+            E, g = self.attn_moe.num_experts, self.n_heads // self.n_kv_heads
+            if g % E:
+                raise MoEConfigError(
+                    f"decoder.attn_moe.num_experts={E} must divide n_heads/n_kv_heads={self.n_heads}/"
+                    f"{self.n_kv_heads}={g}: each MoA expert owns n_heads/num_experts query heads and "
+                    "n_kv_heads must divide that")
+        return self
+
+
+@dataclass
+class DecoderOutput:
+    logits: Tensor  # (B, T, vocab)
+    routing: list[RoutingResult]  # one per MoA / MoE layer, in layer order (attention before ffn)
+    cache: "KVCache | None"
+    hidden: Tensor  # (B, T, D) final hidden states after the last norm
+
+
+class KVCache:
+    """Preallocated per-layer keys/values (B, n_kv_heads, max_len, head_dim) and the filled length.
+
+    MoA layers cache only their shared K/V, so a MoA cache has exactly the size of a dense GQA cache.
+    Layers write at [length, length + T); the decoder advances `length` once all layers ran.
+    """
+
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device=None):
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.max_len, self.length, self.batch = max_len, 0, batch
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, n_kv, T, hd) after the current length; return the filled views (B, n_kv, length+T, hd)."""
+        end = self.length + k.shape[2]
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def __repr__(self) -> str:
+        return f"KVCache(layers={len(self.k)}, shape={tuple(self.k[0].shape)}, length={self.length})"
+
+
+class Attention(nn.Module):
+    """Dense GQA attention with RoPE; projection names match Hugging Face Llama."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, bias: bool = False):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttnMask, cache=None, layer_idx: int = 0,
+                **_) -> tuple[Tensor, None]:
+        B, T, _ = x.shape
+        q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2), cos, sin)
+        k, v = shared_kv(self, x, cos, sin, cache, layer_idx)
+        o = sdpa(q, k, v, mask)  # (B, H, T, hd)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)), None
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, cfg: DecoderConfig, layer: int, moa: bool, moe: bool):
+        super().__init__()
+        hd = cfg.head_size
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        if moa:
+            self.self_attn = MoAAttention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, hd, cfg.attn_moe, cfg.attn_bias, layer)
+        else:
+            self.self_attn = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, hd, cfg.attn_bias)
+        if moe:
+            self.mlp = MoEFFN(cfg.dim, cfg.hidden, cfg.ffn_moe, "swiglu", causal=True, site="ffn", layer=layer)
+        else:
+            self.mlp = SwiGLU(cfg.dim, cfg.hidden)
+        self.layer = layer
+
+    def forward(self, x, cos, sin, mask, cache, token_mask, modality, routing: list):
+        h, r = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.layer,
+                              token_mask=token_mask, modality=modality)
+        if r is not None:
+            routing.append(r)
+        x = x + h
+        if isinstance(self.mlp, MoEFFN):
+            h, r = self.mlp(self.post_attention_layernorm(x), token_mask, modality)
+            routing.append(r)
+        else:
+            h = self.mlp(self.post_attention_layernorm(x))
+        return x + h
+
+
+class Decoder(nn.Module):
+    """Causal LM: token embedding, blocks, final RMSNorm, LM head (tied to the embedding by default)."""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        moa, moe = set(cfg.moa_layer_ids()), set(cfg.moe_ffn_layer_ids())
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(DecoderBlock(cfg, i, i in moa, i in moe) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @torch.no_grad()
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """GPT-style N(0, std) for linears, embeddings and packed experts; noisy-gating weights stay zero."""
+        init_linear_(self, std)
+        for m in self.modules():
+            if isinstance(m, GroupedLinear):
+                nn.init.normal_(m.weight, std=std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, Router) and m.noise_gate is not None:
+                nn.init.zeros_(m.noise_gate.weight)
+
+    # ------------------------------------------------------------------ helpers
+    def new_cache(self, batch: int, max_len: int | None = None, dtype: torch.dtype | None = None,
+                  device=None) -> KVCache:
+        """Empty KV cache for `batch` sequences of up to `max_len` (default max_seq_len) positions."""
+        cfg = self.cfg
+        max_len = max_len or cfg.max_seq_len
+        if max_len > cfg.max_seq_len:
+            raise ValueError(f"KV cache length {max_len} exceeds decoder.max_seq_len={cfg.max_seq_len}")
+        w = self.layers[0].self_attn.k_proj.weight
+        return KVCache(cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_size,
+                       dtype or w.dtype, device or w.device)
+
+    def rope(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin (B, T, hd) in float32 for integer positions (computed on the fly: no table to outgrow)."""
+        hd = self.cfg.head_size
+        inv_freq = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, hd, 2, device=position_ids.device,
+                                                               dtype=torch.float32) / hd))
+        freqs = position_ids.float()[..., None] * inv_freq  # (B, T, hd/2)
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos(), emb.sin()
+
+    @staticmethod
+    def build_mask(attention_mask: Tensor | None, B: int, T: int, past: int, device) -> AttnMask:
+        """Causal + padding mask over keys [0, past + T); is_causal fast path without padding or cache."""
+        if attention_mask is None or bool(attention_mask.all()):
+            if past == 0:
+                return AttnMask(None, T > 1)
+            if T == 1:
+                return AttnMask(None, False)
+        S = past + T
+        kpos = torch.arange(S, device=device)
+        qpos = past + torch.arange(T, device=device)
+        allowed = kpos[None, :] <= qpos[:, None]  # (T, S)
+        allowed = allowed[None, None]
+        if attention_mask is not None:
+            allowed = allowed & attention_mask.bool()[:, None, None, :]
+            # A padding query sees no real key; let it see itself so SDPA stays finite (its output is unused).
+            allowed = allowed | (kpos[None, :] == qpos[:, None])[None, None]
+        return AttnMask(allowed.expand(B, 1, T, S) if allowed.shape[0] == 1 else allowed, False)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
+                attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
+                modality: Tensor | None = None, cache: KVCache | None = None) -> DecoderOutput:
+        """input_ids (B, T) or inputs_embeds (B, T, D); attention_mask (B, past + T), 1 = real token;
+        position_ids (B, T), default cumsum(mask) - 1 (left padding works); modality (B, T) long."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T, _ = x.shape
+        past = cache.length if cache is not None else 0
+        S = past + T
+        if cache is not None and S > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions; cannot add {T} tokens after {past}")
+        if S > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {S} exceeds decoder.max_seq_len={self.cfg.max_seq_len}")
+        token_mask = None
+        if attention_mask is not None:
+            if attention_mask.shape != (B, S):
+                raise ValueError(f"attention_mask must be (batch, past + new) = {(B, S)} (HF convention), "
+                                 f"got {tuple(attention_mask.shape)}")
+            attention_mask = attention_mask.bool()
+            token_mask = attention_mask[:, past:]
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, past:]
+            else:
+                position_ids = torch.arange(past, S, device=x.device).expand(B, T)
+        cos, sin = self.rope(position_ids)
+        mask = self.build_mask(attention_mask, B, T, past, x.device)
+        routing: list[RoutingResult] = []
+        for block in self.layers:
+            x = block(x, cos, sin, mask, cache, token_mask, modality, routing)
+        if cache is not None:
+            cache.advance(T)
+        h = self.norm(x)
+        return DecoderOutput(logits=self.lm_head(h), routing=routing, cache=cache, hidden=h)
+
+
+@torch.no_grad()
+def upcycle_decoder(dense: Decoder, cfg: DecoderConfig) -> Decoder:
+    """A decoder with `cfg`'s MoA/MoE layers initialised from a dense decoder of the same shape.
+
+    MoE FFNs copy the dense MLP into every expert (exact with renormalised routing); MoA splits the dense
+    heads into experts (exact with all experts at unit weight); routers stay freshly initialised; every
+    other tensor is copied.
+    """
+    dc = dense.cfg
+    for f in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden", "head_size", "attn_bias",
+              "tie_embeddings", "rope_theta", "norm_eps"):
+        if getattr(dc, f) != getattr(cfg, f):
+            raise ValueError(f"upcycle: decoder.{f} differs: dense {getattr(dc, f)} vs target {getattr(cfg, f)}")
+    if cfg.ffn_moe is not None and cfg.ffn_moe.expert_hidden not in (0, dc.hidden):
+        raise MoEConfigError(f"upcycle: ffn_moe.expert_hidden={cfg.ffn_moe.expert_hidden} must be 0 or the dense "
+                             f"hidden width {dc.hidden} to copy the dense MLP into each expert")
+    w = dense.embed_tokens.weight
+    model = Decoder(cfg).to(device=w.device, dtype=w.dtype)
+    model.embed_tokens.load_state_dict(dense.embed_tokens.state_dict())
+    model.norm.load_state_dict(dense.norm.state_dict())
+    if not cfg.tie_embeddings:
+        model.lm_head.weight.copy_(dense.lm_head.weight)
+    for new, old in zip(model.layers, dense.layers):
+        new.input_layernorm.load_state_dict(old.input_layernorm.state_dict())
+        new.post_attention_layernorm.load_state_dict(old.post_attention_layernorm.state_dict())
+        for name in ("self_attn", "mlp"):
+            n, o = getattr(new, name), getattr(old, name)
+            if type(n) is type(o):
+                n.load_state_dict(o.state_dict())
+            elif isinstance(o, (Attention, SwiGLU)):
+                n.upcycle_(o)
+            else:
+                raise ValueError(f"upcycle: layers.{new.layer}.{name} is {type(o).__name__} in the source; "
+                                 f"cannot turn it into {type(n).__name__}")
+    return model
+
+
+__all__ = ["DecoderConfig", "DecoderOutput", "Decoder", "DecoderBlock", "Attention", "KVCache", "upcycle_decoder"]

@@ -1,0 +1,151 @@
+"""Mixture of attention heads (MoA: Zhang et al. 2022; JetMoE's layout) and the attention helpers it shares
+with the dense decoder attention.
+
+Each expert owns `hpe = n_heads / E` query heads (its own Q and O projections); keys and values are shared
+by all experts (`n_kv_heads`, GQA), so the KV cache is exactly the size of a dense GQA layer and routing
+happens on the query side only, which keeps it decode-friendly (reference §1.4). A token runs
+`top_k * hpe` query heads.
+
+Head layout. Expert head i (0 <= i < hpe) reads kv head `i // (hpe // n_kv)`. Upcycling keeps that map:
+with g = n_heads / n_kv dense heads per kv group, expert e takes heads [e*g/E, (e+1)*g/E) of every group,
+so each dense head lands in exactly one expert with its own kv head, and all experts at unit weight
+reproduce the dense attention exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..layers import apply_rope
+from .config import MoEConfig, MoEConfigError
+from .dispatch import LocalDispatcher
+from .experts import GroupedLinear
+from .routing import Router, RoutingResult
+
+
+@dataclass
+class AttnMask:
+    """What SDPA needs: a bool mask (B, 1, T, S) with True = may attend, or the is_causal fast path."""
+
+    mask: Tensor | None
+    is_causal: bool
+
+
+def shared_kv(attn: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, cache, layer_idx: int) -> tuple[Tensor, Tensor]:
+    """K/V of `attn.k_proj`/`attn.v_proj` with RoPE; appended to `cache` when given -> (B, n_kv, S, hd)."""
+    B, T, _ = x.shape
+    k = attn.k_proj(x).view(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
+    v = attn.v_proj(x).view(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+    k = apply_rope(k, cos, sin)
+    if cache is not None:
+        k, v = cache.update(layer_idx, k, v)  # (B, n_kv, past + T, hd) views of the preallocated buffers
+    return k, v
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: AttnMask) -> Tensor:
+    """q: (B, H, T, hd); k, v: (B, n_kv, S, hd) with n_kv | H (query head h reads kv head h // (H / n_kv))."""
+    if q.shape[1] != k.shape[1]:
+        rep = q.shape[1] // k.shape[1]
+        if mask.mask is None and q.is_cuda:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=mask.is_causal, enable_gqa=True)
+        # Explicit masks (and CPU) take the repeat path: every SDPA backend accepts it.
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.mask, is_causal=mask.is_causal)
+
+
+class MoAAttention(nn.Module):
+    """Token-choice mixture of attention heads with shared GQA keys/values. Returns (y, RoutingResult)."""
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, cfg: MoEConfig,
+                 bias: bool = False, layer: int = -1):
+        super().__init__()
+        site = f"attention.{layer}"
+        E = cfg.num_experts
+        if n_heads % E:
+            raise MoEConfigError(f"{site}: moe.num_experts={E} must divide n_heads={n_heads} (each expert owns "
+                                 "n_heads / num_experts query heads)")
+        hpe = n_heads // E
+        if hpe % n_kv_heads:
+            raise MoEConfigError(f"{site}: MoA needs n_kv_heads={n_kv_heads} to divide the heads per expert "
+                                 f"n_heads/num_experts={n_heads}/{E}={hpe}, i.e. num_experts must divide "
+                                 f"n_heads/n_kv_heads={n_heads // max(1, n_kv_heads)}")
+        self.cfg, self.layer = cfg, layer
+        self.n_heads, self.n_kv_heads, self.head_dim, self.hpe = n_heads, n_kv_heads, head_dim, hpe
+        self.router = Router(dim, cfg, causal=True, site=site)
+        self.q_proj = GroupedLinear(E, dim, hpe * head_dim, bias=bias)  # per-expert queries
+        self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)  # shared
+        self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)  # shared
+        self.o_proj = GroupedLinear(E, hpe * head_dim, dim, bias=False)  # per-expert outputs
+        self.dispatcher = LocalDispatcher()
+        self.force_unit_weights = False
+        """Test/analysis hook: combine every kept slot with weight 1 (with top_k = E: the upcycling identity)."""
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttnMask, cache=None, layer_idx: int = 0,
+                token_mask: Tensor | None = None, modality: Tensor | None = None) -> tuple[Tensor, RoutingResult]:
+        """x: (B, T, D); cos/sin: (B, T, hd); token_mask, modality: (B, T)."""
+        B, T, D = x.shape
+        K, hd, n_kv, hpe = self.cfg.top_k, self.head_dim, self.n_kv_heads, self.hpe
+        rpk = hpe // n_kv  # expert heads per kv head
+        flat = x.reshape(B * T, D)
+        r = self.router(flat, None if token_mask is None else token_mask.reshape(-1),
+                        None if modality is None else modality.reshape(-1), batch_shape=(B, T))
+        r.site, r.layer = "attention", self.layer
+        if self.force_unit_weights:
+            r.weights = r.kept.to(r.weights.dtype)
+        plan = self.dispatcher.plan(r)
+        xs, counts = self.dispatcher.dispatch(flat, plan)
+        q = self.dispatcher.combine(self.q_proj(xs, counts), plan, per_slot=True)  # (N*K, hpe*hd); 0 if not kept
+        # (B, T, K, n_kv, rpk, hd) -> GQA layout (B, n_kv * K * rpk, T, hd): kv head c owns a contiguous block.
+        q = q.view(B, T, K, n_kv, rpk, hd).permute(0, 3, 2, 4, 1, 5).reshape(B, n_kv * K * rpk, T, hd)
+        q = apply_rope(q, cos, sin)
+        k, v = shared_kv(self, x, cos, sin, cache, layer_idx)
+        o = sdpa(q, k, v, mask)  # (B, n_kv*K*rpk, T, hd)
+        o = o.view(B, n_kv, K, rpk, T, hd).permute(0, 4, 2, 1, 3, 5).reshape(B * T * K, hpe * hd)  # per slot
+        os_, counts = self.dispatcher.dispatch(o, plan, per_slot=True)
+        y = self.dispatcher.combine(self.o_proj(os_, counts), plan)  # weighted sum over slots -> (N, D)
+        return y.view(B, T, D), r
+
+    @torch.no_grad()
+    def upcycle_(self, dense: nn.Module) -> None:
+        """Split a dense attention (q_proj/k_proj/v_proj/o_proj linears, same head count) into experts.
+
+        K/V are copied; expert e takes dense heads [e*g/E, (e+1)*g/E) of every kv group (g = n_heads/n_kv),
+        ordered by group, so its head i keeps kv head i // (hpe/n_kv). The router stays freshly initialised.
+        """
+        E, hd, n_kv = self.cfg.num_experts, self.head_dim, self.n_kv_heads
+        g = self.n_heads // n_kv
+        if g % E:
+            raise MoEConfigError(f"attention.{self.layer}: upcycling needs num_experts={E} to divide the heads "
+                                 f"per kv group n_heads/n_kv_heads={g}")
+        want_q = (self.n_heads * hd, self.k_proj.in_features)
+        for name, lin, shape in (("q_proj", dense.q_proj, want_q), ("k_proj", dense.k_proj, self.k_proj.weight.shape),
+                                 ("v_proj", dense.v_proj, self.v_proj.weight.shape),
+                                 ("o_proj", dense.o_proj, want_q[::-1])):
+            if tuple(lin.weight.shape) != tuple(shape):
+                raise ValueError(f"attention.{self.layer}: cannot upcycle {name}: dense weight "
+                                 f"{tuple(lin.weight.shape)} != expected {tuple(shape)}")
+        if (dense.q_proj.bias is not None) != (self.q_proj.bias is not None):
+            raise ValueError(f"attention.{self.layer}: q_proj bias mismatch between dense and MoA (attn_bias)")
+        if getattr(dense.o_proj, "bias", None) is not None:
+            raise ValueError(f"attention.{self.layer}: o_proj bias is not supported by MoA upcycling")
+        self.k_proj.load_state_dict(dense.k_proj.state_dict())
+        self.v_proj.load_state_dict(dense.v_proj.state_dict())
+        per = g // E
+        for e in range(E):
+            heads = torch.tensor([c * g + e * per + m for c in range(n_kv) for m in range(per)])
+            cols = (heads[:, None] * hd + torch.arange(hd)).flatten().to(dense.q_proj.weight.device)
+            self.q_proj.weight[e] = dense.q_proj.weight[cols].t()
+            if self.q_proj.bias is not None:
+                self.q_proj.bias[e] = dense.q_proj.bias[cols]
+            self.o_proj.weight[e] = dense.o_proj.weight[:, cols].t()
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.cfg.num_experts}, top_k={self.cfg.top_k}, heads_per_expert={self.hpe}, "
+                f"n_kv_heads={self.n_kv_heads}, head_dim={self.head_dim}")
+
+
+__all__ = ["MoAAttention", "AttnMask", "shared_kv", "sdpa"]

@@ -1,0 +1,147 @@
+"""The VLM: vision encoder -> connector -> image tokens spliced into the decoder's input.
+
+LLaVA's three-part split. Each `<image>` placeholder in the text becomes the projected tokens of the
+next image (several images per sample, any position). Labels are expanded with IGNORE_INDEX on image
+positions, and a modality id per token goes to every router so balance and metrics split by modality.
+All routing results of all MoE sites (vision, connector, attention, FFN) come back with the logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from mmoe.constants import IGNORE_INDEX, MODALITY_IMAGE, MODALITY_TEXT
+
+from .connector import Connector, ConnectorConfig
+from .decoder import Decoder, DecoderConfig, DecoderOutput
+from .generation import generate
+from .moe.routing import RoutingResult
+from .vision import VisionConfig, VisionEncoder
+
+
+@dataclass
+class VLMConfig:
+    """Architecture of the whole model; nested parts keep their own dataclasses."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    """Vision encoder (ViT, optionally with MoE MLP blocks)."""
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    """Projector from vision features to the decoder width (MLP or MoE MLP)."""
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    """Language model (dense or MoA / MoE layers)."""
+    image_token_id: int = 4
+    """Id of the `<image>` placeholder token (set from the tokenizer at training start)."""
+    pad_token_id: int = 0
+    """Padding id."""
+    eos_token_id: int = 2
+    """End-of-answer id; generation stops on it."""
+
+
+@dataclass
+class VLMOutput:
+    logits: Tensor  # (B, L, V)
+    labels: Tensor | None  # (B, L) expanded labels aligned with logits' positions (not shifted)
+    attention_mask: Tensor  # (B, L) bool
+    modality: Tensor  # (B, L) long
+    routing: list[RoutingResult]
+
+
+class SpliceError(ValueError):
+    """Mismatch between `<image>` placeholders and images."""
+
+
+class MMoEVLM(nn.Module):
+    def __init__(self, cfg: VLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = VisionEncoder(cfg.vision)
+        self.connector = Connector(cfg.connector, in_dim=self.vision.out_dim, out_dim=cfg.decoder.dim,
+                                   grid=_grid(self.vision.num_patches))
+        self.decoder = Decoder(cfg.decoder)
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.connector.num_tokens(self.vision.num_patches)
+
+    def encode_images(self, pixel_values: Tensor) -> tuple[Tensor, list[RoutingResult]]:
+        """(N, 3, H, W) -> (N, P', D) decoder-width image tokens, routing of vision + connector."""
+        feats, r_vis = self.vision(pixel_values)
+        tokens, r_con = self.connector(feats)
+        return tokens, r_vis + r_con
+
+    def splice(self, input_ids: Tensor, attention_mask: Tensor, image_tokens: Tensor | None,
+               labels: Tensor | None = None, padding_side: str = "right"):
+        """Replace each placeholder by its image's tokens; returns embeds, mask, labels, modality.
+
+        Vectorised: every text token moves to cumsum(expansion) and every image token fills a run of
+        P' positions; rows are re-padded on `padding_side` so left-padded prompts stay left-padded.
+        """
+        B, T = input_ids.shape
+        emb = self.decoder.embed_tokens
+        is_img = input_ids == self.cfg.image_token_id
+        n_placeholders = int(is_img.sum())
+        n_images = 0 if image_tokens is None else image_tokens.shape[0]
+        if n_placeholders != n_images:
+            raise SpliceError(f"batch has {n_placeholders} '<image>' placeholders but {n_images} images")
+        attention_mask = attention_mask.bool()
+        safe_ids = input_ids.masked_fill(is_img, self.cfg.pad_token_id)
+        text_emb = emb(safe_ids)
+        if n_images == 0:
+            mod = torch.full_like(input_ids, MODALITY_TEXT)
+            return text_emb, attention_mask, labels, mod
+        P = image_tokens.shape[1]
+        counts = torch.where(is_img, P, 1)
+        start = counts.cumsum(1) - counts  # (B, T) first new position of each old token
+        length = counts.sum(1)
+        L = int(length.max())
+        if padding_side == "left":
+            start = start + (L - length)[:, None]
+        D = text_emb.shape[-1]
+        embeds = text_emb.new_zeros(B, L, D)
+        mask = torch.zeros(B, L, dtype=torch.bool, device=input_ids.device)
+        modality = torch.full((B, L), MODALITY_TEXT, dtype=torch.long, device=input_ids.device)
+        rows = torch.arange(B, device=input_ids.device)[:, None].expand(B, T)
+        txt = ~is_img
+        embeds[rows[txt], start[txt]] = text_emb[txt]
+        mask[rows[txt], start[txt]] = attention_mask[txt]
+        # image i (in row-major placeholder order) fills positions start .. start + P - 1
+        img_rows = rows[is_img].repeat_interleave(P)
+        img_pos = (start[is_img][:, None] + torch.arange(P, device=input_ids.device)).flatten()
+        embeds[img_rows, img_pos] = image_tokens.reshape(-1, D).to(embeds.dtype)
+        mask[img_rows, img_pos] = attention_mask[is_img].repeat_interleave(P)
+        modality[img_rows, img_pos] = MODALITY_IMAGE
+        new_labels = None
+        if labels is not None:
+            new_labels = torch.full((B, L), IGNORE_INDEX, dtype=labels.dtype, device=labels.device)
+            new_labels[rows[txt], start[txt]] = labels[txt]
+        return embeds, mask, new_labels, modality
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None = None,
+                labels: Tensor | None = None, padding_side: str = "right") -> VLMOutput:
+        routing: list[RoutingResult] = []
+        image_tokens = None
+        if pixel_values is not None and pixel_values.shape[0] > 0:
+            image_tokens, routing = self.encode_images(pixel_values)
+        embeds, mask, labels, modality = self.splice(input_ids, attention_mask, image_tokens, labels, padding_side)
+        out: DecoderOutput = self.decoder(inputs_embeds=embeds, attention_mask=mask, modality=modality)
+        return VLMOutput(out.logits, labels, mask, modality, routing + out.routing)
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None = None,
+                 **gen_kwargs) -> Tensor:
+        """Left-padded prompts (+ their images) -> (B, n_new) new token ids."""
+        image_tokens = None
+        if pixel_values is not None and pixel_values.shape[0] > 0:
+            image_tokens, _ = self.encode_images(pixel_values)
+        embeds, mask, _, modality = self.splice(input_ids, attention_mask, image_tokens, None, "left")
+        gen_kwargs.setdefault("pad_token_id", self.cfg.pad_token_id)
+        gen_kwargs.setdefault("stop_token_ids", (self.cfg.eos_token_id,))
+        return generate(self.decoder, inputs_embeds=embeds, attention_mask=mask, modality=modality, **gen_kwargs)
+
+
+def _grid(num_patches: int) -> int | None:
+    g = int(round(num_patches ** 0.5))
+    return g if g * g == num_patches else None

@@ -1,0 +1,78 @@
+"""Training-side configs (flat dataclasses; every field becomes a CLI/YAML option)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay."""
+
+    lr: float = 1e-3
+    """Peak learning rate."""
+    weight_decay: float = 0.05
+    """Decoupled weight decay (not applied to norms, biases, embeddings' positions or routers)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    warmup_steps: int = 50
+    """Linear warmup steps."""
+    min_lr_ratio: float = 0.1
+    """Final LR as a fraction of the peak at the end of the cosine."""
+    router_lr_scale: float = 1.0
+    """Multiplier on the LR of router (gate) weights."""
+
+
+@dataclass
+class LossCoefs:
+    """Coefficients of the balancing losses of one MoE site (each loss is ~1 at perfect balance)."""
+
+    balance: float = 0.01
+    """Switch/GShard expert-level load balance."""
+    z: float = 0.001
+    """ST-MoE router z-loss."""
+    group: float = 0.0
+    """Group-level balance (hierarchical routing)."""
+    modality: float = 0.0
+    """Per-modality balance (image tokens and text tokens separately)."""
+    device: float = 0.0
+    """Device-level balance over expert-parallel shards."""
+    sequence: float = 0.0
+    """DeepSeek-V3 sequence-wise balance."""
+
+
+@dataclass
+class BalanceConfig:
+    """Balancing-loss coefficients per MoE site."""
+
+    vision: LossCoefs = field(default_factory=LossCoefs)
+    """MoE blocks of the ViT."""
+    connector: LossCoefs = field(default_factory=LossCoefs)
+    """MoE connector."""
+    attention: LossCoefs = field(default_factory=LossCoefs)
+    """MoA attention layers of the decoder."""
+    ffn: LossCoefs = field(default_factory=LossCoefs)
+    """MoE FFN layers of the decoder."""
+
+
+@dataclass
+class StageConfig:
+    """What this stage starts from and what it trains (CuMo / MoE-LLaVA style recipes)."""
+
+    init_from: str | None = None
+    """Previous stage: a Lightning .ckpt or an exported model directory. Dense weights are upcycled into
+    the MoE layers of this stage's architecture (every expert a copy of the dense MLP / heads)."""
+    freeze: list[str] = field(default_factory=list)
+    """Parameter-name prefixes to freeze, e.g. ['vision', 'decoder'] for stage 1 (connector only)."""
+    strict_init: bool = True
+    """Fail when the previous stage lacks a tensor this stage needs (other than fresh routers)."""
+
+
+@dataclass
+class ParallelConfig:
+    """Expert parallelism; the data-parallel size is derived as world_size / ep_size."""
+
+    ep_size: int = 1
+    """Ranks an expert set is sharded across (all-to-all dispatch among them)."""

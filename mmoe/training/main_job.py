@@ -1,0 +1,92 @@
+"""`make train`: generate the embedded default data if missing, train, export, evaluate, summarise.
+
+    python -m mmoe.training.main_job --config configs/default.yaml --data data/synthetic [-- extra CLI args]
+
+The last line of output is one JSON object: VQA accuracy (test and held-out combinations), CIDEr and
+the other caption metrics on test, the export path, the run directory, timings and peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _peak_rss_gib() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, kids) / 1024 ** 2  # Linux reports KiB
+
+
+def _run_eval(args: list[str]) -> dict:
+    """Run an eval script, stream its output, and parse its last stdout line (JSON metrics)."""
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    sys.stdout.write(proc.stdout)
+    if proc.returncode != 0:
+        raise SystemExit(f"evaluation failed ({' '.join(args[:1])}), exit code {proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/default.yaml")
+    ap.add_argument("--data", default="data/synthetic", help="synthetic dataset directory (generated if missing)")
+    ap.add_argument("--run-dir", default="runs/default")
+    ap.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N questions/images only")
+    ap.add_argument("extra", nargs="*", help="extra LightningCLI arguments, e.g. --trainer.max_steps=100")
+    args = ap.parse_args(argv)
+    data = Path(args.data)
+    t0 = time.time()
+    if not (data / "tokenizer.json").exists():
+        print(f"[mmoe] generating the synthetic dataset into {data}", flush=True)
+        subprocess.run([sys.executable, "data_scripts/make_synthetic.py", "--out", str(data), "--seed", "0"],
+                       cwd=REPO, check=True)
+
+    from mmoe.training.cli import cli_main
+
+    run_dir = Path(args.run_dir)
+    cli_args = ["fit", "--config", args.config, "--data.data_dir", str(data),
+                "--trainer.default_root_dir", str(run_dir), "--export_dir", str(run_dir / "export"), *args.extra]
+    print(f"[mmoe] python train.py {' '.join(cli_args)}", flush=True)
+    t_train = time.time()
+    cli_main(cli_args)
+    train_minutes = (time.time() - t_train) / 60
+    export = run_dir / "export"
+    if not (export / "config.json").exists():
+        raise SystemExit(f"training finished but no export was written to {export}")
+
+    limit = ["--limit", str(args.eval_limit)] if args.eval_limit else []
+    metrics: dict = {}
+    for split in ("test", "heldout"):
+        m = _run_eval(["eval/vqa.py", "--model", str(export), "--questions", str(data / f"{split}_questions.json"),
+                       "--annotations", str(data / f"{split}_annotations.json"), "--images", str(data),
+                       "--image-index", str(data / f"{split}_captions.json"),
+                       "--out", str(run_dir / f"vqa_{split}.json"), *limit])
+        metrics[f"vqa_{split}"] = m.get("overall")
+        metrics[f"vqa_{split}_per_answer_type"] = m.get("per_answer_type")
+    c = _run_eval(["eval/caption.py", "--model", str(export), "--captions", str(data / "test_captions.json"),
+                   "--images", str(data), "--out", str(run_dir / "captions_test.json"), *limit])
+    metrics.update({f"caption_{k}": v for k, v in c.items() if k in ("CIDEr", "BLEU-4", "METEOR", "ROUGE-L")})
+    summary = {
+        **metrics,
+        "export": str(export),
+        "run_dir": str(run_dir),
+        "plots": [str(p) for p in sorted(run_dir.rglob("*.png"))],
+        "train_minutes": round(train_minutes, 2),
+        "total_minutes": round((time.time() - t0) / 60, 2),
+        "peak_rss_gib": round(_peak_rss_gib(), 2),
+    }
+    print(f"[mmoe] run directory: {run_dir}  export: {export}", flush=True)
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""LightningModule: LM loss on answer tokens + per-layer, per-site balancing losses.
+
+Model code stays in mmoe.model; this file owns the objective, optimisation, the aux-loss-free bias
+step after each optimizer step, routing-health logging and generation-based validation (VQA accuracy).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import defaultdict
+from dataclasses import asdict
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mmoe.constants import IGNORE_INDEX
+from mmoe.model.moe import Router, RoutingResult, routing_metrics
+from mmoe.model.moe import balancing as B
+from mmoe.model.vlm import MMoEVLM, VLMConfig
+
+from .config import BalanceConfig, OptimConfig, ParallelConfig, StageConfig
+from .init import apply_freeze, load_stage_weights
+
+LOSS_FNS = {
+    "balance": B.load_balance_loss,
+    "z": B.z_loss,
+    "group": B.group_balance_loss,
+    "modality": B.modality_balance_loss,
+    "sequence": B.sequence_balance_loss,
+}
+
+
+def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Next-token cross-entropy on positions whose label is not IGNORE_INDEX (answers only)."""
+    V = logits.shape[-1]
+    return F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), labels[:, 1:].reshape(-1),
+                           ignore_index=IGNORE_INDEX)
+
+
+class MMoEModule(L.LightningModule):
+    """Trains an MMoEVLM. Every constructor argument is a typed config (YAML: `model.*`)."""
+
+    def __init__(
+        self,
+        arch: VLMConfig = VLMConfig(),
+        optim: OptimConfig = OptimConfig(),
+        balance: BalanceConfig = BalanceConfig(),
+        stage: StageConfig = StageConfig(),
+        parallel: ParallelConfig = ParallelConfig(),
+        activation_checkpointing: bool = False,
+        compile: bool = False,
+        val_max_new_tokens: int = 6,
+        log_routing_every: int = 25,
+    ):
+        """
+        Args:
+            arch: model architecture (vision, connector, decoder, special token ids).
+            optim: optimiser and LR schedule.
+            balance: balancing-loss coefficients per MoE site and kind.
+            stage: previous-stage checkpoint to start from (upcycled into MoE) and what to freeze.
+            parallel: expert-parallel size.
+            activation_checkpointing: recompute each ViT / decoder block in backward to save memory.
+            compile: torch.compile the dense decoder blocks (MoE blocks have data-dependent shapes).
+            val_max_new_tokens: answer length generated during validation.
+            log_routing_every: log per-layer routing health every N training steps.
+        """
+        super().__init__()
+        # defaults are shared instances: copy so nothing mutates them
+        arch, optim, balance, stage, parallel = copy.deepcopy((arch, optim, balance, stage, parallel))
+        self.save_hyperparameters()
+        self.arch, self.optim_cfg, self.balance_cfg = arch, optim, balance
+        self.stage_cfg, self.parallel_cfg = stage, parallel
+        self.activation_checkpointing, self.compile_blocks = activation_checkpointing, compile
+        self.val_max_new_tokens, self.log_routing_every = val_max_new_tokens, log_routing_every
+        self.model = MMoEVLM(arch)
+        if stage.init_from:
+            load_stage_weights(self.model, stage.init_from, strict=stage.strict_init)
+        apply_freeze(self.model, stage.freeze)
+        self._val_results: list[dict] = []
+        self.expert_load_history: list[dict] = []  # (step, layer name, load vector) for plots
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        tok = getattr(dm, "tokenizer", None)
+        if tok is not None:
+            check_tokenizer(tok, self.arch)
+
+    def configure_model(self) -> None:
+        if self.parallel_cfg.ep_size > 1:
+            from mmoe.parallel.expert_parallel import enable_expert_parallel
+            enable_expert_parallel(self.model, self.parallel_cfg.ep_size)
+        if self.activation_checkpointing:
+            from .scale import apply_activation_checkpointing
+            apply_activation_checkpointing(self.model)
+        if self.compile_blocks:
+            from .scale import compile_dense_blocks
+            compile_dense_blocks(self.model)
+
+    # ------------------------------------------------------------------ objective
+    def balancing_loss(self, routing: list[RoutingResult]) -> tuple[Tensor, dict[str, Tensor]]:
+        """Sum over layers of coef[site][kind] * loss_kind(layer); also per-site-kind totals for logging."""
+        total = torch.zeros((), device=self.device)
+        parts: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
+        for r in routing:
+            coefs = getattr(self.balance_cfg, r.site, None)
+            if coefs is None:
+                continue
+            for kind, coef in asdict(coefs).items():
+                if coef == 0:
+                    continue
+                if kind == "device":
+                    if self.parallel_cfg.ep_size <= 1:
+                        continue
+                    value = B.device_balance_loss(r, self.parallel_cfg.ep_size)
+                else:
+                    value = LOSS_FNS[kind](r)
+                total = total + coef * value
+                parts[f"{r.site}/{kind}"] = parts[f"{r.site}/{kind}"] + value.detach()
+        return total, dict(parts)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        out = self.model(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), batch["labels"])
+        ce = lm_loss(out.logits, out.labels)
+        aux, parts = self.balancing_loss(out.routing)
+        loss = ce + aux
+        bs = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log("train/lm_loss", ce, prog_bar=True, batch_size=bs)
+        self.log("train/aux_loss", aux, batch_size=bs)
+        for k, v in parts.items():
+            self.log(f"train/balance/{k}", v, batch_size=bs)
+        if self.log_routing_every and self.global_step % self.log_routing_every == 0:
+            self._log_routing(out.routing, bs)
+        return loss
+
+    def _log_routing(self, routing: list[RoutingResult], bs: int) -> None:
+        """Per-layer (and per-modality, per-group) routing health; never one pooled number."""
+        metrics = {}
+        for r in routing:
+            for k, v in routing_metrics(r).items():
+                metrics[f"routing/{r.name}/{k}"] = v
+            self.expert_load_history.append(
+                {"step": int(self.global_step), "layer": r.name,
+                 "load": B.expert_load(r).tolist()})
+        self.log_dict(metrics, batch_size=bs)
+
+    # ------------------------------------------------------------------ aux-loss-free bias
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.update_router_biases()
+
+    @torch.no_grad()
+    def update_router_biases(self) -> None:
+        """DeepSeek-V3 bias step for every router, from the load seen since the last optimizer step
+        (summed over data-parallel ranks so every rank applies the same update)."""
+        routers = [m for m in self.model.modules() if isinstance(m, Router) and m.cfg.aux_free_bias]
+        if not routers:
+            return
+        loads = torch.cat([r.load_accum for r in routers])
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(loads)
+        for r, load in zip(routers, loads.split([r.cfg.num_experts for r in routers])):
+            r.update_bias(load)
+
+    # ------------------------------------------------------------------ validation: VQA accuracy
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        tok = self.trainer.datamodule.tokenizer
+        new = self.model.generate(batch["prompt_ids"], batch["attention_mask"], batch.get("pixel_values"),
+                                  max_new_tokens=self.val_max_new_tokens)
+        answers = tok.batch_decode(new, skip_special_tokens=True)
+        for qid, ans in zip(batch["question_ids"], answers):
+            self._val_results.append({"question_id": int(qid), "answer": ans.strip()})
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val_results:
+            return
+        from mmoe.metrics.vqa import vqa_accuracy
+        import json
+        dm = self.trainer.datamodule
+        with open(dm.val_annotations_path) as f:
+            ann = json.load(f)
+        wanted = {r["question_id"] for r in self._val_results}
+        ann = dict(ann, annotations=[a for a in ann["annotations"] if a["question_id"] in wanted])
+        acc = vqa_accuracy(self._val_results, ann)
+        self.log("val/vqa_acc", float(acc["overall"]), prog_bar=True, sync_dist=True)
+        for k, v in acc.get("per_answer_type", {}).items():
+            self.log(f"val/vqa_acc/{k}", float(v), sync_dist=True)
+        self._val_results = []
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        cfg = self.optim_cfg
+        decay, no_decay, router = [], [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            if ".router." in name or name.startswith("router."):
+                router.append(p)
+            elif p.ndim < 2 or "norm" in name or name.endswith(".bias") or "pos_embed" in name \
+                    or "cls_token" in name or "embed_tokens" in name:
+                no_decay.append(p)
+            else:
+                decay.append(p)
+        groups = [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+            {"params": router, "weight_decay": 0.0, "lr": cfg.lr * cfg.router_lr_scale},
+        ]
+        groups = [g for g in groups if g["params"]]
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup_steps, total, cfg.min_lr_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def warmup_cosine(warmup: int, total: int, min_ratio: float):
+    """LR multiplier: linear warmup to 1, cosine down to min_ratio at `total` steps."""
+    def fn(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        t = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+    return fn
+
+
+def check_tokenizer(tok, arch: VLMConfig) -> None:
+    """Fail early, naming the field, when the tokenizer and the model config disagree."""
+    vocab = len(tok)
+    if vocab > arch.decoder.vocab_size:
+        raise ValueError(f"model.arch.decoder.vocab_size={arch.decoder.vocab_size} is smaller than the "
+                         f"tokenizer's {vocab} tokens")
+    img = tok.convert_tokens_to_ids("<image>")
+    checks = {"image_token_id": img, "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id}
+    for name, tid in checks.items():
+        if tid is not None and getattr(arch, name) != tid:
+            raise ValueError(f"model.arch.{name}={getattr(arch, name)} but the tokenizer says {tid}")

@@ -1,0 +1,115 @@
+"""Connector: kinds, pooling on the patch grid, MoE connector co-upcycled from a dense one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from mmoe.constants import MODALITY_IMAGE
+from mmoe.interop.vision_ckpt import CheckpointMismatchError
+from mmoe.model.connector import Connector, ConnectorConfig, ConnectorConfigError
+from mmoe.model.moe import MoEConfig, MoEFFN
+
+
+def _randomize_(m, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp", "moe_mlp"])
+def test_kinds_shapes_and_routing(kind):
+    conn = Connector(ConnectorConfig(kind=kind, moe=MoEConfig(num_experts=4, top_k=2)), 16, 24, grid=4)
+    y, routing = conn(torch.randn(2, 16, 16))
+    assert y.shape == (2, 16, 24) and conn.num_tokens(16) == 16
+    if kind == "moe_mlp":
+        assert isinstance(conn.proj, MoEFFN)
+        (r,) = routing
+        assert r.site == "connector" and r.layer == 0 and (r.modality == MODALITY_IMAGE).all()
+        assert conn.proj.experts.w_in.weight.shape == (4, 16, 24)  # hidden 0 -> LLM dim
+    else:
+        assert routing == []
+    if kind == "mlp":
+        assert conn.proj.fc1.out_features == 24 and conn.proj.activation == "gelu"
+
+
+def _ref_pool(feats, g, p):
+    N, P, C = feats.shape
+    x = feats.view(N, g, g, C).permute(0, 3, 1, 2)
+    return F.avg_pool2d(x, p).permute(0, 2, 3, 1).reshape(N, -1, C)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_pooling_matches_avg_pool2d(kind):
+    torch.manual_seed(0)
+    conn = Connector(ConnectorConfig(kind=kind, pool=2), 8, 12, grid=4)
+    feats = torch.randn(3, 16, 8)
+    pooled = conn.pool_tokens(feats)
+    assert pooled.shape == (3, 4, 8) and conn.num_tokens(16) == 4
+    torch.testing.assert_close(pooled, _ref_pool(feats, 4, 2))
+    # row-major grid: token 1 of the 2x2 output averages patches (0,2),(0,3),(1,2),(1,3)
+    torch.testing.assert_close(pooled[:, 1], feats[:, [2, 3, 6, 7]].mean(1))
+    y, _ = conn(feats)
+    torch.testing.assert_close(y, conn.proj(_ref_pool(feats, 4, 2)))
+    # grid inferred when not given
+    conn2 = Connector(ConnectorConfig(kind=kind, pool=3), 8, 12, grid=None)
+    feats36 = torch.randn(2, 36, 8)
+    torch.testing.assert_close(conn2.pool_tokens(feats36), _ref_pool(feats36, 6, 3))
+    assert conn2.num_tokens(36) == 4
+
+
+def test_pooling_rejects_cls_and_bad_factor():
+    conn = Connector(ConnectorConfig(kind="linear", pool=2), 8, 8, grid=None)
+    with pytest.raises(ConnectorConfigError, match="CLS"):
+        conn(torch.randn(1, 17, 8))
+    with pytest.raises(ConnectorConfigError, match="pool"):
+        Connector(ConnectorConfig(kind="linear", pool=3), 8, 8, grid=4)
+    with pytest.raises(ConnectorConfigError, match="moe"):
+        Connector(ConnectorConfig(kind="moe_mlp"), 8, 8, grid=None)
+    # pool=1 passes anything through, CLS included
+    assert Connector(ConnectorConfig(kind="linear"), 8, 8, None)(torch.randn(1, 17, 8))[0].shape == (1, 17, 8)
+
+
+@pytest.mark.parametrize("fmt,shared", [("own", 0), ("llava", 1)])
+def test_moe_connector_upcycled_equals_dense(tmp_path, fmt, shared):
+    dense = Connector(ConnectorConfig(kind="mlp"), 16, 24, grid=4)
+    _randomize_(dense)
+    if fmt == "own":
+        path = tmp_path / "connector.pt"
+        torch.save(dense.state_dict(), path)
+    else:  # LLaVA mm_projector.bin naming, as safetensors
+        path = tmp_path / "mm_projector.safetensors"
+        p = dense.proj
+        save_file({"model.mm_projector.0.weight": p.fc1.weight.contiguous(), "model.mm_projector.0.bias": p.fc1.bias,
+                   "model.mm_projector.2.weight": p.fc2.weight.contiguous(), "model.mm_projector.2.bias": p.fc2.bias},
+                  str(path))
+    moe = MoEConfig(num_experts=4, top_k=2, num_shared_experts=shared)
+    conn = Connector(ConnectorConfig(kind="moe_mlp", moe=moe, checkpoint=str(path)), 16, 24, grid=4)
+    feats = torch.randn(3, 16, 16)
+    y, (r,) = conn(feats)
+    torch.testing.assert_close(y, dense(feats)[0], atol=1e-5, rtol=1e-5)
+    assert (r.expert_counts() > 0).sum() >= 2
+    # the dense kind loads the same file
+    again = Connector(ConnectorConfig(kind="mlp", checkpoint=str(path)), 16, 24, grid=4)
+    torch.testing.assert_close(again(feats)[0], dense(feats)[0])
+    # an MoE connector's own state dict round-trips
+    torch.save(conn.state_dict(), tmp_path / "moe.pt")
+    conn2 = Connector(ConnectorConfig(kind="moe_mlp", moe=moe, checkpoint=str(tmp_path / "moe.pt")), 16, 24, 4)
+    torch.testing.assert_close(conn2.proj.router.gate.weight, conn.proj.router.gate.weight)
+
+
+def test_connector_checkpoint_mismatch(tmp_path):
+    dense = Connector(ConnectorConfig(kind="mlp"), 16, 32, grid=4)
+    torch.save(dense.state_dict(), tmp_path / "c.pt")
+    with pytest.raises(CheckpointMismatchError, match="c.pt.*fc1.weight"):
+        Connector(ConnectorConfig(kind="moe_mlp", moe=MoEConfig(), checkpoint=str(tmp_path / "c.pt")), 16, 24, 4)
+
+
+def test_expert_choice_connector():
+    moe = MoEConfig(num_experts=4, top_k=1, router="expert_choice", capacity_factor=1.0)
+    conn = Connector(ConnectorConfig(kind="moe_mlp", moe=moe), 8, 8, grid=4).train()
+    y, (r,) = conn(torch.randn(2, 16, 8))
+    assert y.shape == (2, 16, 8) and r.expert_counts().tolist() == [8, 8, 8, 8]

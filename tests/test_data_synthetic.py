@@ -1,0 +1,244 @@
+"""Synthetic dataset generator: determinism, held-out split, VQAv2 / COCO / LLaVA formats, DataModule on top."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mmoe.constants import IGNORE_INDEX, IMAGE_TOKEN
+from mmoe.data.dataset import LlavaJsonDataset
+from mmoe.data.images import build_image_transform, load_image
+from mmoe.data.synthetic import SPLITS, generate_dataset
+from mmoe.data.template import CAPTION_PROMPT, SHORT_ANSWER_SUFFIX
+from mmoe.data.tokenizer import load_tokenizer
+
+SIZES = {"n_train": 40, "n_val": 10, "n_test": 10, "n_heldout": 10}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _generate(out: Path, seed: int) -> Path:
+    generate_dataset(out, seed, image_size=64, questions_per_image=3, log=lambda _msg: None, **SIZES)
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return _generate(tmp_path_factory.mktemp("synth_a"), seed=0)
+
+
+def _load(d: Path, name: str):
+    return json.loads((d / name).read_text())
+
+
+def _files(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def _scenes(d: Path, split: str) -> dict[int, list[dict]]:
+    return {s["image_id"]: s["objects"] for s in _load(d, f"{split}_scenes.json")["scenes"]}
+
+
+def test_same_seed_is_byte_identical_and_other_seed_differs(data, tmp_path):
+    again = _files(_generate(tmp_path / "again", seed=0))
+    first = _files(data)
+    assert sorted(first) == sorted(again)
+    assert len([f for f in first if f.endswith(".png")]) == sum(SIZES.values())
+    for name, content in first.items():
+        assert content == again[name], f"{name} differs between two runs with the same seed"
+
+    other = _files(_generate(tmp_path / "other", seed=1))
+    assert other["train_questions.json"] != first["train_questions.json"]
+    differing_pngs = [n for n in first if n.endswith(".png") and first[n] != other.get(n)]
+    assert len(differing_pngs) > 0.9 * sum(SIZES.values())
+
+
+def test_heldout_combos_never_in_train_val_test_and_in_every_heldout_image(data):
+    meta = _load(data, "meta.json")
+    heldout = {tuple(c) for c in meta["heldout_combos"]}
+    assert 1 <= len(heldout) <= 0.25 * len(meta["shapes"]) * len(meta["colors"])
+    for split in ("train", "val", "test"):
+        for image_id, objects in _scenes(data, split).items():
+            combos = {(o["shape"], o["color"]) for o in objects}
+            assert not combos & heldout, f"{split} image {image_id} contains held-out {combos & heldout}"
+        for q in _load(data, f"{split}_questions.json")["questions"]:
+            text = q["question"].lower()
+            assert not any(f"{c} {s}" in text for s, c in heldout), (
+                f"{split} question mentions a held-out combo: {text}"
+            )
+    ho_scenes = _scenes(data, "heldout")
+    assert len(ho_scenes) == SIZES["n_heldout"]
+    for image_id, objects in ho_scenes.items():
+        assert {(o["shape"], o["color"]) for o in objects} & heldout, (
+            f"heldout image {image_id} has no held-out combo"
+        )
+    # compositional: every shape and every colour is still seen in training, just not in the held-out pairing
+    train_objs = [o for objs in _scenes(data, "train").values() for o in objs]
+    assert {s for s, _ in heldout} <= {o["shape"] for o in train_objs}
+    assert {c for _, c in heldout} <= {o["color"] for o in train_objs}
+
+
+def test_images_exist_open_and_match_scene_records(data):
+    for split in SPLITS:
+        caps = _load(data, f"{split}_captions.json")
+        scenes = _scenes(data, split)
+        for im in caps["images"]:
+            assert re.fullmatch(rf"images/{split}/{split}_\d{{6}}\.png", im["file_name"])
+            img = load_image(data / im["file_name"])
+            assert img.size == (im["width"], im["height"]) == (64, 64)
+            arr = np.asarray(img, dtype=np.int64)
+            for o in scenes[
+                im["id"]
+            ]:  # object centres are drawn with the recorded colour (noise is a few levels)
+                px = arr[int(o["y"]), int(o["x"])]
+                assert np.abs(px - np.array(o["rgb"])).max() < 40, (im["file_name"], o, px)
+
+
+def test_vqa_files_follow_official_format(data):
+    all_qids: list[int] = []
+    qtypes = {
+        "what color": "other",
+        "what shape": "other",
+        "how many": "number",
+        "is there": "yes/no",
+        "is the": "yes/no",
+    }
+    for split in SPLITS:
+        qf, af = _load(data, f"{split}_questions.json"), _load(data, f"{split}_annotations.json")
+        assert set(qf) == {"info", "task_type", "data_type", "data_subtype", "license", "questions"}
+        assert qf["task_type"] == "Open-Ended" and qf["data_subtype"] == split == af["data_subtype"]
+        assert {"info", "data_subtype", "annotations"} <= set(af)
+        assert len(qf["questions"]) == 3 * SIZES[f"n_{split}"]
+        for q in qf["questions"]:
+            assert set(q) == {"image_id", "question", "question_id"}
+            assert isinstance(q["question_id"], int) and q["question"].endswith("?")
+        anns = {a["question_id"]: a for a in af["annotations"]}
+        assert set(anns) == {q["question_id"] for q in qf["questions"]}
+        scenes = _scenes(data, split)
+        for q in qf["questions"]:
+            a = anns[q["question_id"]]
+            assert a["image_id"] == q["image_id"]
+            assert qtypes[a["question_type"]] == a["answer_type"]
+            assert re.match(QTYPE_PATTERNS[a["question_type"]], q["question"]), (
+                q["question"],
+                a["question_type"],
+            )
+            assert len(a["answers"]) == 10
+            assert [x["answer_id"] for x in a["answers"]] == list(range(1, 11))
+            assert all(x["answer_confidence"] == "yes" for x in a["answers"])
+            votes = Counter(x["answer"] for x in a["answers"])
+            assert votes[a["multiple_choice_answer"]] >= 8  # annotator noise never flips the majority
+            _check_answer(q["question"], a["multiple_choice_answer"], scenes[q["image_id"]])
+        all_qids += [q["question_id"] for q in qf["questions"]]
+    assert len(all_qids) == len(set(all_qids)), "question ids must be unique across splits"
+
+
+QTYPE_PATTERNS = {
+    "what color": r"What (color is|is the color of) the ",
+    "what shape": r"What (shape is|is the shape of) the ",
+    "how many": r"How many ",
+    "is there": r"Is there an? ",
+    "is the": r"Is the ",
+}
+
+
+def _check_answer(question: str, answer: str, objects: list[dict]) -> None:
+    """Recompute the answer of the question forms that are easy to parse from the scene records."""
+    if question == "How many objects are there?":
+        assert answer == str(len(objects))
+    elif m := re.fullmatch(r"How many (\w+) objects are there\?", question):
+        word = m.group(1)
+        assert answer == str(sum(word in (o["color"], o["size"]) for o in objects)), question
+    elif m := re.fullmatch(r"Is there an? (\w+) (\w+)\?", question):
+        color, shape = m.groups()
+        assert answer == ("yes" if any((o["color"], o["shape"]) == (color, shape) for o in objects) else "no")
+    elif m := re.fullmatch(r"What (?:color is|is the color of) the (\w+)\?", question):
+        matches = [o for o in objects if o["shape"] == m.group(1)]
+        assert len(matches) == 1 and answer == matches[0]["color"], question
+    elif m := re.fullmatch(r"What (?:shape is|is the shape of) the (\w+) object\?", question):
+        matches = [o for o in objects if o["color"] == m.group(1)]
+        assert len(matches) == 1 and answer == matches[0]["shape"], question
+
+
+def test_coco_captions_and_unique_ids(data):
+    cap_ids: list[int] = []
+    img_ids: list[int] = []
+    tok = load_tokenizer(data)
+    for split in SPLITS:
+        caps = _load(data, f"{split}_captions.json")
+        assert {"info", "images", "annotations"} <= set(caps)
+        per_image = Counter(a["image_id"] for a in caps["annotations"])
+        assert set(per_image) == {im["id"] for im in caps["images"]}
+        assert set(per_image.values()) == {5}
+        for a in caps["annotations"]:
+            assert set(a) == {"id", "image_id", "caption"} and a["caption"] == a["caption"].lower()
+            assert tok.decode(tok.encode(a["caption"], add_special_tokens=False)) == a["caption"]
+        cap_ids += [a["id"] for a in caps["annotations"]]
+        img_ids += [im["id"] for im in caps["images"]]
+    assert len(cap_ids) == len(set(cap_ids)) and len(img_ids) == len(set(img_ids))
+
+
+def test_llava_json_parses_through_dataset(data):
+    tok = load_tokenizer(data)
+    assert tok.convert_tokens_to_ids(IMAGE_TOKEN) == 4 and len(tok) < 512
+    transform = build_image_transform(64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    for split in SPLITS:
+        raw = _load(data, f"{split}_llava.json")
+        assert len(raw) == SIZES[f"n_{split}"]
+        ds = LlavaJsonDataset(data / f"{split}_llava.json", data, tok, transform, max_len=256)
+        for i in range(len(ds)):
+            item = ds[i]
+            assert item["pixel_values"].shape == (1, 3, 64, 64)
+            assert int((item["input_ids"] == 4).sum()) == 1
+            n_answers = sum(1 for t in raw[i]["conversations"] if t["from"] == "gpt")
+            assert int((item["labels"] == tok.eos_token_id).sum()) == n_answers
+        convs = raw[0]["conversations"]
+        assert convs[0]["value"].startswith(IMAGE_TOKEN + "\n")
+        prompts = [t["value"].replace(IMAGE_TOKEN + "\n", "") for t in convs[::2]]
+        has_caption = CAPTION_PROMPT in prompts
+        assert has_caption == (split == "train")
+        assert all(p.endswith(SHORT_ANSWER_SUFFIX) for p in prompts if p != CAPTION_PROMPT)
+
+
+def test_datamodule_batches(data):
+    from mmoe.data.datamodule import MMoEDataModule
+
+    dm = MMoEDataModule(data_dir=str(data), batch_size=4, val_max_questions=7)
+    assert dm._tokenizer is not None, "tokenizer should load eagerly when it exists"
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    assert batch["pixel_values"].shape == (4, 3, 64, 64) and batch["image_counts"].tolist() == [1, 1, 1, 1]
+    assert ((batch["labels"] != IGNORE_INDEX) <= batch["attention_mask"]).all()
+    val = list(dm.val_dataloader())
+    qids = torch.cat([b["question_ids"] for b in val]).tolist()
+    assert len(qids) == 7 and len(set(qids)) == 7
+    known = {q["question_id"] for q in _load(data, "val_questions.json")["questions"]}
+    assert set(qids) <= known and dm.val_annotations_path.is_file() and dm.val_questions_path.is_file()
+    b = val[0]
+    assert b["attention_mask"][:, -1].all(), "generation prompts must be left-padded"
+    assert (
+        b["prompt_ids"][:, -2:] == torch.tensor(dm.tokenizer.convert_tokens_to_ids(["▁assistant", ":"]))
+    ).all()
+    assert b["pixel_values"].shape[0] == b["prompt_ids"].shape[0]
+    first_epoch = [x["ids"] for x in dm.train_dataloader()]
+    dm2 = MMoEDataModule(data_dir=str(data), batch_size=4)
+    dm2.setup("fit")
+    assert first_epoch == [x["ids"] for x in dm2.train_dataloader()], "seeded shuffling must be reproducible"
+
+
+def test_cli_refuses_to_overwrite_without_flag(data, capsys):
+    spec = importlib.util.spec_from_file_location(
+        "make_synthetic", REPO / "data_scripts" / "make_synthetic.py"
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with pytest.raises(SystemExit):
+        mod.main(["--out", str(data), "--seed", "0", "--n-train", "2"])
+    assert "--overwrite" in capsys.readouterr().err

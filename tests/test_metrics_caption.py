@@ -1,0 +1,160 @@
+"""caption_metrics must equal pycocoevalcap's scorers called directly, and behave sanely.
+
+Java runs here (PTB tokenizer + METEOR), so each caption_metrics call costs a few seconds: the fixtures
+are module-scoped and each scorer set is run once.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from mmoe.metrics import caption as caption_mod
+from mmoe.metrics.caption import JavaNotFoundError, caption_metrics
+
+pytestmark = pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap needs Java")
+
+GT = {
+    "images": [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"}, {"id": 3, "file_name": "c.jpg"}],
+    "annotations": [
+        {"id": 10, "image_id": 1, "caption": "A brown dog runs across the green grass."},
+        {"id": 11, "image_id": 1, "caption": "a dog running on a lawn"},
+        {"id": 12, "image_id": 1, "caption": "The dog is playing outside in a park."},
+        {"id": 20, "image_id": 2, "caption": "Two people ride their bikes down a city street."},
+        {"id": 21, "image_id": 2, "caption": "people riding bicycles on a road"},
+        {"id": 30, "image_id": 3, "caption": "A plate of pasta with tomato sauce on a table."},
+        {"id": 31, "image_id": 3, "caption": "a bowl of spaghetti and red sauce"},
+    ],
+}
+RESULTS = [
+    {"image_id": 1, "caption": "A dog running on the grass."},
+    {"image_id": 2, "caption": "two people riding bikes on a street"},
+    {"image_id": 3, "caption": "a plate of food on a table"},
+]
+PERFECT = [{"image_id": 1, "caption": "A brown dog runs across the green grass."},
+           {"image_id": 2, "caption": "Two people ride their bikes down a city street."},
+           {"image_id": 3, "caption": "A plate of pasta with tomato sauce on a table."}]
+
+
+def direct_scores(gt: dict, results: list[dict]) -> dict[str, float]:
+    """The pycocoevalcap pipeline written out independently of mmoe (what COCOEvalCap does, minus SPICE)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    ids = [r["image_id"] for r in results]
+    gts = {i: [{"caption": a["caption"]} for a in gt["annotations"] if a["image_id"] == i] for i in ids}
+    res = {r["image_id"]: [{"caption": r["caption"]}] for r in results}
+    gts, res = PTBTokenizer().tokenize(gts), PTBTokenizer().tokenize(res)
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    out = {f"BLEU-{n + 1}": b for n, b in enumerate(bleu)}
+    out["METEOR"] = Meteor().compute_score(gts, res)[0]
+    out["ROUGE-L"] = Rouge().compute_score(gts, res)[0]
+    out["CIDEr"] = Cider().compute_score(gts, res)[0]
+    return out
+
+
+@pytest.fixture(scope="module")
+def ours() -> dict:
+    return caption_metrics(RESULTS, GT)
+
+
+def test_equals_pycocoevalcap_scorers_exactly(ours: dict) -> None:
+    expected = direct_scores(GT, RESULTS)
+    for key, value in expected.items():
+        assert ours[key] == value, key
+    assert ours["SPICE"] is None and "download" in ours["notes"]["SPICE"]
+    assert ours["num_images"] == 3
+
+
+def test_perfect_captions_sanity(ours: dict) -> None:
+    perfect = caption_metrics(PERFECT, GT, meteor=False)  # METEOR's Java start-up costs ~10 s
+    assert perfect["METEOR"] is None and "skipped" in perfect["notes"]["METEOR"]
+    assert perfect["BLEU-4"] == pytest.approx(1.0, abs=1e-6)  # candidate equals one reference exactly
+    assert perfect["ROUGE-L"] == pytest.approx(1.0)
+    assert perfect["CIDEr"] > perfect["BLEU-4"]
+    for key in ("BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr"):
+        assert perfect[key] > ours[key], key
+
+
+def test_mismatched_ids_raise() -> None:
+    with pytest.raises(ValueError, match=r"1 result image ids have no reference captions \(e.g. \[99\]\)"):
+        caption_metrics(RESULTS + [{"image_id": 99, "caption": "x"}], GT)
+    with pytest.raises(ValueError, match=r"1 GT images have no result caption.*allow_subset"):
+        caption_metrics(RESULTS[:2], GT)
+    with pytest.raises(ValueError, match="id types differ"):
+        caption_metrics([{**r, "image_id": str(r["image_id"])} for r in RESULTS], GT)
+
+
+def test_malformed_inputs_raise() -> None:
+    with pytest.raises(ValueError, match="duplicate image_id 1"):
+        caption_metrics(RESULTS + [RESULTS[0]], GT)
+    with pytest.raises(ValueError, match=r"results\[0\]: missing string field 'caption'"):
+        caption_metrics([{"image_id": 1, "text": "x"}], GT)
+    with pytest.raises(ValueError, match=r"GT\['annotations'\]\[0\]: missing field 'image_id'"):
+        caption_metrics(RESULTS, {"annotations": [{"caption": "x"}]})
+
+
+def test_missing_java_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(caption_mod.shutil, "which", lambda name: None)
+    with pytest.raises(JavaNotFoundError, match="java.*PTBTokenizer and METEOR"):
+        caption_metrics(RESULTS, GT)
+
+
+def test_eval_caption_cli_score(ours: dict, tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    gt, res = tmp_path / "gt.json", tmp_path / "res.json"
+    gt.write_text(json.dumps(GT))
+    res.write_text(json.dumps(RESULTS))
+    proc = subprocess.run([sys.executable, str(repo / "eval/caption.py"), "--score", "--results", str(res),
+                           "--captions", str(gt), "--no-meteor"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr"):
+        assert last[key] == ours[key], key
+    assert last["METEOR"] is None and last["SPICE"] is None
+    assert json.loads((tmp_path / "res.metrics.json").read_text()) == last
+
+
+def test_eval_caption_generation_with_fake_pipeline(tmp_path, monkeypatch, capsys) -> None:
+    import json
+    import sys
+    import types
+    from pathlib import Path
+
+    from PIL import Image
+
+    repo = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(repo))
+    from eval import caption as eval_caption
+
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "img" / "a.jpg")
+    (tmp_path / "img" / "b.jpg").write_bytes(b"broken")  # unreadable -> skipped and counted
+    gt = tmp_path / "gt.json"
+    gt.write_text(json.dumps(GT))  # c.jpg does not exist at all -> skipped too
+
+    class FakePipe:
+        def caption(self, images, max_new_tokens=24):
+            return ["a dog running on the grass\nextra line"] * len(images)
+
+    fake = types.ModuleType("mmoe.inference")
+    fake.load_pipeline = lambda export_dir, device=None: FakePipe()
+    monkeypatch.setitem(sys.modules, "mmoe.inference", fake)
+    (tmp_path / "export").mkdir()
+    out = tmp_path / "caps.json"
+    rc = eval_caption.main(["--model", str(tmp_path / "export"), "--captions", str(gt), "--images",
+                            str(tmp_path / "img"), "--out", str(out), "--no-meteor"])
+    assert rc == 0
+    assert json.loads(out.read_text()) == [{"image_id": 1, "caption": "a dog running on the grass"}]
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["skipped_images"] == 2 and last["subset"] is True and last["num_images"] == 1
+    assert last["BLEU-1"] > 0.5
