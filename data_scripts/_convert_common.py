@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, NoReturn
+from typing import Any, NoReturn
 
 SHORT_ANSWER_SUFFIX = "\nAnswer the question using a single word or phrase."
 IMAGE_TOKEN = "<image>"
@@ -60,9 +61,12 @@ def require(record: Any, field: str, types: type | tuple[type, ...], where: str)
 
 
 def format_image_name(pattern: str, *, image_id: Any, subtype: str | None, where: str) -> str:
-    """Fill an image file-name pattern such as ``COCO_{subtype}_{image_id:012d}.jpg``."""
+    """Fill an image file-name pattern such as ``COCO_{subtype}_{image_id:012d}.jpg``.
+
+    ``{data_subtype}`` is accepted as a synonym of ``{subtype}`` (the VQA JSON field's own name).
+    """
     try:
-        return pattern.format(image_id=image_id, subtype=subtype or "")
+        return pattern.format(image_id=image_id, subtype=subtype or "", data_subtype=subtype or "")
     except (ValueError, KeyError, IndexError) as e:
         fail(f"{where}: cannot build the image file name from --image-pattern {pattern!r} "
              f"with image_id={image_id!r}: {e}")

@@ -17,12 +17,20 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _convert_common import (  # noqa: E402
-    IMAGE_TOKEN, SHORT_ANSWER_SUFFIX, check_images_dir, fail, format_image_name, image_field, load_json,
-    print_summary, require, run_main, write_json,
+    IMAGE_TOKEN,
+    SHORT_ANSWER_SUFFIX,
+    check_images_dir,
+    fail,
+    format_image_name,
+    image_field,
+    load_json,
+    print_summary,
+    require,
+    run_main,
+    write_json,
 )
 
 

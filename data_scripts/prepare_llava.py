@@ -28,7 +28,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _convert_common import (  # noqa: E402
-    IMAGE_TOKEN, check_images_dir, fail, image_field, load_json, print_summary, run_main, write_json,
+    IMAGE_TOKEN,
+    check_images_dir,
+    fail,
+    image_field,
+    load_json,
+    print_summary,
+    run_main,
+    write_json,
 )
 
 ROLES = ("human", "gpt")

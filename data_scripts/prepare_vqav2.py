@@ -13,15 +13,18 @@ Writes into OUT:
                             ``eval/vqa.py`` needs no file-name pattern.
   <split>_annotations.json  official VQA annotations JSON restricted the same way.
 
-OK-VQA uses the VQAv2 file format (``--format okvqa`` only changes the default split name). TextVQA
+OK-VQA uses the VQAv2 file format (``--format okvqa`` behaves exactly like vqav2). TextVQA
 (``{"data": [{"question", "question_id", "image_id", "answers": [10 strings]}]}``, one file, no
 ``--annotations``) is converted to VQAv2-style questions/annotations: answer_type "other", question_type
 "unknown", ``multiple_choice_answer`` = most frequent answer (first seen wins ties). TextVQA's reported
-metric normalises both sides (m4c), i.e. score it with ``eval/vqa.py --always-normalize``.
+metric (m4c / lmms-eval) normalises both sides, so score it with ``eval/vqa.py --always-normalize``
+(official punctuation + digit/article rules on both sides; m4c's EvalAI processor additionally deletes
+"," and "?" first and splits "'s", so numbers can differ slightly from the TextVQA leaderboard's).
 
 Image file names: ``--image-pattern`` with ``{subtype}`` (``data_subtype`` of the questions file, or
 ``--subtype``) and ``{image_id}``; defaults: COCO ``COCO_{subtype}_{image_id:012d}.jpg``, TextVQA
-``{image_id}.jpg``; the synthetic dataset uses ``{subtype}_{image_id:06d}.png``.
+``{image_id}.jpg``; ``{data_subtype}`` is a synonym of ``{subtype}``. The synthetic dataset (already in
+these formats) lays images out as ``images/{data_subtype}/{data_subtype}_{image_id:06d}.png``.
 """
 
 from __future__ import annotations
@@ -34,8 +37,17 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _convert_common import (  # noqa: E402
-    IMAGE_TOKEN, SHORT_ANSWER_SUFFIX, check_images_dir, fail, format_image_name, image_field, load_json,
-    print_summary, require, run_main, write_json,
+    IMAGE_TOKEN,
+    SHORT_ANSWER_SUFFIX,
+    check_images_dir,
+    fail,
+    format_image_name,
+    image_field,
+    load_json,
+    print_summary,
+    require,
+    run_main,
+    write_json,
 )
 
 DEFAULT_PATTERNS = {"vqav2": "COCO_{subtype}_{image_id:012d}.jpg", "okvqa": "COCO_{subtype}_{image_id:012d}.jpg",

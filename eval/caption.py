@@ -31,8 +31,15 @@ if str(_REPO_ROOT) not in sys.path:  # run as `python eval/caption.py` without a
     sys.path.insert(0, str(_REPO_ROOT))
 
 from eval.vqa import (  # noqa: E402
-    CLIError, ImageCache, batched, emit_metrics, load_json_file, load_pipeline_lazily, metrics_path_for,
-    require_model_dir, run_cli,
+    CLIError,
+    ImageCache,
+    batched,
+    emit_metrics,
+    load_json_file,
+    load_pipeline_lazily,
+    metrics_path_for,
+    require_model_dir,
+    run_cli,
 )
 from mmoe.metrics.caption import JavaNotFoundError, caption_metrics, index_references  # noqa: E402
 

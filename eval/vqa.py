@@ -16,9 +16,11 @@ Inputs per ``--format``:
 
 Image file for a question, first match wins: the question's ``file_name`` (written by our converters)
 or ``image`` (POPE) relative to --images; ``--image-index`` (a COCO-style JSON whose "images" map id ->
-file_name); ``--image-pattern`` with ``{subtype}`` (questions ``data_subtype`` or ``--subtype``) and
-``{image_id}``. Pattern defaults: VQAv2 ``COCO_{subtype}_{image_id:012d}.jpg``, GQA ``{image_id}.jpg``; the
-synthetic dataset uses ``{subtype}_{image_id:06d}.png``. Unreadable/missing images are skipped and
+file_name; ``--captions`` is an alias); ``--image-pattern`` with ``{subtype}`` / ``{data_subtype}``
+(questions ``data_subtype`` or ``--subtype``) and ``{image_id}``. Pattern defaults: VQAv2
+``COCO_{subtype}_{image_id:012d}.jpg``, GQA ``{image_id}.jpg``. For the synthetic dataset pass
+``--images data/synthetic --captions data/synthetic/val_captions.json`` (its file names are
+``images/{data_subtype}/{data_subtype}_{image_id:06d}.png`` relative to the dataset directory). Unreadable/missing images are skipped and
 counted (``skipped_images``); their questions are not scored, so the score is then on a subset
 (``subset: true``), as with ``--limit``.
 
@@ -38,9 +40,10 @@ import argparse
 import json
 import sys
 from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 _REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(_REPO_ROOT) not in sys.path:  # run as `python eval/vqa.py` without an installed package
@@ -187,7 +190,7 @@ def _image_name(rec: dict, image_id: Any, index: dict, pattern: str, subtype: st
     if image_id in index:
         return index[image_id]
     try:
-        return pattern.format(image_id=image_id, subtype=subtype)
+        return pattern.format(image_id=image_id, subtype=subtype, data_subtype=subtype)
     except (ValueError, KeyError, IndexError) as err:
         raise CLIError(f"{where}: cannot build image file name from pattern {pattern!r} and "
                        f"image_id={image_id!r}: {err}") from None
@@ -319,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="only the first N questions (scored as a subset)")
     p.add_argument("--device", help="device for the pipeline (default: its choice)")
     p.add_argument("--image-pattern", help="image file name pattern with {subtype} and {image_id}")
-    p.add_argument("--image-index", help="COCO-style JSON with images [{id, file_name}] for image lookup")
+    p.add_argument("--image-index", "--captions", dest="image_index",
+                   help="COCO-style JSON with images [{id, file_name}] (e.g. the captions file) for image lookup")
     p.add_argument("--subtype", help="{subtype} value (default: questions data_subtype)")
     p.add_argument("--always-normalize", action="store_true",
                    help="VQA: normalise even unanimous GT (lmms-eval / TextVQA style) instead of the official rule")

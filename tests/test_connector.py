@@ -83,9 +83,9 @@ def test_moe_connector_upcycled_equals_dense(tmp_path, fmt, shared):
     else:  # LLaVA mm_projector.bin naming, as safetensors
         path = tmp_path / "mm_projector.safetensors"
         p = dense.proj
-        save_file({"model.mm_projector.0.weight": p.fc1.weight.contiguous(), "model.mm_projector.0.bias": p.fc1.bias,
-                   "model.mm_projector.2.weight": p.fc2.weight.contiguous(), "model.mm_projector.2.bias": p.fc2.bias},
-                  str(path))
+        pre = "model.mm_projector."
+        save_file({f"{pre}0.weight": p.fc1.weight.contiguous(), f"{pre}0.bias": p.fc1.bias,
+                   f"{pre}2.weight": p.fc2.weight.contiguous(), f"{pre}2.bias": p.fc2.bias}, str(path))
     moe = MoEConfig(num_experts=4, top_k=2, num_shared_experts=shared)
     conn = Connector(ConnectorConfig(kind="moe_mlp", moe=moe, checkpoint=str(path)), 16, 24, grid=4)
     feats = torch.randn(3, 16, 16)
@@ -97,7 +97,8 @@ def test_moe_connector_upcycled_equals_dense(tmp_path, fmt, shared):
     torch.testing.assert_close(again(feats)[0], dense(feats)[0])
     # an MoE connector's own state dict round-trips
     torch.save(conn.state_dict(), tmp_path / "moe.pt")
-    conn2 = Connector(ConnectorConfig(kind="moe_mlp", moe=moe, checkpoint=str(tmp_path / "moe.pt")), 16, 24, 4)
+    conn2 = Connector(ConnectorConfig(kind="moe_mlp", moe=moe, checkpoint=str(tmp_path / "moe.pt")),
+                      16, 24, 4)
     torch.testing.assert_close(conn2.proj.router.gate.weight, conn.proj.router.gate.weight)
 
 
@@ -105,7 +106,8 @@ def test_connector_checkpoint_mismatch(tmp_path):
     dense = Connector(ConnectorConfig(kind="mlp"), 16, 32, grid=4)
     torch.save(dense.state_dict(), tmp_path / "c.pt")
     with pytest.raises(CheckpointMismatchError, match="c.pt.*fc1.weight"):
-        Connector(ConnectorConfig(kind="moe_mlp", moe=MoEConfig(), checkpoint=str(tmp_path / "c.pt")), 16, 24, 4)
+        Connector(ConnectorConfig(kind="moe_mlp", moe=MoEConfig(), checkpoint=str(tmp_path / "c.pt")),
+                  16, 24, 4)
 
 
 def test_expert_choice_connector():

@@ -21,7 +21,7 @@ SUFFIX = "\nAnswer the question using a single word or phrase."
 
 
 def run(script: str, *args: object) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], capture_output=True, text=True, check=False,
                           cwd=REPO, timeout=120)
 
 

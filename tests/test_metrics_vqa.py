@@ -10,7 +10,12 @@ import pytest
 
 from mmoe.metrics.gqa_pope import gqa_accuracy, parse_pope_answer, pope_metrics
 from mmoe.metrics.vqa import (
-    clean_prediction, normalize_answer, official_round, process_punctuation, question_accuracy, vqa_accuracy,
+    clean_prediction,
+    normalize_answer,
+    official_round,
+    process_punctuation,
+    question_accuracy,
+    vqa_accuracy,
 )
 
 

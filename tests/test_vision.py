@@ -1,4 +1,4 @@
-"""MoE vision encoder: co-upcycling from timm / open_clip files, feature selection, routing, gradients, counts."""
+"""MoE vision encoder: co-upcycling from timm / open_clip files, feature selection, routing, counts."""
 
 from __future__ import annotations
 
@@ -53,12 +53,13 @@ def _tiny_timm_dense(depth: int = 4) -> VisionTransformer:
 
 
 def _tiny_cfg(**kw) -> VisionConfig:
-    base = dict(image_size=32, patch_size=8, dim=64, depth=4, n_heads=4, moe=MoEConfig(num_experts=4, top_k=2))
+    base = dict(image_size=32, patch_size=8, dim=64, depth=4, n_heads=4,
+                moe=MoEConfig(num_experts=4, top_k=2))
     base.update(kw)
     return VisionConfig(**base)
 
 
-# ---------------------------------------------------------------------------------------------- timm upcycling
+# ------------------------------------------------------------ timm upcycling
 @pytest.mark.parametrize("feature_layer,keep_cls,fmt", [(-2, False, "pth"), (-1, True, "safetensors"),
                                                          (2, True, "pth"), (0, False, "safetensors")])
 def test_timm_upcycled_features_equal_dense(tmp_path, feature_layer, keep_cls, fmt):
@@ -68,7 +69,8 @@ def test_timm_upcycled_features_equal_dense(tmp_path, feature_layer, keep_cls, f
         torch.save(dense.state_dict(), path)
     else:
         save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, str(path))
-    enc = VisionEncoder(_tiny_cfg(feature_layer=feature_layer, keep_cls=keep_cls, checkpoint=str(path))).eval()
+    cfg = _tiny_cfg(feature_layer=feature_layer, keep_cls=keep_cls, checkpoint=str(path))
+    enc = VisionEncoder(cfg).eval()
     idx = feature_layer if feature_layer >= 0 else 5 + feature_layer
     assert len(enc.vit.blocks) == idx  # blocks after feature_layer are not built
     assert enc.moe_layers == list(range(idx))
@@ -114,7 +116,7 @@ def test_timm_registry_arch_mixed_layers(tmp_path):
     assert [r.layer for r in routing] == [1, 3, 5, 7, 9]
 
 
-# ---------------------------------------------------------------------------------------------- open_clip upcycling
+# ------------------------------------------------------------ open_clip upcycling
 def _tiny_open_clip(tmp_path):
     open_clip = pytest.importorskip("open_clip")
     name = "mmoe-test-tiny-vit"
@@ -190,7 +192,7 @@ def test_checkpoint_errors_name_tensors_and_file(tmp_path):
         VisionEncoder(_tiny_cfg(checkpoint=str(tmp_path / "nope.pth")))
 
 
-# ---------------------------------------------------------------------------------------------- routing, shapes
+# ------------------------------------------------------------ routing, shapes
 def test_expert_choice_capacity_inside_vit():
     moe = MoEConfig(num_experts=4, top_k=1, router="expert_choice", capacity_factor=1.0)
     enc = VisionEncoder(_tiny_cfg(moe=moe, feature_layer=-1)).train()
@@ -244,7 +246,7 @@ def test_image_transform_uses_config():
     assert tuple(y.shape) == (3, 32, 32)
 
 
-# ---------------------------------------------------------------------------------------------- parameter count
+# ------------------------------------------------------------ parameter count
 def test_param_count_large_cumo_config_on_meta():
     dim, hidden, L = 1024, 4096, 24
     mlp = 2 * dim * hidden + hidden + dim

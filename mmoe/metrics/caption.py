@@ -18,7 +18,8 @@ from __future__ import annotations
 import contextlib
 import io
 import shutil
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 __all__ = ["JavaNotFoundError", "caption_metrics", "index_references", "index_results", "tokenize"]
 

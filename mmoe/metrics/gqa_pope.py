@@ -20,9 +20,10 @@ All accuracies/ratios are returned in percent (x100, unrounded) to match the VQA
 from __future__ import annotations
 
 import string
-from typing import Any, Iterable, Literal, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal
 
-__all__ = ["normalize_gqa_answer", "gqa_accuracy", "parse_pope_answer", "pope_metrics"]
+__all__ = ["gqa_accuracy", "normalize_gqa_answer", "parse_pope_answer", "pope_metrics"]
 
 GQANormalization = Literal["lmms-eval", "llava", "official"]
 _PUNCT_TABLE = str.maketrans("", "", string.punctuation)

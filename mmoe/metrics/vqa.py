@@ -47,21 +47,22 @@ id raises ``ValueError`` (the official code divides by zero / silently double co
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from decimal import ROUND_HALF_UP, Decimal
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 __all__ = [
+    "ARTICLES",
     "CONTRACTIONS",
     "NUMBER_WORDS",
-    "ARTICLES",
     "PUNCTUATION",
-    "process_punctuation",
-    "process_digit_article",
-    "normalize_answer",
     "clean_prediction",
+    "normalize_answer",
+    "official_round",
+    "process_digit_article",
+    "process_punctuation",
     "question_accuracy",
     "vqa_accuracy",
-    "official_round",
 ]
 
 # The 21 marks handled by the official punctuation step (apostrophe, colon, period and

@@ -48,14 +48,15 @@ class MoEProjector(MoEFFN):
 
     def __init__(self, in_dim: int, hidden: int, out_dim: int, cfg: MoEConfig, activation: str = "gelu",
                  layer: int = 0):
-        super().__init__(in_dim, hidden, cfg, activation=activation, bias=True, causal=False, site="connector",
-                         layer=layer)
+        super().__init__(in_dim, hidden, cfg, activation=activation, bias=True, causal=False,
+                         site="connector", layer=layer)
         self.out_dim = out_dim
         if out_dim != in_dim:
             eh = self.experts.w_out.in_features
             self.experts.w_out = GroupedLinear(cfg.num_experts, eh, out_dim, bias=True)
             if self.shared is not None:
-                self.shared = GeluMLP(in_dim, self.shared.fc1.out_features, out_dim=out_dim, activation=activation)
+                self.shared = GeluMLP(in_dim, self.shared.fc1.out_features, out_dim=out_dim,
+                                      activation=activation)
 
     def forward(self, x: Tensor, token_mask: Tensor | None = None,
                 modality: Tensor | None = None) -> tuple[Tensor, RoutingResult]:
@@ -81,7 +82,8 @@ class Connector(nn.Module):
         if cfg.pool < 1:
             raise ConnectorConfigError(f"connector.pool must be >= 1, got {cfg.pool}")
         if grid is not None and cfg.pool > 1 and grid % cfg.pool:
-            raise ConnectorConfigError(f"connector.pool: {cfg.pool} does not divide the {grid}x{grid} patch grid")
+            raise ConnectorConfigError(f"connector.pool: {cfg.pool} does not divide the {grid}x{grid} "
+                                       "patch grid")
         hidden = cfg.hidden or out_dim
         self.proj: nn.Module
         if cfg.kind == "linear":
@@ -105,7 +107,8 @@ class Connector(nn.Module):
                 f"connector.pool: {num_patches} tokens are not a {g}x{g} patch grid (a CLS token? set "
                 f"vision.keep_cls false to pool)")
         if g % self.cfg.pool:
-            raise ConnectorConfigError(f"connector.pool: {self.cfg.pool} does not divide the {g}x{g} patch grid")
+            raise ConnectorConfigError(f"connector.pool: {self.cfg.pool} does not divide the {g}x{g} "
+                                       "patch grid")
         return g
 
     def num_tokens(self, num_patches: int) -> int:

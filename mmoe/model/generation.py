@@ -77,7 +77,7 @@ def generate(decoder: Decoder, input_ids: Tensor | None = None, inputs_embeds: T
             if stream_callback is not None:
                 stream_callback(step, nxt)
             if stops.numel():
-                pass
+                finished |= torch.isin(nxt, stops)
                 if bool(finished.all()):
                     break
             if step == max_new_tokens - 1:

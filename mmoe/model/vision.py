@@ -15,6 +15,7 @@ model's features exactly.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Literal
@@ -59,14 +60,14 @@ class VisionConfig:
     moe: MoEConfig | None = None
     """MoE config of the MoE blocks; None keeps the tower dense."""
     moe_layers: str = "all"
-    """Which blocks get an MoE MLP (`select_layers` spec over the full depth: 'all', 'every_2', 'last_2', ...)."""
+    """Which blocks get an MoE MLP: `select_layers` spec over the full depth ('all', 'every_2', 'last_2')."""
     feature_layer: int = -2
     """Index into LLaVA/HF hidden states [embeddings, block_0 out, ..., block_{D-1} out]; -2 is the
     penultimate block's output (LLaVA's mm_vision_select_layer). Later blocks are not built."""
     keep_cls: bool = False
     """Keep the CLS token in the features (LLaVA drops it: 'patch' select feature)."""
     checkpoint: str | None = None
-    """Local dense timm (.safetensors / .pth state dict) or open_clip checkpoint, loaded and upcycled at init."""
+    """Local dense timm (.safetensors / .pth) or open_clip checkpoint, loaded and upcycled at init."""
     timm_model_name: str | None = None
     """Take the architecture from timm's registry (pretrained=False, nothing downloaded),
     e.g. 'vit_large_patch14_clip_336'."""
@@ -84,7 +85,7 @@ class VisionConfig:
 _TIMM_ACT = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_tanh": "gelu_tanh"}
 
 
-# ---------------------------------------------------------------------------------------------- MoE MLP adapter
+# ------------------------------------------------------------ MoE MLP adapter
 class VisionMoEMlp(nn.Module):
     """Drop-in for timm's ``Mlp`` (same constructor keywords) backed by an MoEFFN.
 
@@ -97,15 +98,16 @@ class VisionMoEMlp(nn.Module):
                  moe: MoEConfig, activation: str = "gelu", layer: int = -1, **_unused):
         super().__init__()
         if out_features not in (None, in_features):
-            raise VisionConfigError(f"vision.moe: MoE MLP needs out_features == in_features, got {out_features}")
+            raise VisionConfigError(f"vision.moe: MoE MLP needs out_features == in_features, "
+                                    f"got {out_features}")
         if norm_layer is not None:
-            raise VisionConfigError("vision.moe: timm's scale_mlp_norm (norm inside the MLP) is not supported")
+            raise VisionConfigError("vision.moe: timm's scale_mlp_norm (MLP norm) is not supported")
         if isinstance(bias, (tuple, list)):
             if len(set(bias)) != 1:
                 raise VisionConfigError(f"vision.moe: mixed MLP bias {bias} is not supported")
             bias = bias[0]
         drop = drop[-1] if isinstance(drop, (tuple, list)) else drop
-        with torch.device(device) if device is not None else _nullcontext():
+        with torch.device(device) if device is not None else nullcontext():
             self.moe = MoEFFN(in_features, hidden_features or in_features, moe, activation=activation,
                               bias=bool(bias), causal=False, site="vision", layer=layer)
         if dtype is not None:
@@ -127,14 +129,6 @@ class VisionMoEMlp(nn.Module):
         self.moe.upcycle_(dense)
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 class _BlockFactory:
     """``block_fn`` for timm: a timm Block whose MLP is a VisionMoEMlp at the chosen layers."""
 
@@ -154,7 +148,7 @@ class _BlockFactory:
         return Block(*args, **kwargs)
 
 
-# ---------------------------------------------------------------------------------------------- architecture
+# ------------------------------------------------------------ architecture
 @dataclass
 class _Arch:
     patch_size: int
@@ -200,19 +194,20 @@ def _resolve_arch(cfg: VisionConfig) -> _Arch:
                                     f"{cfg.open_clip_model_name!r}")
         vc = mc["vision_cfg"]
         if vc.get("timm_model_name"):
-            raise VisionConfigError(f"vision.open_clip_model_name: {cfg.open_clip_model_name!r} uses a timm trunk "
-                                    f"({vc['timm_model_name']}); set timm_model_name instead")
+            raise VisionConfigError(f"vision.open_clip_model_name: {cfg.open_clip_model_name!r} uses a timm "
+                                    f"trunk ({vc['timm_model_name']}); set timm_model_name instead")
         width = int(vc.get("width", 768))
         return _Arch(patch_size=int(vc.get("patch_size", 16)), dim=width, depth=int(vc.get("layers", 12)),
-                     n_heads=width // int(vc.get("head_width", 64)), mlp_ratio=float(vc.get("mlp_ratio", 4.0)),
+                     n_heads=width // int(vc.get("head_width", 64)),
+                     mlp_ratio=float(vc.get("mlp_ratio", 4.0)),
                      class_token=True, pre_norm=not vc.get("no_ln_pre", False),
                      norm_eps=cfg.norm_eps or 1e-5)
     if clip_style and not cfg.class_token:
         raise VisionConfigError("vision.class_token: open_clip towers always have a class token")
     pre_norm = cfg.pre_norm or clip_style
     eps = cfg.norm_eps or (1e-5 if pre_norm else 1e-6)
-    return _Arch(cfg.patch_size, cfg.dim, cfg.depth, cfg.n_heads, cfg.mlp_ratio, cfg.class_token or clip_style,
-                 pre_norm, eps)
+    return _Arch(cfg.patch_size, cfg.dim, cfg.depth, cfg.n_heads, cfg.mlp_ratio,
+                 cfg.class_token or clip_style, pre_norm, eps)
 
 
 def _feature_index(feature_layer: int, depth: int) -> int:
@@ -224,7 +219,7 @@ def _feature_index(feature_layer: int, depth: int) -> int:
     return idx
 
 
-# ---------------------------------------------------------------------------------------------- encoder
+# ------------------------------------------------------------ encoder
 class VisionEncoder(nn.Module):
     """ViT (timm) with MoE MLPs; forward -> ((N, P, dim) features of `feature_layer`, routing results)."""
 
@@ -235,7 +230,8 @@ class VisionEncoder(nn.Module):
 
         self.cfg = cfg
         if cfg.activation not in _TIMM_ACT:
-            raise VisionConfigError(f"vision.activation: {cfg.activation!r}; choose one of {sorted(_TIMM_ACT)}")
+            raise VisionConfigError(f"vision.activation: {cfg.activation!r}; "
+                                    f"choose one of {sorted(_TIMM_ACT)}")
         arch = _resolve_arch(cfg)
         self.arch = arch
         self.full_depth = arch.depth
@@ -254,7 +250,8 @@ class VisionEncoder(nn.Module):
             vit = timm.create_model(cfg.timm_model_name, pretrained=False, **kw)
         else:
             vit = VisionTransformer(patch_size=arch.patch_size, embed_dim=arch.dim, num_heads=arch.n_heads,
-                                    mlp_ratio=arch.mlp_ratio, class_token=arch.class_token, pre_norm=arch.pre_norm,
+                                    mlp_ratio=arch.mlp_ratio, class_token=arch.class_token,
+                                    pre_norm=arch.pre_norm,
                                     norm_layer=partial(nn.LayerNorm, eps=arch.norm_eps), **kw)
         vit.head = nn.Identity()
         self.vit = vit
@@ -263,7 +260,7 @@ class VisionEncoder(nn.Module):
             if isinstance(blk.mlp, VisionMoEMlp):
                 self.moe_mlps[i] = blk.mlp
         if sorted(self.moe_mlps) != self.moe_layers:
-            raise RuntimeError(f"vision: built MoE layers {sorted(self.moe_layers)} != {sorted(self.moe_mlps)}")
+            raise RuntimeError(f"vision: built MoE layers {self.moe_layers} != {sorted(self.moe_mlps)}")
         self.num_prefix_tokens = vit.num_prefix_tokens
         gh, gw = vit.patch_embed.grid_size
         self.grid: int | None = gh if gh == gw else None
@@ -315,7 +312,7 @@ class VisionEncoder(nn.Module):
         return build_image_transform(self.cfg.image_size, self.cfg.image_mean, self.cfg.image_std)
 
 
-# ---------------------------------------------------------------------------------------------- parameter count
+# ------------------------------------------------------------ parameter count
 def vision_param_count(cfg: VisionConfig) -> dict[str, int]:
     """Parameters of the encoder `cfg` builds (blocks after feature_layer are not built), on the meta device.
 

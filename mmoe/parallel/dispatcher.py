@@ -25,6 +25,7 @@ backward moves the same amount again).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -126,7 +127,7 @@ class AllToAllDispatcher:
 
     # ------------------------------------------------------------------ dispatch / combine
     def _count(self, x: Tensor, splits: list[int]) -> None:
-        row = x[0].numel() * x.element_size() if x.dim() else x.element_size()
+        row = math.prod(x.shape[1:]) * x.element_size()
         rows = sum(splits)
         remote = rows - splits[self.ep_rank]
         s = self.stats

@@ -94,7 +94,7 @@ def sequence_balance_loss(r: RoutingResult) -> Tensor:
     K, E = r.expert_idx.shape[1], r.num_experts
     m = r.token_mask.view(B, T)
     sel = (r.selected & r.token_mask[:, None]).view(B, T * K).float()
-    counts = torch.zeros(B, E, device=sel.device).scatter_add_(1, r.expert_idx.view(B, T * K), sel)
+    counts = torch.zeros(B, E, device=sel.device).scatter_add_(1, r.expert_idx.reshape(B, T * K), sel)
     f = counts / counts.sum(-1, keepdim=True).clamp_min(1.0)
     P = (r.probs.view(B, T, E) * m[..., None]).sum(1) / m.sum(-1, keepdim=True).clamp_min(1)
     per_seq = E * (f * P).sum(-1)
@@ -137,9 +137,10 @@ def routing_metrics(r: RoutingResult) -> dict[str, float]:
     out["experts_per_token"] = (r.kept & m[:, None]).sum() / m.sum().clamp_min(1)
     p = r.probs.clamp_min(1e-12)
     n = m.sum().clamp_min(1)
-    out["token_entropy"] = (-(p * p.log()).sum(-1) * m).sum() / n / math.log(r.num_experts)
+    log_e = math.log(r.num_experts) if r.num_experts > 1 else 1.0  # entropies normalised to [0, 1]
+    out["token_entropy"] = (-(p * p.log()).sum(-1) * m).sum() / n / log_e
     pbar = (r.probs * m[:, None]).sum(0) / n
-    out["marginal_entropy"] = -(pbar * pbar.clamp_min(1e-12).log()).sum() / math.log(r.num_experts)
+    out["marginal_entropy"] = -(pbar * pbar.clamp_min(1e-12).log()).sum() / log_e
     if r.expert_bias is not None:
         out["bias_mean"], out["bias_std"] = r.expert_bias.mean(), r.expert_bias.std(unbiased=False)
         out["bias_absmax"] = r.expert_bias.abs().max()

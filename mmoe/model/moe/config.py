@@ -83,6 +83,12 @@ class MoEConfig:
             fail("top_p", f"must be in (0, 1], got {self.top_p}")
         if self.capacity_factor < 0 or self.eval_capacity_factor < 0:
             fail("capacity_factor", "must be >= 0 (0 = dropless)")
+        if self.hierarchy not in ("flat", "group_limited", "two_level"):
+            fail("hierarchy", f"unknown hierarchy {self.hierarchy!r}")
+        if self.num_groups < 1 or self.num_experts % self.num_groups:
+            fail("num_groups", f"must be >= 1 and divide num_experts={self.num_experts}, got {self.num_groups}")
+        if self.drop_policy not in ("position", "score"):
+            fail("drop_policy", f"must be 'position' or 'score', got {self.drop_policy!r}")
         if self.hierarchy != "flat":
             if self.router != "token_choice":
                 fail("hierarchy", f"hierarchical routing needs router='token_choice', got {self.router!r}")
@@ -94,12 +100,13 @@ class MoEConfig:
             if self.hierarchy == "group_limited" and self.top_groups * per_group < self.top_k:
                 fail("top_groups", f"{self.top_groups} groups of {per_group} experts cannot hold top_k={self.top_k}")
             if self.hierarchy == "two_level":
+                if self.score_func != "softmax":
+                    fail("score_func", "two_level routing uses softmax group and expert gates; use "
+                         "hierarchy='group_limited' for sigmoid (DeepSeek-V3) scores")
                 if self.top_k % self.top_groups or self.top_k // self.top_groups > per_group:
                     fail("top_k", f"two_level routing picks top_k/top_groups experts in each chosen group: "
                          f"top_k={self.top_k} must be a multiple of top_groups={self.top_groups} and at most "
                          f"{per_group * self.top_groups}")
-            if self.hierarchy not in ("group_limited", "two_level"):
-                fail("hierarchy", f"unknown hierarchy {self.hierarchy!r}")
         if self.num_shared_experts < 0 or self.expert_hidden < 0:
             fail("num_shared_experts", "and expert_hidden must be >= 0")
 

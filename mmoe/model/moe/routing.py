@@ -50,7 +50,8 @@ class RoutingResult:
 
 
 class Router(nn.Module):
-    """Gate of one MoE layer. Runs in float32 whatever the activation dtype (selective precision)."""
+    """Gate of one MoE layer. Runs in float32 for low-precision activations (selective precision), and in
+    float64 for float64 inputs (so float64 reference tests are not rounded to float32)."""
 
     def __init__(self, dim: int, cfg: MoEConfig, causal: bool = False, site: str = "moe"):
         super().__init__()
@@ -79,18 +80,18 @@ class Router(nn.Module):
         cfg = self.cfg
         if token_mask is None:
             token_mask = torch.ones(N, dtype=torch.bool, device=x.device)
-        xf = x.float()
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
         if self.training and cfg.jitter_eps > 0:
             xf = xf * torch.empty_like(xf).uniform_(1.0 - cfg.jitter_eps, 1.0 + cfg.jitter_eps)
-        logits = F.linear(xf, self.gate.weight.float())  # (N, E)
+        logits = F.linear(xf, self.gate.weight.to(xf.dtype))  # (N, E)
         sel_logits = logits
         if self.noise_gate is not None and self.training:
-            noise_std = F.softplus(F.linear(xf, self.noise_gate.weight.float()))
+            noise_std = F.softplus(F.linear(xf, self.noise_gate.weight.to(xf.dtype)))
             sel_logits = logits + torch.randn_like(logits) * noise_std
 
         group_probs = group_logits = None
         if cfg.hierarchy == "two_level":
-            idx, w, probs, group_probs, group_logits = self._two_level(xf, sel_logits)
+            idx, w, probs, group_probs, group_logits = self._two_level(xf, logits, sel_logits)
         else:
             scores = self._scores(sel_logits)
             probs = self._probs(logits)
@@ -137,15 +138,19 @@ class Router(nn.Module):
         keep.scatter_(1, group_score.topk(cfg.top_groups, dim=-1).indices, True)
         return grouped.masked_fill(~keep[..., None], float("-inf")).view(N, E)
 
-    def _two_level(self, xf: Tensor, logits: Tensor):
-        """Group gate, then an expert gate inside each chosen group; weight = product of the two."""
+    def _two_level(self, xf: Tensor, logits: Tensor, sel_logits: Tensor):
+        """Group gate, then an expert gate inside each chosen group; weight = product of the two.
+
+        `sel_logits` (noisy in training with noisy gating) drive selection and weights; the clean
+        `logits` give the loss distribution `probs`, as in the flat router."""
         cfg = self.cfg
         N, E = logits.shape
         G, per = cfg.num_groups, E // cfg.num_groups
-        group_logits = F.linear(xf, self.group_gate.weight.float())  # (N, G)
+        group_logits = F.linear(xf, self.group_gate.weight.to(xf.dtype))  # (N, G)
         pg = group_logits.softmax(-1)
-        pe = logits.view(N, G, per).softmax(-1)  # expert probs within each group
-        probs = (pg[..., None] * pe).view(N, E)
+        pe = sel_logits.view(N, G, per).softmax(-1)  # expert probs within each group
+        sel_probs = (pg[..., None] * pe).view(N, E)
+        probs = sel_probs if sel_logits is logits else (pg[..., None] * logits.view(N, G, per).softmax(-1)).view(N, E)
         gchoice = pg
         echoice = pe
         if cfg.aux_free_bias:
@@ -154,7 +159,7 @@ class Router(nn.Module):
         kpg = cfg.top_k // cfg.top_groups
         local = echoice.gather(1, gidx[..., None].expand(-1, -1, per)).topk(kpg, dim=-1).indices  # (N, tg, kpg)
         idx = (gidx[..., None] * per + local).view(N, cfg.top_k)
-        w = probs.gather(1, idx)
+        w = sel_probs.gather(1, idx)
         if cfg.renormalize:
             w = w / w.sum(-1, keepdim=True).clamp_min(1e-20)
         return idx, w, probs, pg, group_logits
@@ -183,8 +188,10 @@ class Router(nn.Module):
         tok = masked.topk(C, dim=0).indices  # (C, E): tokens chosen by each expert
         selected = torch.zeros(N, E, dtype=torch.bool, device=scores.device)
         selected.scatter_(0, tok, True)
-        idx = torch.arange(E, device=scores.device).expand(N, E)
+        idx = torch.arange(E, device=scores.device).expand(N, E).contiguous()
         w = scores * selected
+        if cfg.routed_scaling != 1.0:
+            w = w * cfg.routed_scaling
         return idx, w, selected
 
     # ------------------------------------------------------------------ capacity + packaging

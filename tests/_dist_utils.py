@@ -1,0 +1,78 @@
+"""Spawn helpers for multi-process CPU tests: gloo on 127.0.0.1, a free port per job, a hard timeout.
+
+`run_distributed(fn, world_size, *args, timeout=90)` starts `world_size` processes with torch.multiprocessing
+(spawn), each calling `fn(rank, world_size, *args)` inside an initialised gloo process group, and returns the
+list of per-rank return values (picklable). A rank that raises fails the test with its traceback; a job that
+exceeds `timeout` (e.g. a collective mismatch that would hang) is killed and fails instead of hanging.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, out_dir: str, fn, args, timeout: float) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size), RANK=str(rank),
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME=os.environ.get(
+                          "GLOO_SOCKET_IFNAME", "lo"))
+    torch.set_num_threads(1)
+    path = os.path.join(out_dir, f"rank{rank}.pt")
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout))
+        result = fn(rank, world_size, *args)
+        torch.save({"ok": True, "result": result}, path)
+    except BaseException:
+        torch.save({"ok": False, "error": traceback.format_exc()}, path)
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(fn, world_size: int, *args, timeout: float = 90.0) -> list:
+    """Run fn(rank, world_size, *args) on `world_size` gloo processes; returns per-rank results."""
+    port = free_port()
+    with tempfile.TemporaryDirectory() as out_dir:
+        ctx = mp.start_processes(_worker, args=(world_size, port, out_dir, fn, args, timeout), nprocs=world_size,
+                                 join=False, start_method="spawn")
+        deadline = time.monotonic() + timeout
+        try:
+            while not ctx.join(timeout=0.2):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"distributed job {getattr(fn, '__name__', fn)} (world {world_size}) "
+                                       f"exceeded {timeout:.0f}s: probably a collective mismatch (hang)")
+        except mp.ProcessRaisedException as e:
+            raise AssertionError(f"a rank failed:\n{e}") from None
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+                    p.join(5)
+        results = []
+        for r in range(world_size):
+            path = os.path.join(out_dir, f"rank{r}.pt")
+            if not os.path.exists(path):
+                raise AssertionError(f"rank {r} produced no result")
+            res = torch.load(path, weights_only=False)
+            if not res["ok"]:
+                raise AssertionError(f"rank {r} failed:\n{res['error']}")
+            results.append(res["result"])
+        return results
+
+
+__all__ = ["free_port", "run_distributed"]
