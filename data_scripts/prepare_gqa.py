@@ -81,7 +81,8 @@ def _main(argv: list[str] | None) -> None:
             prefix = IMAGE_TOKEN + "\n" if k == 0 else ""
             conversations.append({"from": "human", "value": prefix + q["question"] + SHORT_ANSWER_SUFFIX})
             conversations.append({"from": "gpt", "value": q["answer"]})
-        samples.append({"id": f"{args.split}_{image_id}", "image": image_field(found[image_id], out_dir, args.relative),
+        image = image_field(found[image_id], out_dir, args.relative)
+        samples.append({"id": f"{args.split}_{image_id}", "image": image,
                         "question_ids": [qid for qid, _ in items], "conversations": conversations})
     write_json(out_dir / f"{args.split}_llava.json", samples)
     write_json(out_dir / f"{args.split}_questions.json", kept)

@@ -154,7 +154,8 @@ def convert(questions: dict, ann_by_qid: dict[Any, dict], annotations: dict, arg
             prefix = IMAGE_TOKEN + "\n" if k == 0 else ""
             conversations.append({"from": "human", "value": prefix + q["question"] + SHORT_ANSWER_SUFFIX})
             conversations.append({"from": "gpt", "value": ann_by_qid[q["question_id"]]["multiple_choice_answer"]})
-        samples.append({"id": f"{split}_{image_id}", "image": image_field(image_paths[image_id], out_dir, args.relative),
+        image = image_field(image_paths[image_id], out_dir, args.relative)
+        samples.append({"id": f"{split}_{image_id}", "image": image,
                         "question_ids": [q["question_id"] for q in qs], "conversations": conversations})
 
     kept_ids = {q["question_id"] for q in kept_questions}

@@ -20,9 +20,9 @@ file_name; ``--captions`` is an alias); ``--image-pattern`` with ``{subtype}`` /
 (questions ``data_subtype`` or ``--subtype``) and ``{image_id}``. Pattern defaults: VQAv2
 ``COCO_{subtype}_{image_id:012d}.jpg``, GQA ``{image_id}.jpg``. For the synthetic dataset pass
 ``--images data/synthetic --captions data/synthetic/val_captions.json`` (its file names are
-``images/{data_subtype}/{data_subtype}_{image_id:06d}.png`` relative to the dataset directory). Unreadable/missing images are skipped and
-counted (``skipped_images``); their questions are not scored, so the score is then on a subset
-(``subset: true``), as with ``--limit``.
+``images/{data_subtype}/{data_subtype}_{image_id:06d}.png`` relative to the dataset directory).
+Unreadable/missing images are skipped and counted (``skipped_images``); their questions are not scored,
+so the score is then on a subset (``subset: true``), as with ``--limit``.
 
 VQAv2 predictions are cleaned before they are written (first line, lowercase, official normalisation,
 see ``mmoe.metrics.vqa.clean_prediction``) because the official scorer compares raw strings when all
@@ -207,9 +207,11 @@ def build_items(fmt: str, questions: Any, args: argparse.Namespace) -> list[Item
         subtype = args.subtype if args.subtype is not None else str(questions.get("data_subtype", ""))
         for i, q in enumerate(questions["questions"]):
             where = f"{args.questions}: questions[{i}]"
-            if not isinstance(q, dict) or not {"question_id", "image_id"} <= q.keys() or not isinstance(q.get("question"), str):
+            ok = isinstance(q, dict) and {"question_id", "image_id"} <= q.keys() and isinstance(q.get("question"), str)
+            if not ok:
                 raise CLIError(f"{where}: needs fields 'question_id', 'image_id' and string 'question'")
-            items.append(Item(q["question_id"], q["question"], _image_name(q, q["image_id"], index, pattern, subtype, where)))
+            image = _image_name(q, q["image_id"], index, pattern, subtype, where)
+            items.append(Item(q["question_id"], q["question"], image))
     elif fmt == "gqa":
         if not isinstance(questions, dict):
             raise CLIError(f"{args.questions}: expected a GQA questions JSON object (id -> question)")

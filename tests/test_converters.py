@@ -21,8 +21,8 @@ SUFFIX = "\nAnswer the question using a single word or phrase."
 
 
 def run(script: str, *args: object) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], capture_output=True, text=True, check=False,
-                          cwd=REPO, timeout=120)
+    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], capture_output=True, text=True,
+                          check=False, cwd=REPO, timeout=120)
 
 
 def write(path: Path, data: object) -> Path:

@@ -123,7 +123,8 @@ def gqa_accuracy(predictions: Sequence[Mapping[str, Any]] | Mapping[Any, str],
     for key in ("binary", "open"):
         if key in groups:
             out[key] = 100.0 * sum(groups[key]) / len(groups[key])
-    per_struct = {k.split("/", 1)[1]: 100.0 * sum(v) / len(v) for k, v in groups.items() if k.startswith("structural/")}
+    per_struct = {k.split("/", 1)[1]: 100.0 * sum(v) / len(v)
+                  for k, v in groups.items() if k.startswith("structural/")}
     if per_struct:
         out["per_structural_type"] = per_struct
     return out

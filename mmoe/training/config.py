@@ -64,6 +64,9 @@ class StageConfig:
     init_from: str | None = None
     """Previous stage: a Lightning .ckpt or an exported model directory. Dense weights are upcycled into
     the MoE layers of this stage's architecture (every expert a copy of the dense MLP / heads)."""
+    hf_decoder: str | None = None
+    """A Hugging Face Llama / Mistral / Qwen2 / Mixtral checkpoint directory for the decoder (dense MLPs
+    and attentions upcycled into this config's MoE / MoA layers). Applied before `init_from`."""
     freeze: list[str] = field(default_factory=list)
     """Parameter-name prefixes to freeze, e.g. ['vision', 'decoder'] for stage 1 (connector only)."""
     strict_init: bool = True

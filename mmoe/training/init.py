@@ -63,13 +63,31 @@ def _dense_at(sd: dict[str, Tensor], prefix: str, names: tuple[str, ...]) -> str
 @torch.no_grad()
 def load_stage_weights(model: nn.Module, path: str | Path, strict: bool = True) -> dict[str, list[str]]:
     """Load previous-stage weights into `model`, upcycling dense -> MoE. Returns what happened."""
+    return load_state_upcycling(model, read_state_dict(path), str(path), strict)
+
+
+@torch.no_grad()
+def load_hf_decoder(model: nn.Module, path: str | Path) -> dict[str, list[str]]:
+    """Initialise `model.decoder` from a Hugging Face checkpoint directory (dense ones upcycled)."""
+    from mmoe.interop.hf import load_decoder
+
+    dense, _ = load_decoder(path)
+    sd = {f"decoder.{k}": v for k, v in dense.state_dict().items()}
+    return load_state_upcycling(model, sd, str(path), strict=False, only_prefix="decoder.")
+
+
+@torch.no_grad()
+def load_state_upcycling(model: nn.Module, sd: dict[str, Tensor], path: str, strict: bool = True,
+                         only_prefix: str = "") -> dict[str, list[str]]:
+    """Copy `sd` into `model`; dense MLPs / attentions at MoE / MoA places are upcycled."""
     from mmoe.model.moe.attention import MoAAttention
 
-    sd = read_state_dict(path)
     own = model.state_dict()
     consumed: set[str] = set()
     upcycled: list[str] = []
     for name, mod in model.named_modules():
+        if not name.startswith(only_prefix):
+            continue
         if isinstance(mod, MoEFFN) and not any(k.startswith(f"{name}.experts.") for k in sd):
             glu = mod.experts.glu
             names = ("gate_proj", "up_proj", "down_proj") if glu else ("fc1", "fc2")
@@ -111,7 +129,7 @@ def load_stage_weights(model: nn.Module, path: str | Path, strict: bool = True) 
     fresh_ok = (".router.", "expert_bias", "load_accum")
     missing = [k for k in own if k not in loaded and not k.startswith(upcycled_prefixes)
                and not any(s in k for s in fresh_ok)]
-    missing = [k for k in missing if not (k.startswith(upcycled_prefixes) or any(k.startswith(u + ".") for u in upcycled))]
+    missing = [k for k in missing if k.startswith(only_prefix)]
     if strict and missing:
         raise CheckpointError(f"{path}: missing {len(missing)} tensor(s) this model needs, e.g. {missing[:6]}")
     return {"loaded": loaded, "upcycled": upcycled, "missing": missing}

@@ -22,7 +22,7 @@ from mmoe.model.moe import balancing as B
 from mmoe.model.vlm import MMoEVLM, VLMConfig
 
 from .config import BalanceConfig, OptimConfig, ParallelConfig, StageConfig
-from .init import apply_freeze, load_stage_weights
+from .init import apply_freeze, load_hf_decoder, load_stage_weights
 
 LOSS_FNS = {
     "balance": B.load_balance_loss,
@@ -76,6 +76,8 @@ class MMoEModule(L.LightningModule):
         self.activation_checkpointing, self.compile_blocks = activation_checkpointing, compile
         self.val_max_new_tokens, self.log_routing_every = val_max_new_tokens, log_routing_every
         self.model = MMoEVLM(arch)
+        if stage.hf_decoder:
+            load_hf_decoder(self.model, stage.hf_decoder)
         if stage.init_from:
             load_stage_weights(self.model, stage.init_from, strict=stage.strict_init)
         apply_freeze(self.model, stage.freeze)

@@ -48,6 +48,16 @@ def shared_kv(attn: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, cache, layer
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: AttnMask) -> Tensor:
     """q: (B, H, T, hd); k, v: (B, n_kv, S, hd) with n_kv | H (query head h reads kv head h // (H / n_kv))."""
+    B, H, T, hd = q.shape
+    if T == 1 and not q.is_cuda:
+        # CPU decode step: two small matmuls per kv group beat the CPU flash kernel (which does not
+        # parallelise a single query) and need no repeat of K/V.
+        n_kv = k.shape[1]
+        qg = q.view(B, n_kv, H // n_kv, hd)  # the H / n_kv query heads of each kv head as rows
+        s = (qg @ k.transpose(-1, -2)).float() * hd ** -0.5  # (B, n_kv, H/n_kv, S)
+        if mask.mask is not None:
+            s = s.masked_fill(~mask.mask, float("-inf"))  # (B, 1, 1, S) broadcasts
+        return (s.softmax(-1).to(v.dtype) @ v).view(B, H, 1, hd)
     if q.shape[1] != k.shape[1]:
         rep = q.shape[1] // k.shape[1]
         if mask.mask is None and q.is_cuda:

@@ -1,0 +1,274 @@
+"""MoEFFN (packed dispatch) against a naive per-token loop in float64, forward and backward, for every
+router kind; dense-mixture and transformers-Mixtral equivalences; gradient flow and token dropping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmoe.model.moe import GroupedExperts, GroupedLinear, LocalDispatcher, MoEConfig, MoEFFN
+from mmoe.model.moe.experts import reference_expert, swiglu_act
+
+D, HID, B, T = 12, 10, 2, 9
+
+KINDS = {
+    "softmax_renorm": dict(top_k=2),
+    "softmax_raw": dict(top_k=2, renormalize=False),
+    "sigmoid_renorm": dict(top_k=2, score_func="sigmoid"),
+    "sigmoid_raw_scaled": dict(top_k=3, score_func="sigmoid", renormalize=False, routed_scaling=2.5),
+    "switch": dict(top_k=1, renormalize=False),
+    "top_p": dict(router="top_p", top_k=3, top_p=0.6),
+    "noisy": dict(top_k=2, noisy_gating=True),
+    "jitter": dict(top_k=2, jitter_eps=0.2),
+    "expert_choice": dict(router="expert_choice", top_k=2, capacity_factor=1.0),
+    "expert_choice_k1": dict(router="expert_choice", top_k=1, capacity_factor=1.0),
+    "group_limited": dict(hierarchy="group_limited", num_groups=3, top_groups=2, top_k=2, score_func="sigmoid"),
+    "two_level": dict(hierarchy="two_level", num_groups=3, top_groups=1, top_k=2),
+    "aux_free_bias": dict(top_k=2, score_func="sigmoid", aux_free_bias=True),
+    "shared_experts": dict(top_k=2, num_shared_experts=2),
+}
+CAPACITY = {
+    "cap_position": dict(top_k=2, capacity_factor=0.5, drop_policy="position"),
+    "cap_score": dict(top_k=2, capacity_factor=0.5, drop_policy="score"),
+    "cap_top_p_score": dict(router="top_p", top_k=3, top_p=0.8, capacity_factor=0.4, drop_policy="score"),
+    "cap_group_position": dict(hierarchy="group_limited", num_groups=3, top_groups=1, top_k=2,
+                               capacity_factor=0.5, drop_policy="position"),
+}
+
+
+def build(kind_kw: dict, activation: str = "swiglu", bias: bool = False, seed: int = 0, E: int = 6) -> MoEFFN:
+    torch.manual_seed(seed)
+    cfg = MoEConfig(num_experts=E, expert_hidden=HID, **kind_kw)
+    moe = MoEFFN(D, 2 * HID, cfg, activation=activation, bias=bias, causal=cfg.router != "expert_choice")
+    moe = moe.double()
+    with torch.no_grad():
+        moe.router.gate.weight.normal_(0, 0.7)
+        for lin in (moe.router.group_gate, moe.router.noise_gate):
+            if lin is not None:
+                lin.weight.normal_(0, 0.7)
+        if cfg.aux_free_bias:
+            moe.router.expert_bias.copy_(torch.linspace(-0.4, 0.4, E))
+        for p in moe.experts.parameters():  # biases start at 0 by default: make them matter
+            p.normal_(0, 0.3)
+    return moe
+
+
+def inputs(seed: int = 1, padded: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, D, generator=g, dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    if padded:
+        mask[0, -3:] = False
+        mask[1, -1] = False
+    return x, mask
+
+
+def loop_reference(moe: MoEFFN, x: torch.Tensor, r) -> torch.Tensor:
+    """For each token, for each kept slot: weight * expert_e(x), plus shared experts. No packing."""
+    flat = x.reshape(-1, x.shape[-1])
+    rows = []
+    for n in range(flat.shape[0]):
+        acc = flat.new_zeros(flat.shape[-1])
+        for j in range(r.expert_idx.shape[1]):
+            if bool(r.kept[n, j]):
+                e = int(r.expert_idx[n, j])
+                acc = acc + r.weights[n, j] * reference_expert(moe.experts, e, flat[n:n + 1])[0]
+        if moe.shared is not None:
+            acc = acc + moe.shared(flat[n:n + 1])[0]
+        rows.append(acc)
+    return torch.stack(rows).view_as(x)
+
+
+def check_against_loop(moe: MoEFFN, x, mask, train: bool):
+    moe.train(train)
+    torch.manual_seed(7)
+    y, r = moe(x, mask)
+    assert y.dtype == torch.float64
+    ref = loop_reference(moe, x, r)
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-12)
+    # backward: same routing (shared router graph), compare grads of the input and of every parameter
+    params = [x] + [p for p in moe.parameters()]
+    g = torch.randn_like(y)
+    gy = torch.autograd.grad(y, params, g, retain_graph=True, allow_unused=True)
+    gr = torch.autograd.grad(ref, params, g, allow_unused=True)
+    names = ["x"] + [n for n, _ in moe.named_parameters()]
+    for name, p, a, b in zip(names, params, gy, gr):
+        a = torch.zeros_like(p) if a is None else a
+        b = torch.zeros_like(p) if b is None else b
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=lambda m: f"grad of {name}: {m}")
+    return y, r
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("act", ["swiglu", "gelu_bias"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_packed_equals_loop(kind, act, train):
+    moe = build(KINDS[kind], "swiglu" if act == "swiglu" else "gelu", bias=act != "swiglu")
+    x, mask = inputs(padded=kind in ("top_p", "expert_choice", "group_limited", "aux_free_bias"))
+    y, r = check_against_loop(moe, x, mask, train)
+    assert r.kept.any(-1)[mask.flatten()].any()
+    if kind.startswith("expert_choice"):
+        assert not r.kept[~mask.flatten()].any()
+
+
+@pytest.mark.parametrize("act", ["swiglu", "gelu_bias"])
+@pytest.mark.parametrize("kind", list(CAPACITY))
+def test_packed_equals_loop_with_capacity(kind, act):
+    moe = build(CAPACITY[kind], "swiglu" if act == "swiglu" else "gelu", bias=act != "swiglu")
+    with torch.no_grad():
+        moe.router.gate.weight[0].add_(2.0)  # make expert 0 popular so capacity bites
+    x, mask = inputs(padded=True)
+    y, r = check_against_loop(moe, x, mask, train=True)
+    C = moe.cfg.capacity(int(mask.sum()), True)
+    assert (r.expert_counts("kept") <= C).all()
+    assert (r.kept != (r.selected & mask.flatten()[:, None])).any()  # some assignments were dropped
+
+
+def test_fully_dropped_tokens_output_exactly_zero():
+    moe = build(dict(top_k=1, renormalize=False, capacity_factor=0.25, drop_policy="position"), E=4)
+    with torch.no_grad():
+        moe.router.gate.weight.zero_()
+        moe.router.gate.weight[0, 0] = 50.0  # every token whose x[0] > 0 picks expert 0
+    x, _ = inputs()
+    with torch.no_grad():
+        x[..., 0] = 1.0
+    moe.train()
+    y, r = moe(x)
+    dropped = ~r.kept.any(-1)
+    assert dropped.sum() > 0
+    assert (y.reshape(-1, D)[dropped] == 0).all()  # the block output is exactly the residual
+    resid = x + y
+    assert torch.equal(resid.reshape(-1, D)[dropped], x.reshape(-1, D)[dropped])
+    g = torch.autograd.grad(y.sum(), x)[0].reshape(-1, D)
+    assert (g[dropped] == 0).all()  # no gradient through dropped tokens either
+
+
+def test_padding_tokens_get_no_expert_compute():
+    moe = build(KINDS["softmax_renorm"])
+    x, mask = inputs(padded=True)
+    y, r = moe(x, mask)
+    assert (y[~mask] == 0).all()
+    assert not r.kept[~mask.flatten()].any()
+
+
+def test_top_k_all_experts_is_dense_softmax_mixture():
+    E = 5
+    moe = build(dict(top_k=E, renormalize=False), E=E).eval()
+    x, _ = inputs()
+    y, _ = moe(x)
+    flat = x.reshape(-1, D)
+    p = (flat @ moe.router.gate.weight.t()).softmax(-1)
+    dense = sum(p[:, e:e + 1] * reference_expert(moe.experts, e, flat) for e in range(E))
+    torch.testing.assert_close(y.reshape(-1, D), dense, rtol=1e-10, atol=1e-12)
+
+
+def test_matches_transformers_mixtral_block():
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    H, I, E, K = 16, 24, 6, 2
+    cfg = MixtralConfig(hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=K,
+                        experts_implementation="eager")
+    torch.manual_seed(0)
+    hf = MixtralSparseMoeBlock(cfg).double().eval()
+    shapes = {n: tuple(p.shape) for n, p in hf.named_parameters()}
+    assert shapes == {"gate.weight": (E, H), "experts.gate_up_proj": (E, 2 * I, H),
+                      "experts.down_proj": (E, H, I)}
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.5)
+    ours = MoEFFN(H, I, MoEConfig(num_experts=E, top_k=K, renormalize=True)).double().eval()
+    with torch.no_grad():
+        ours.router.gate.weight.copy_(hf.gate.weight)
+        ours.experts.w_in.weight.copy_(hf.experts.gate_up_proj.transpose(1, 2))  # (E, H, 2I): [gate | up]
+        ours.experts.w_out.weight.copy_(hf.experts.down_proj.transpose(1, 2))  # (E, I, H)
+    x = torch.randn(3, 7, H, dtype=torch.float64)
+    ref = hf(x.clone())
+    y, r = ours(x)
+    # HF takes the softmax in float32 even for float64 inputs, hence the 1e-6 tolerance
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    _, _, hf_idx = hf.gate(x.reshape(-1, H))
+    assert torch.equal(r.expert_idx.sort(-1).values, hf_idx.sort(-1).values)
+
+
+def test_gradients_reach_selected_experts_and_router_only():
+    E = 8
+    moe = build(dict(top_k=1, renormalize=False), E=E)
+    with torch.no_grad():
+        moe.router.gate.weight[-2:, 0] = -100.0  # with x[..., 0] = 1, experts 6 and 7 can never win
+    x, _ = inputs()
+    with torch.no_grad():
+        x[..., 0] = 1.0
+    y, r = moe(x)
+    (y * torch.randn_like(y)).sum().backward()
+    used = set(r.expert_idx[r.kept].tolist())
+    assert used and not used & {6, 7}
+    for lin in (moe.experts.w_in, moe.experts.w_out):
+        for e in range(E):
+            nz = lin.weight.grad[e].abs().sum() > 0
+            assert bool(nz) == (e in used), (e, used)
+    g = moe.router.gate.weight.grad
+    assert g.abs().sum() > 0
+    for e in used:
+        assert g[e].abs().sum() > 0
+
+
+def test_grouped_linear_with_empty_experts_and_bias_gradcheck():
+    lin = GroupedLinear(4, 3, 5, bias=True).double()
+    counts = torch.tensor([2, 0, 3, 0])
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    y = lin(x, counts)
+    ref = torch.cat([x[:2] @ lin.weight[0] + lin.bias[0], x[2:] @ lin.weight[2] + lin.bias[2]])
+    torch.testing.assert_close(y, ref)
+    y.sum().backward()
+    assert (lin.weight.grad[[1, 3]] == 0).all() and (lin.bias.grad[[1, 3]] == 0).all()
+    assert torch.autograd.gradcheck(lambda a, w, b: GroupedLinear.forward(_with(lin, w, b), a, counts),
+                                    (x, lin.weight.detach().clone().requires_grad_(),
+                                     lin.bias.detach().clone().requires_grad_()))
+    assert lin(x[:0], torch.zeros(4, dtype=torch.long)).shape == (0, 5)
+
+
+def _with(lin: GroupedLinear, w, b):
+    class _L:
+        weight, bias = w, b
+    return _L()
+
+
+def test_swiglu_act_gradcheck():
+    h = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    g, u = h.chunk(2, -1)
+    torch.testing.assert_close(swiglu_act(h), F.silu(g) * u)
+    assert torch.autograd.gradcheck(swiglu_act, (h,))
+
+
+@pytest.mark.parametrize("kind", ["softmax_renorm", "expert_choice_k1", "cap_score"])
+def test_combine_paths_match_index_add(kind):
+    moe = build(KINDS.get(kind) or CAPACITY[kind])
+    x, mask = inputs(padded=True)
+    moe.train()
+    _, r = moe(x, mask)
+    d = LocalDispatcher()
+    plan = d.plan(r)
+    ys = torch.randn(plan.token_idx.numel(), D, dtype=torch.float64)
+    out = d.combine(ys, plan)
+    ref = torch.zeros(B * T, D, dtype=torch.float64).index_add(0, plan.token_idx, ys * plan.weights[:, None])
+    torch.testing.assert_close(out, ref)
+    per_slot = d.combine(ys, plan, per_slot=True).view(B * T, -1, D)
+    for a, (tok, slot) in enumerate(zip(plan.token_idx.tolist(), plan.slot_idx.tolist())):
+        assert torch.equal(per_slot[tok, slot % plan.num_slots], ys[a])
+    assert plan.tokens_per_expert.sum() == r.kept.sum()
+    experts = r.expert_idx.flatten()[plan.slot_idx]
+    assert (experts[1:] >= experts[:-1]).all()  # sorted by expert
+
+
+def test_upcycled_moe_equals_dense_mlp():
+    from mmoe.model.layers import SwiGLU
+
+    torch.manual_seed(0)
+    dense = SwiGLU(D, HID).double()
+    moe = MoEFFN(D, HID, MoEConfig(num_experts=4, top_k=2, num_shared_experts=1)).double()
+    moe.upcycle_(dense)
+    x, _ = inputs()
+    torch.testing.assert_close(moe(x)[0], dense(x))
+    assert isinstance(moe.experts, GroupedExperts)
