@@ -49,7 +49,7 @@ def build_hf_mixtral(moe: MoEFFN):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=15, help="timed rounds for the T=4096 training case")
+    ap.add_argument("--repeats", type=int, default=12, help="timed rounds for the T=4096 training case")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: usable cores)")
     args = ap.parse_args()
     threads = setup_threads(args.threads)
@@ -87,20 +87,20 @@ def main() -> None:
     with torch.no_grad():
         # ---- decode, T=1
         x1 = torch.randn(1, 1, H)
-        t = measure({"moe": lambda: moe(x1), "dense": lambda: dense(x1)}, repeats=300, warmup=20, min_time=3)
+        t = measure({"moe": lambda: moe(x1), "dense": lambda: dense(x1)}, repeats=300, warmup=20, min_time=2)
         t1_ratio = add("fwd T=1 vs dense", t, "moe", "dense")
 
         # ---- small batch decode, T=8, against HF Mixtral (eager experts)
         x8 = torch.randn(1, 8, H)
         ref = hf(x8)
         err = (moe(x8)[0] - ref).abs().max().item()
-        t = measure({"moe": lambda: moe(x8), "hf": lambda: hf(x8)}, repeats=300, warmup=20, min_time=3)
+        t = measure({"moe": lambda: moe(x8), "hf": lambda: hf(x8)}, repeats=300, warmup=20, min_time=2)
         t8_ratio = add("fwd T=8 vs HF Mixtral eager", t, "moe", "hf")
         t = measure({"moe": lambda: moe(x8), "dense": lambda: dense(x8)}, repeats=200, warmup=10, min_time=2)
         add("fwd T=8 vs dense", t, "moe", "dense")
 
         # ---- prefill forward, T=4096
-        t = measure({"moe": lambda: moe(x), "dense": lambda: dense(x), "hf": lambda: hf(x)}, repeats=7,
+        t = measure({"moe": lambda: moe(x), "dense": lambda: dense(x), "hf": lambda: hf(x)}, repeats=5,
                     warmup=1)
         add("fwd T=4096 vs dense", t, "moe", "dense")
         add("fwd T=4096 vs HF Mixtral eager", t, "moe", "hf")

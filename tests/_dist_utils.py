@@ -26,14 +26,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, out_dir: str, fn, args, timeout: float) -> None:
+def _worker(rank: int, world_size: int, port: int, out_dir: str, fn, args, timeout: float, init_pg: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size), RANK=str(rank),
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME=os.environ.get(
                           "GLOO_SOCKET_IFNAME", "lo"))
     torch.set_num_threads(1)
     path = os.path.join(out_dir, f"rank{rank}.pt")
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout))
+        if init_pg:  # else the callee (e.g. Lightning, reading the torchrun-style env) initialises it
+            dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout))
         result = fn(rank, world_size, *args)
         torch.save({"ok": True, "result": result}, path)
     except BaseException:
@@ -44,11 +45,15 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, fn, args, timeo
             dist.destroy_process_group()
 
 
-def run_distributed(fn, world_size: int, *args, timeout: float = 90.0) -> list:
-    """Run fn(rank, world_size, *args) on `world_size` gloo processes; returns per-rank results."""
+def run_distributed(fn, world_size: int, *args, timeout: float = 90.0, init_pg: bool = True) -> list:
+    """Run fn(rank, world_size, *args) on `world_size` gloo processes; returns per-rank results.
+
+    The torchrun environment (MASTER_ADDR/PORT, RANK, LOCAL_RANK, WORLD_SIZE) is set in every process; with
+    init_pg=False the process group is left to `fn` (Lightning then treats the processes as launched
+    externally, as under torchrun or SLURM)."""
     port = free_port()
     with tempfile.TemporaryDirectory() as out_dir:
-        ctx = mp.start_processes(_worker, args=(world_size, port, out_dir, fn, args, timeout), nprocs=world_size,
+        ctx = mp.start_processes(_worker, args=(world_size, port, out_dir, fn, args, timeout, init_pg), nprocs=world_size,
                                  join=False, start_method="spawn")
         deadline = time.monotonic() + timeout
         try:

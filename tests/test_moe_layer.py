@@ -272,3 +272,17 @@ def test_upcycled_moe_equals_dense_mlp():
     x, _ = inputs()
     torch.testing.assert_close(moe(x)[0], dense(x))
     assert isinstance(moe.experts, GroupedExperts)
+
+
+def test_autocast_bf16_runs_and_stays_close():
+    torch.manual_seed(0)
+    moe = MoEFFN(D, HID, MoEConfig(num_experts=4, top_k=2), bias=True, activation="gelu")
+    x = torch.randn(B, T, D, requires_grad=True)
+    ref, _ = moe(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, r = moe(x)
+    assert y.dtype == torch.bfloat16 and r.probs.dtype == torch.float32
+    torch.testing.assert_close(y.float(), ref, rtol=0.05, atol=0.05)
+    y.float().sum().backward()
+    assert moe.experts.w_in.weight.grad.dtype == torch.float32
+    assert moe.experts.w_in.weight.grad.abs().sum() > 0 and x.grad is not None

@@ -61,7 +61,8 @@ def decoder_config_from_hf(hf: dict, where: str = "config.json") -> DecoderConfi
         vocab_size=need("vocab_size"), dim=dim, n_layers=need("num_hidden_layers"), n_heads=n_heads,
         n_kv_heads=hf.get("num_key_value_heads") or n_heads, hidden=need("intermediate_size"),
         max_seq_len=hf.get("max_position_embeddings", 4096), rope_theta=_rope_theta(hf, where),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         attn_bias=(mt == "qwen2"), ffn_moe=None, attn_moe=None, attn_moe_layers="none",
         head_dim=(hf.get("head_dim") or 0) if (hf.get("head_dim") or 0) != dim // n_heads else 0,
     )
@@ -126,19 +127,21 @@ def _load_into(model: Decoder, t: _Tensors, mixtral: bool) -> None:
         if name.endswith("router.expert_bias"):
             new[name] = ref  # aux-loss-free bias: not part of HF checkpoints
             continue
-        m = re.fullmatch(r"layers\.(\d+)\.mlp\.(router\.gate\.weight|experts\.w_in\.weight|experts\.w_out\.weight)", name)
+        m = re.fullmatch(r"layers\.(\d+)\.mlp\.(router\.gate|experts\.w_in|experts\.w_out)\.weight", name)
         if mixtral and m:
-            new[name] = _mixtral_tensor(t, p, int(m.group(1)), m.group(2), tuple(ref.shape))
+            new[name] = _mixtral_tensor(t, p, int(m.group(1)), m.group(2) + ".weight", tuple(ref.shape))
             continue
         src = name if name == "lm_head.weight" else p + name
         new[name] = t.get(src, tuple(ref.shape))
     leftovers = [k for k in t.where if k not in t.used and not k.endswith("rotary_emb.inv_freq")
                  and not (k == "lm_head.weight" and model.cfg.tie_embeddings)]
     if leftovers:
-        raise CheckpointError(f"unexpected tensors not used by the {'mixtral' if mixtral else 'dense'} mapping: "
-                              f"{leftovers[:8]}{' ...' if len(leftovers) > 8 else ''} (in {t.where[leftovers[0]]})")
+        kind = "mixtral" if mixtral else "dense"
+        raise CheckpointError(f"unexpected tensors not used by the {kind} mapping: {leftovers[:8]}"
+                              f"{' ...' if len(leftovers) > 8 else ''} (in {t.where[leftovers[0]]})")
     dtype = model.embed_tokens.weight.dtype
-    model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in new.items()}, strict=False)
+    model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in new.items()},
+                          strict=False)
 
 
 def _mixtral_tensor(t: _Tensors, p: str, i: int, what: str, shape: tuple) -> torch.Tensor:
@@ -180,7 +183,8 @@ def load_decoder(path: str | Path, moe: dict | None = None,
     if set(moe) - allowed:
         raise CheckpointError(f"moe: unknown keys {sorted(set(moe) - allowed)}; allowed: {sorted(allowed)}")
     if mixtral and ({"ffn_moe", "ffn_moe_layers"} & set(moe)):
-        raise CheckpointError("moe: a Mixtral checkpoint already has MoE FFNs; only attn_moe/attn_moe_layers apply")
+        raise CheckpointError("moe: a Mixtral checkpoint already has MoE FFNs; only attn_moe/attn_moe_layers "
+                              "apply")
     dtype = dtype or torch.float32
     tensors = _Tensors(_checkpoint_files(path))
     with torch.device("cpu"):

@@ -50,9 +50,9 @@ class DecoderConfig:
     ffn_moe: MoEConfig | None = None
     """MoE config of the FFN layers; None keeps every FFN dense."""
     ffn_moe_layers: str = "every_2"
-    """Which layers get a MoE FFN when ffn_moe is set: 'none', 'all', 'every_N', 'last_N', 'first_N', '0,3'."""
+    """Layers with a MoE FFN when ffn_moe is set: 'none', 'all', 'every_N', 'last_N', 'first_N', '0,3'."""
     attn_moe: MoEConfig | None = None
-    """Mixture-of-attention-heads config (num_experts must divide n_heads / n_kv_heads); None keeps attention dense."""
+    """Mixture-of-attention-heads config (num_experts must divide n_heads / n_kv_heads); None: dense."""
     attn_moe_layers: str = "none"
     """Which layers get MoA when attn_moe is set (same syntax as ffn_moe_layers)."""
     head_dim: int = 0
@@ -63,10 +63,14 @@ class DecoderConfig:
         return self.head_dim or self.dim // self.n_heads
 
     def moe_ffn_layer_ids(self) -> list[int]:
-        return [] if self.ffn_moe is None else select_layers(self.ffn_moe_layers, self.n_layers, "ffn_moe_layers")
+        if self.ffn_moe is None:
+            return []
+        return select_layers(self.ffn_moe_layers, self.n_layers, "ffn_moe_layers")
 
     def moa_layer_ids(self) -> list[int]:
-        return [] if self.attn_moe is None else select_layers(self.attn_moe_layers, self.n_layers, "attn_moe_layers")
+        if self.attn_moe is None:
+            return []
+        return select_layers(self.attn_moe_layers, self.n_layers, "attn_moe_layers")
 
     def validate(self) -> "DecoderConfig":
         """Raise ValueError (MoEConfigError for MoE fields) naming the field when the shape cannot work."""
@@ -74,11 +78,13 @@ class DecoderConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"decoder.{name} must be >= 1, got {getattr(self, name)}")
         if not self.head_dim and self.dim % self.n_heads:
-            raise ValueError(f"decoder.dim={self.dim} must be divisible by n_heads={self.n_heads} (or set head_dim)")
+            raise ValueError(f"decoder.dim={self.dim} must be divisible by n_heads={self.n_heads} "
+                             "(or set head_dim)")
         if self.head_size % 2:
             raise ValueError(f"decoder.head_dim={self.head_size} must be even for RoPE")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"decoder.n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}")
+            raise ValueError(f"decoder.n_heads={self.n_heads} must be divisible by "
+                             f"n_kv_heads={self.n_kv_heads}")
         if self.ffn_moe is not None:
             self.ffn_moe.validate(causal=True, site="decoder.ffn_moe")
             self.moe_ffn_layer_ids()
@@ -117,7 +123,7 @@ class KVCache:
         self.max_len, self.length, self.batch = max_len, 0, batch
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, n_kv, T, hd) after the current length; return the filled views (B, n_kv, length+T, hd)."""
+        """Write k, v (B, n_kv, T, hd) after the current length -> filled views (B, n_kv, length+T, hd)."""
         end = self.length + k.shape[2]
         self.k[layer][:, :, self.length:end] = k
         self.v[layer][:, :, self.length:end] = v
@@ -160,11 +166,13 @@ class DecoderBlock(nn.Module):
         self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         if moa:
-            self.self_attn = MoAAttention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, hd, cfg.attn_moe, cfg.attn_bias, layer)
+            self.self_attn = MoAAttention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, hd, cfg.attn_moe,
+                                          cfg.attn_bias, layer)
         else:
             self.self_attn = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, hd, cfg.attn_bias)
         if moe:
-            self.mlp = MoEFFN(cfg.dim, cfg.hidden, cfg.ffn_moe, "swiglu", causal=True, site="ffn", layer=layer)
+            self.mlp = MoEFFN(cfg.dim, cfg.hidden, cfg.ffn_moe, "swiglu", causal=True, site="ffn",
+                              layer=layer)
         else:
             self.mlp = SwiGLU(cfg.dim, cfg.hidden)
         self.layer = layer
@@ -302,10 +310,11 @@ def upcycle_decoder(dense: Decoder, cfg: DecoderConfig) -> Decoder:
     for f in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden", "head_size", "attn_bias",
               "tie_embeddings", "rope_theta", "norm_eps"):
         if getattr(dc, f) != getattr(cfg, f):
-            raise ValueError(f"upcycle: decoder.{f} differs: dense {getattr(dc, f)} vs target {getattr(cfg, f)}")
+            raise ValueError(f"upcycle: decoder.{f} differs: dense {getattr(dc, f)} vs target "
+                             f"{getattr(cfg, f)}")
     if cfg.ffn_moe is not None and cfg.ffn_moe.expert_hidden not in (0, dc.hidden):
-        raise MoEConfigError(f"upcycle: ffn_moe.expert_hidden={cfg.ffn_moe.expert_hidden} must be 0 or the dense "
-                             f"hidden width {dc.hidden} to copy the dense MLP into each expert")
+        raise MoEConfigError(f"upcycle: ffn_moe.expert_hidden={cfg.ffn_moe.expert_hidden} must be 0 or the "
+                             f"dense hidden width {dc.hidden} to copy the dense MLP into each expert")
     w = dense.embed_tokens.weight
     model = Decoder(cfg).to(device=w.device, dtype=w.dtype)
     model.embed_tokens.load_state_dict(dense.embed_tokens.state_dict())
@@ -327,4 +336,5 @@ def upcycle_decoder(dense: Decoder, cfg: DecoderConfig) -> Decoder:
     return model
 
 
-__all__ = ["DecoderConfig", "DecoderOutput", "Decoder", "DecoderBlock", "Attention", "KVCache", "upcycle_decoder"]
+__all__ = ["DecoderConfig", "DecoderOutput", "Decoder", "DecoderBlock", "Attention", "KVCache",
+           "upcycle_decoder"]

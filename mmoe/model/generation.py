@@ -18,13 +18,13 @@ from .decoder import Decoder
 
 def sample_next(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0,
                 generator: torch.Generator | None = None) -> Tensor:
-    """(B, V) logits -> (B,) next tokens: argmax at temperature 0, else top-p sampling of softmax(logits / T)."""
+    """(B, V) logits -> (B,) tokens: argmax at temperature 0, else top-p sampling of softmax(logits / T)."""
     if temperature <= 0:
         return logits.argmax(-1)
     probs = (logits.float() / temperature).softmax(-1)
     if top_p < 1.0:
         sp, si = probs.sort(-1, descending=True)
-        drop = (sp.cumsum(-1) - sp) >= top_p  # mass before this token already reaches top_p; top-1 always kept
+        drop = (sp.cumsum(-1) - sp) >= top_p  # mass before this token reaches top_p; top-1 always kept
         sp = sp.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, si, sp)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
@@ -51,8 +51,8 @@ def generate(decoder: Decoder, input_ids: Tensor | None = None, inputs_embeds: T
     if T > limit:
         raise ValueError(f"prompt length {T} exceeds the decoder context limit max_seq_len={limit}")
     if T + max_new_tokens > limit:
-        raise ValueError(f"prompt length {T} + max_new_tokens {max_new_tokens} = {T + max_new_tokens} exceeds the "
-                         f"decoder context limit max_seq_len={limit}")
+        raise ValueError(f"prompt length {T} + max_new_tokens {max_new_tokens} = {T + max_new_tokens} "
+                         f"exceeds the decoder context limit max_seq_len={limit}")
     device = prompt.device
     if attention_mask is None:
         attention_mask = torch.ones(B, T, dtype=torch.bool, device=device)
@@ -66,7 +66,8 @@ def generate(decoder: Decoder, input_ids: Tensor | None = None, inputs_embeds: T
         out = decoder(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                       modality=modality, cache=cache)
         logits = out.logits[:, -1]
-        text = None if modality is None else torch.full((B, 1), MODALITY_TEXT, dtype=torch.long, device=device)
+        text = None if modality is None else torch.full((B, 1), MODALITY_TEXT, dtype=torch.long,
+                                                           device=device)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         ones = torch.ones(B, 1, dtype=torch.bool, device=device)
         tokens: list[Tensor] = []

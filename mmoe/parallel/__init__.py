@@ -14,8 +14,13 @@ from .expert_parallel import (ExpertParallel, clip_grad_norm_, consolidated_mode
                               full_state_dict, grad_norm, shard_state_dict, wrap_ddp)
 from .mesh import ExpertParallelMesh, ParallelDims, build_mesh
 
+try:  # registers the Lightning strategy names "ddp_ep" / "ddp_ep_spawn"
+    from .strategy import ExpertParallelStrategy
+except ImportError:  # lightning not installed: the torch-level API still works
+    ExpertParallelStrategy = None
+
 __all__ = [
-    "AllToAllDispatcher", "ExpertParallel", "ExpertParallelMesh", "ParallelDims", "build_mesh",
+    "ExpertParallelStrategy", "AllToAllDispatcher", "ExpertParallel", "ExpertParallelMesh", "ParallelDims", "build_mesh",
     "enable_expert_parallel", "find_state", "expert_parameters", "wrap_ddp", "finalize_expert_grads", "grad_norm",
     "clip_grad_norm_", "full_state_dict", "shard_state_dict", "consolidated_model", "ep_load_metrics",
 ]

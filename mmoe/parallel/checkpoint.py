@@ -118,38 +118,46 @@ def shard_optimizer_state_dict(optimizer: torch.optim.Optimizer, module: nn.Modu
 
 
 # --------------------------------------------------------------------------- export
-def _versions(module: nn.Module) -> tuple:
-    return tuple(p._version for p in expert_parameters(module))
+def _expert_slots(module: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(GroupedLinear, 'weight'|'bias') of every sharded expert tensor, in a rank-independent order."""
+    return [(g, n) for g in sharded_linears(module) for n in ("weight", "bias") if getattr(g, n) is not None]
 
 
 @torch.no_grad()
 def cache_consolidated(module: nn.Module) -> None:
-    """Gather the full experts now (collective) so a later rank-0-only `consolidated_model` needs no
-    collective. The cache is used only while the expert weights are unchanged (tensor version counters)."""
+    """Gather the full experts now (collective; kept on the host) so that a later rank-0-only
+    `consolidated_model` needs no collective. Valid until the weights change: the Lightning strategy
+    refreshes it at the end of every fit and drops it at every optimizer step (`drop_consolidated`)."""
     st = find_state(module)
     if st is None:
         return
-    full = {id(p): _gather_experts(p.detach(), st) for p in expert_parameters(module)}
-    st._cache = (_versions(module), full)
+    st._cache = {(id(g), n): _gather_experts(getattr(g, n).detach(), st).cpu() for g, n in _expert_slots(module)}
+
+
+def drop_consolidated(module: nn.Module) -> None:
+    st = find_state(module)
+    if st is not None:
+        st._cache = None
 
 
 @torch.no_grad()
 def consolidated_model(model: nn.Module) -> nn.Module:
     """A copy of `model` as one process would hold it: full experts, local dispatchers. `model` itself when
-    expert parallelism is off. Collective unless `cache_consolidated` ran since the last weight update
-    (the Lightning strategy does that at the end of fit, so rank-0-only export works)."""
+    expert parallelism is off. Collective (all ranks) unless `cache_consolidated` ran since the last weight
+    update (the Lightning strategy does that at the end of fit, so rank-0-only export works)."""
     st = find_state(model)
     if st is None:
         return model
-    params = expert_parameters(model)
-    if st._cache is not None and st._cache[0] == _versions(model):
-        full = st._cache[1]
+    slots = _expert_slots(model)
+    cache = st._cache
+    if cache is not None and all((id(g), n) in cache for g, n in slots):
+        full = {(id(g), n): cache[(id(g), n)] for g, n in slots}
     else:
-        full = {id(p): _gather_experts(p.detach(), st) for p in params}
+        full = {(id(g), n): _gather_experts(getattr(g, n).detach(), st) for g, n in slots}
     memo: dict = {id(st): None}
-    for p in params:
-        q = nn.Parameter(full[id(p)].clone(), requires_grad=p.requires_grad)
-        memo[id(p)] = q
+    for g, n in slots:
+        p = getattr(g, n)
+        memo[id(p)] = nn.Parameter(full[(id(g), n)].to(p.device, p.dtype).clone(), requires_grad=p.requires_grad)
     for _, m in moe_modules(model):
         memo[id(m.dispatcher)] = LocalDispatcher()
     new = copy.deepcopy(model, memo)
@@ -160,5 +168,43 @@ def consolidated_model(model: nn.Module) -> nn.Module:
     return new
 
 
-__all__ = ["full_state_dict", "shard_state_dict", "full_optimizer_state_dict",
-           "shard_optimizer_state_dict", "cache_consolidated", "consolidated_model"]
+@torch.no_grad()
+def gather_experts_locally(module: nn.Module):
+    """Give every rank the full experts and local dispatchers (collective); returns `restore()`, which puts
+    the shards, their Parameter objects (the optimizer's) and the all-to-all dispatchers back.
+
+    For evaluation/generation: no collective per decode step, and ranks may run different step counts."""
+    st = find_state(module)
+    if st is None:
+        return lambda: None
+    saved = []
+    for g in sharded_linears(module):
+        full = {}
+        for name in ("weight", "bias"):
+            p = getattr(g, name)
+            if p is not None:
+                full[name] = nn.Parameter(_gather_experts(p.detach(), st), requires_grad=False)
+        saved.append((g, g.weight, g.bias, g.num_experts))
+        g.weight = full["weight"]
+        if "bias" in full:
+            g.bias = full["bias"]
+        g.num_experts = getattr(g, SHARD_ATTR).num_experts
+    disps = []
+    for _, m in moe_modules(module):
+        disps.append((m, m.dispatcher))
+        m.dispatcher = LocalDispatcher()
+
+    def restore() -> None:
+        for g, w, b, n in saved:
+            g.weight = w
+            if b is not None:
+                g.bias = b
+            g.num_experts = n
+        for m, d in disps:
+            m.dispatcher = d
+
+    return restore
+
+
+__all__ = ["gather_experts_locally", "full_state_dict", "shard_state_dict", "full_optimizer_state_dict",
+           "shard_optimizer_state_dict", "cache_consolidated", "drop_consolidated", "consolidated_model"]

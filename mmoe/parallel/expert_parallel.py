@@ -64,7 +64,7 @@ class ExpertParallel:
     grad_sync: str | None = None
     """Who reduces expert gradients: 'strategy' (Lightning), 'ddp' (wrap_ddp), 'manual'; None raises on the
     first training forward so experts never train silently unreduced (e.g. under the plain 'ddp' strategy)."""
-    _cache: tuple | None = None  # (versions, {id(param): full tensor}) from cache_consolidated
+    _cache: dict | None = None  # {(id(GroupedLinear), 'weight'|'bias'): full tensor} from cache_consolidated
 
     @property
     def ep_group(self):
@@ -178,8 +178,11 @@ def enable_expert_parallel(model: nn.Module, ep_size: int, mesh: ExpertParallelM
     """
     if ep_size <= 1:
         return None
-    if find_state(model) is not None:
-        raise RuntimeError("enable_expert_parallel was already applied to this model")
+    prev = find_state(model)
+    if prev is not None:  # Lightning calls configure_model again for every fit/validate/test
+        if prev.mesh.ep_size != ep_size:
+            raise RuntimeError(f"model is already expert-parallel with ep_size={prev.mesh.ep_size}, not {ep_size}")
+        return prev
     mesh = mesh or build_mesh(ep_size)
     ep, r = mesh.ep_size, mesh.ep_rank
     sites = moe_modules(model)
@@ -337,12 +340,13 @@ def dispatchers(module: nn.Module) -> list[AllToAllDispatcher]:
     return [m.dispatcher for _, m in moe_modules(module) if isinstance(m.dispatcher, AllToAllDispatcher)]
 
 
-from .checkpoint import (cache_consolidated, consolidated_model, full_optimizer_state_dict,  # noqa: E402
-                         full_state_dict, shard_optimizer_state_dict, shard_state_dict)
+from .checkpoint import (cache_consolidated, consolidated_model, drop_consolidated, full_optimizer_state_dict,  # noqa: E402
+                         full_state_dict, gather_experts_locally, shard_optimizer_state_dict, shard_state_dict)
 
 __all__ = [
     "ExpertParallel", "ExpertShard", "enable_expert_parallel", "find_state", "moe_modules", "expert_parameters",
     "is_expert_param", "ddp_ignore_names", "set_ddp_ignore", "wrap_ddp", "finalize_expert_grads", "grad_norm",
     "clip_grad_norm_", "full_state_dict", "shard_state_dict", "full_optimizer_state_dict",
-    "shard_optimizer_state_dict", "cache_consolidated", "consolidated_model", "ep_load_metrics", "dispatchers",
+    "shard_optimizer_state_dict", "cache_consolidated", "drop_consolidated", "consolidated_model",
+    "gather_experts_locally", "ep_load_metrics", "dispatchers",
 ]

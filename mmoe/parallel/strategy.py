@@ -38,7 +38,9 @@ import torch
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from torch.nn import Module
 
-from .expert_parallel import (cache_consolidated, clip_grad_norm_, finalize_expert_grads, find_state,
+from .expert_parallel import (cache_consolidated, clip_grad_norm_, drop_consolidated, finalize_expert_grads,
+                              find_state,
+                              gather_experts_locally,
                               full_optimizer_state_dict, full_state_dict, set_ddp_ignore, shard_optimizer_state_dict,
                               shard_state_dict)
 
@@ -55,6 +57,20 @@ class ExpertParallelStrategy(DDPStrategy):
 
     strategy_name = STRATEGY_NAME
 
+    def __init__(self, *args, gather_experts_for_eval: bool = True, **kwargs):
+        """
+        Args:
+            gather_experts_for_eval: during validation / test / predict, hold the full experts on every rank
+                and dispatch locally (restored afterwards). Generation stops when *its own* rows are done, so
+                ranks run different numbers of decode steps, which would deadlock the all-to-all; local
+                experts also make decoding collective-free. Costs the full expert memory during evaluation;
+                turn off for models whose experts only fit sharded (then generation must stop in lockstep).
+            *args, **kwargs: DDPStrategy's.
+        """
+        super().__init__(*args, **kwargs)
+        self.gather_experts_for_eval = gather_experts_for_eval
+        self._eval_restore = None
+
     # ------------------------------------------------------------------ wrapping
     def _setup_model(self, model: Module):
         st = find_state(model)
@@ -65,6 +81,10 @@ class ExpertParallelStrategy(DDPStrategy):
         return super()._setup_model(model)
 
     def setup(self, trainer) -> None:
+        if self.model is not None and find_state(self.model) is not None:
+            # before super().setup: outside fit, DDPStrategy broadcasts every param from rank 0 instead of
+            # wrapping in DDP (`_sync_module_states`), which honours the same ignore list
+            set_ddp_ignore(self.model)
         super().setup(trainer)
         if find_state(self.lightning_module) is not None:
             self._patch_clipping()
@@ -88,6 +108,8 @@ class ExpertParallelStrategy(DDPStrategy):
         module = self.lightning_module
         if module is None or find_state(module) is None:
             return super().optimizer_step(optimizer, closure, model, **kwargs)
+
+        drop_consolidated(module)  # weights change: a gathered export copy would be stale
 
         def closure_then_reduce_experts():
             out = closure()  # forward + backward (DDP all-reduces the replicated grads inside)
@@ -120,6 +142,42 @@ class ExpertParallelStrategy(DDPStrategy):
                 shard_optimizer_state_dict(getattr(opt, "_optimizer", opt), module, s)
                 for opt, s in zip(self.optimizers, checkpoint["optimizer_states"])]
         super().load_optimizer_state_dict(checkpoint)
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_start(self) -> None:
+        module = self.lightning_module
+        if self.gather_experts_for_eval and self._eval_restore is None and module is not None \
+                and find_state(module) is not None:
+            self._eval_restore = gather_experts_locally(module)
+
+    def _eval_end(self) -> None:
+        if self._eval_restore is not None:
+            self._eval_restore()
+            self._eval_restore = None
+
+    def on_validation_start(self) -> None:
+        super().on_validation_start()
+        self._eval_start()
+
+    def on_validation_end(self) -> None:
+        self._eval_end()
+        super().on_validation_end()
+
+    def on_test_start(self) -> None:
+        super().on_test_start()
+        self._eval_start()
+
+    def on_test_end(self) -> None:
+        self._eval_end()
+        super().on_test_end()
+
+    def on_predict_start(self) -> None:
+        super().on_predict_start()
+        self._eval_start()
+
+    def on_predict_end(self) -> None:
+        self._eval_end()
+        super().on_predict_end()
 
     # ------------------------------------------------------------------ export
     def on_train_end(self) -> None:

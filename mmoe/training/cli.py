@@ -23,7 +23,26 @@ class MMoECLI(LightningCLI):
         parser.add_argument("--export_dir", type=str | None, default=None,
                             help="Export the trained model here when fit ends (config.json + safetensors + "
                                  "tokenizer); default: <log_dir>/export")
-        parser.link_arguments("data.image_size", "model.arch.vision.image_size")
+        # preprocessing follows the vision backbone's own config
+        for f in ("image_size", "image_mean", "image_std"):
+            parser.link_arguments(f"model.arch.vision.{f}", f"data.{f}")
+
+    def instantiate_trainer(self, **kwargs):
+        """Loggers unless the config names its own: CSV always, TensorBoard when installed, both under
+        trainer.default_root_dir (so one override moves the whole run)."""
+        cfg = self._get(self.config_init, "trainer", default={})
+        if cfg.get("logger") in (None, True) and "logger" not in kwargs:
+            from lightning.pytorch.loggers import CSVLogger
+            root = cfg.get("default_root_dir") or "runs/default"
+            loggers = [CSVLogger(root, name="", version="")]
+            try:
+                import tensorboard  # noqa: F401
+                from lightning.pytorch.loggers import TensorBoardLogger
+                loggers.append(TensorBoardLogger(root, name="", version="tb", default_hp_metric=False))
+            except ImportError:
+                pass
+            kwargs["logger"] = loggers
+        return super().instantiate_trainer(**kwargs)
 
     def after_fit(self) -> None:
         from .callbacks import export_after_fit

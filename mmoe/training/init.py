@@ -105,11 +105,10 @@ def load_state_upcycling(model: nn.Module, sd: dict[str, Tensor], path: str, str
             mod.upcycle_(dense)
             consumed.update(f"{p}.{k}" for k in sub)
             upcycled.append(name)
-        elif isinstance(mod, MoAAttention) and f"{name}.q_proj.weight" in sd:
-            dense = mod.dense_counterpart()
+        elif isinstance(mod, MoAAttention) and sd.get(f"{name}.q_proj.weight", torch.empty(0, 0, 0)).ndim == 2:
             sub = {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".")}
             sub = {k: v for k, v in sub.items() if k.split(".")[0] in ("q_proj", "k_proj", "v_proj", "o_proj")}
-            dense.load_state_dict(sub)
+            dense = _linears_from(sub)
             mod.upcycle_(dense)
             consumed.update(f"{name}.{k}" for k in sub)
             upcycled.append(name)
@@ -133,6 +132,16 @@ def load_state_upcycling(model: nn.Module, sd: dict[str, Tensor], path: str, str
     if strict and missing:
         raise CheckpointError(f"{path}: missing {len(missing)} tensor(s) this model needs, e.g. {missing[:6]}")
     return {"loaded": loaded, "upcycled": upcycled, "missing": missing}
+
+
+def _linears_from(sub: dict[str, Tensor]) -> nn.Module:
+    """A module with one nn.Linear per prefix in `sub` (e.g. q_proj/k_proj/v_proj/o_proj), weights loaded."""
+    dense = nn.Module()
+    for lin in {k.split(".")[0] for k in sub}:
+        w = sub[f"{lin}.weight"]
+        setattr(dense, lin, nn.Linear(w.shape[1], w.shape[0], bias=f"{lin}.bias" in sub))
+    dense.load_state_dict(sub)
+    return dense
 
 
 def apply_freeze(model: nn.Module, prefixes: list[str]) -> None:

@@ -94,6 +94,9 @@ class MMoEModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.parallel_cfg.ep_size > 1:
             from mmoe.parallel.expert_parallel import enable_expert_parallel
+            if self._trainer is not None:  # experts need the EP-aware DDP (ignore list, grads, checkpoints)
+                from mmoe.parallel.strategy import require_expert_parallel_strategy
+                require_expert_parallel_strategy(self.trainer)
             enable_expert_parallel(self.model, self.parallel_cfg.ep_size)
         if self.activation_checkpointing:
             from .scale import apply_activation_checkpointing
@@ -101,6 +104,11 @@ class MMoEModule(L.LightningModule):
         if self.compile_blocks:
             from .scale import compile_dense_blocks
             compile_dense_blocks(self.model)
+
+    def consolidated_model(self):
+        """The model with every expert shard gathered (one-process layout) for export; `self.model` without EP."""
+        from mmoe.parallel.expert_parallel import consolidated_model
+        return consolidated_model(self.model)
 
     # ------------------------------------------------------------------ objective
     def balancing_loss(self, routing: list[RoutingResult]) -> tuple[Tensor, dict[str, Tensor]]:

@@ -35,7 +35,8 @@ class AttnMask:
     is_causal: bool
 
 
-def shared_kv(attn: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, cache, layer_idx: int) -> tuple[Tensor, Tensor]:
+def shared_kv(attn: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, cache,
+              layer_idx: int) -> tuple[Tensor, Tensor]:
     """K/V of `attn.k_proj`/`attn.v_proj` with RoPE; appended to `cache` when given -> (B, n_kv, S, hd)."""
     B, T, _ = x.shape
     k = attn.k_proj(x).view(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)  # (B, n_kv, T, hd)
@@ -76,8 +77,8 @@ class MoAAttention(nn.Module):
         site = f"attention.{layer}"
         E = cfg.num_experts
         if n_heads % E:
-            raise MoEConfigError(f"{site}: moe.num_experts={E} must divide n_heads={n_heads} (each expert owns "
-                                 "n_heads / num_experts query heads)")
+            raise MoEConfigError(f"{site}: moe.num_experts={E} must divide n_heads={n_heads} (each expert "
+                                 "owns n_heads / num_experts query heads)")
         hpe = n_heads // E
         if hpe % n_kv_heads:
             raise MoEConfigError(f"{site}: MoA needs n_kv_heads={n_kv_heads} to divide the heads per expert "
@@ -92,10 +93,11 @@ class MoAAttention(nn.Module):
         self.o_proj = GroupedLinear(E, hpe * head_dim, dim, bias=False)  # per-expert outputs
         self.dispatcher = LocalDispatcher()
         self.force_unit_weights = False
-        """Test/analysis hook: combine every kept slot with weight 1 (with top_k = E: the upcycling identity)."""
+        """Test/analysis hook: combine every kept slot with weight 1 (top_k = E: the upcycling identity)."""
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttnMask, cache=None, layer_idx: int = 0,
-                token_mask: Tensor | None = None, modality: Tensor | None = None) -> tuple[Tensor, RoutingResult]:
+                token_mask: Tensor | None = None,
+                modality: Tensor | None = None) -> tuple[Tensor, RoutingResult]:
         """x: (B, T, D); cos/sin: (B, T, hd); token_mask, modality: (B, T)."""
         B, T, D = x.shape
         K, hd, n_kv, hpe = self.cfg.top_k, self.head_dim, self.n_kv_heads, self.hpe
@@ -108,8 +110,9 @@ class MoAAttention(nn.Module):
             r.weights = r.kept.to(r.weights.dtype)
         plan = self.dispatcher.plan(r)
         xs, counts = self.dispatcher.dispatch(flat, plan)
-        q = self.dispatcher.combine(self.q_proj(xs, counts), plan, per_slot=True)  # (N*K, hpe*hd); 0 if not kept
-        # (B, T, K, n_kv, rpk, hd) -> GQA layout (B, n_kv * K * rpk, T, hd): kv head c owns a contiguous block.
+        q = self.q_proj(xs, counts)  # (A, hpe*hd) sorted by expert
+        q = self.dispatcher.combine(q, plan, per_slot=True)  # (N*K, hpe*hd); zeros for slots not kept
+        # (B, T, K, n_kv, rpk, hd) -> GQA layout (B, n_kv * K * rpk, T, hd): kv head c owns a contiguous block
         q = q.view(B, T, K, n_kv, rpk, hd).permute(0, 3, 2, 4, 1, 5).reshape(B, n_kv * K * rpk, T, hd)
         q = apply_rope(q, cos, sin)
         k, v = shared_kv(self, x, cos, sin, cache, layer_idx)
@@ -129,17 +132,19 @@ class MoAAttention(nn.Module):
         E, hd, n_kv = self.cfg.num_experts, self.head_dim, self.n_kv_heads
         g = self.n_heads // n_kv
         if g % E:
-            raise MoEConfigError(f"attention.{self.layer}: upcycling needs num_experts={E} to divide the heads "
-                                 f"per kv group n_heads/n_kv_heads={g}")
+            raise MoEConfigError(f"attention.{self.layer}: upcycling needs num_experts={E} to divide the "
+                                 f"heads per kv group n_heads/n_kv_heads={g}")
         want_q = (self.n_heads * hd, self.k_proj.in_features)
-        for name, lin, shape in (("q_proj", dense.q_proj, want_q), ("k_proj", dense.k_proj, self.k_proj.weight.shape),
+        for name, lin, shape in (("q_proj", dense.q_proj, want_q),
+                                 ("k_proj", dense.k_proj, self.k_proj.weight.shape),
                                  ("v_proj", dense.v_proj, self.v_proj.weight.shape),
                                  ("o_proj", dense.o_proj, want_q[::-1])):
             if tuple(lin.weight.shape) != tuple(shape):
                 raise ValueError(f"attention.{self.layer}: cannot upcycle {name}: dense weight "
                                  f"{tuple(lin.weight.shape)} != expected {tuple(shape)}")
         if (dense.q_proj.bias is not None) != (self.q_proj.bias is not None):
-            raise ValueError(f"attention.{self.layer}: q_proj bias mismatch between dense and MoA (attn_bias)")
+            raise ValueError(f"attention.{self.layer}: q_proj bias mismatch between dense and MoA "
+                             "(attn_bias)")
         if getattr(dense.o_proj, "bias", None) is not None:
             raise ValueError(f"attention.{self.layer}: o_proj bias is not supported by MoA upcycling")
         self.k_proj.load_state_dict(dense.k_proj.state_dict())

@@ -118,13 +118,20 @@ class GroupedLinear(nn.Module):
 
     def forward(self, x: Tensor, tokens_per_expert: Tensor) -> Tensor:
         """x: (A, in) sorted by expert; tokens_per_expert: (E,) -> (A, out)."""
-        if _use_grouped_mm(x, self.weight):
+        w, b = self.weight, self.bias
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):  # mixed precision: cast like autocast would for a matmul
+            dt = torch.get_autocast_dtype(dev)
+            x, w = x.to(dt), w.to(dt)
+            b = b.to(dt) if b is not None else None
+        if _use_grouped_mm(x, w):
             offs = tokens_per_expert.cumsum(0).to(torch.int32)
-            y = torch._grouped_mm(x, self.weight, offs=offs)
-            if self.bias is not None:
-                y = y + self.bias.repeat_interleave(tokens_per_expert, dim=0, output_size=x.shape[0])
+            y = torch._grouped_mm(x, w, offs=offs)
+            if b is not None:
+                y = y + b.repeat_interleave(tokens_per_expert, dim=0, output_size=x.shape[0])
             return y
-        return _GroupedMM.apply(x, self.weight, self.bias, tokens_per_expert.tolist())
+        with torch.autocast(dev, enabled=False):
+            return _GroupedMM.apply(x, w, b, tokens_per_expert.tolist())
 
     @torch.no_grad()
     def copy_dense_(self, linear: nn.Linear, experts: slice | None = None,

@@ -76,6 +76,13 @@ class Router(nn.Module):
     def forward(self, x: Tensor, token_mask: Tensor | None = None, modality: Tensor | None = None,
                 batch_shape: tuple[int, int] | None = None) -> RoutingResult:
         """Route N tokens. x: (N, D); token_mask: (N,) bool; modality: (N,) long."""
+        if torch.is_autocast_enabled(x.device.type):  # selective precision: no bf16 gate under autocast
+            with torch.autocast(x.device.type, enabled=False):
+                return self._route(x, token_mask, modality, batch_shape)
+        return self._route(x, token_mask, modality, batch_shape)
+
+    def _route(self, x: Tensor, token_mask: Tensor | None, modality: Tensor | None,
+               batch_shape: tuple[int, int] | None) -> RoutingResult:
         N = x.shape[0]
         cfg = self.cfg
         if token_mask is None:

@@ -1,0 +1,203 @@
+"""Balancing losses and routing metrics on hand-built routing results (all balance losses are 1 at balance)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mmoe.constants import MODALITY_IMAGE, MODALITY_TEXT
+from mmoe.model.moe import (MoEConfig, Router, RoutingResult, balancing_losses, device_balance_loss, expert_load,
+                            group_balance_loss, load_balance_loss, modality_balance_loss, routing_metrics,
+                            sequence_balance_loss, z_loss)
+
+
+def result(idx, probs, *, selected=None, kept=None, mask=None, modality=None, logits=None, batch_shape=None,
+           num_groups=1, group_probs=None, group_logits=None) -> RoutingResult:
+    idx = torch.as_tensor(idx)
+    probs = torch.as_tensor(probs, dtype=torch.float64)
+    N, K = idx.shape
+    selected = torch.ones(N, K, dtype=torch.bool) if selected is None else torch.as_tensor(selected)
+    mask = torch.ones(N, dtype=torch.bool) if mask is None else torch.as_tensor(mask)
+    kept = selected & mask[:, None] if kept is None else torch.as_tensor(kept)
+    return RoutingResult(expert_idx=idx, weights=probs.gather(1, idx) * kept, selected=selected, kept=kept,
+                         probs=probs, logits=probs.log() if logits is None else logits, token_mask=mask,
+                         num_experts=probs.shape[1], batch_shape=batch_shape or (1, N),
+                         modality=None if modality is None else torch.as_tensor(modality),
+                         num_groups=num_groups, group_probs=group_probs, group_logits=group_logits)
+
+
+def uniform(N, E):
+    return torch.full((N, E), 1.0 / E, dtype=torch.float64)
+
+
+def test_balance_is_one_at_perfect_balance_and_larger_when_skewed():
+    E = 4
+    idx = torch.arange(8).remainder(E)[:, None]  # each expert twice, top-1
+    assert load_balance_loss(result(idx, uniform(8, E))).item() == pytest.approx(1.0, abs=1e-12)
+    # top-2 balanced too
+    idx2 = torch.stack([torch.arange(8) % E, (torch.arange(8) + 1) % E], -1)
+    assert load_balance_loss(result(idx2, uniform(8, E))).item() == pytest.approx(1.0, abs=1e-12)
+    # skewed: everything on expert 0, with probability mass following
+    p = torch.tensor([[0.7, 0.1, 0.1, 0.1]], dtype=torch.float64).expand(8, E)
+    skew = load_balance_loss(result(torch.zeros(8, 1, dtype=torch.long), p)).item()
+    assert skew == pytest.approx(E * 0.7)
+    assert skew > 1
+
+
+def test_zero_initialised_gate_gives_exactly_one():
+    E = 4
+    r = Router(10, MoEConfig(num_experts=E, top_k=2))
+    torch.nn.init.zeros_(r.gate.weight)
+    res = r(torch.randn(37, 10))
+    assert torch.equal(res.probs, torch.full_like(res.probs, 0.25))
+    assert load_balance_loss(res).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_z_loss_hand_formula_and_padding():
+    logits = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0], [5.0, -1.0, 2.0]], dtype=torch.float64)
+    mask = torch.tensor([True, True, False])
+    r = result(torch.zeros(3, 1, dtype=torch.long), logits.softmax(-1), logits=logits, mask=mask)
+    hand = (math.log(math.e + math.e ** 2 + math.e ** 3) ** 2 + math.log(3.0) ** 2) / 2
+    assert z_loss(r).item() == pytest.approx(hand)
+    gl = torch.tensor([[0.0, 1.0]] * 3, dtype=torch.float64)
+    r2 = result(torch.zeros(3, 1, dtype=torch.long), logits.softmax(-1), logits=logits, mask=mask,
+                group_logits=gl)
+    assert z_loss(r2).item() == pytest.approx(hand + math.log(1 + math.e) ** 2)
+
+
+def test_group_loss_one_at_balance_zero_for_flat():
+    E, G = 4, 2
+    idx = torch.tensor([[0], [1], [2], [3]])
+    assert group_balance_loss(result(idx, uniform(4, E), num_groups=G)).item() == pytest.approx(1.0)
+    skew = result(torch.tensor([[0], [1], [0], [1]]), torch.tensor([[0.4, 0.4, 0.1, 0.1]] * 4), num_groups=G)
+    assert group_balance_loss(skew).item() == pytest.approx(2 * 0.8)
+    assert group_balance_loss(result(idx, uniform(4, E))).item() == 0.0
+
+
+def test_modality_loss_sees_per_modality_skew_that_pooling_hides():
+    E = 4
+    text_p = [0.5, 0.5, 0.0, 0.0]
+    image_p = [0.0, 0.0, 0.5, 0.5]
+    probs = torch.tensor([text_p] * 4 + [image_p] * 4, dtype=torch.float64)
+    idx = torch.tensor([[0], [1], [0], [1], [2], [3], [2], [3]])
+    mod = torch.tensor([MODALITY_TEXT] * 4 + [MODALITY_IMAGE] * 4)
+    r = result(idx, probs, modality=mod)
+    assert load_balance_loss(r).item() == pytest.approx(1.0)  # pooled: perfect
+    assert modality_balance_loss(r).item() == pytest.approx(2.0)  # each modality: 4 * (.5*.5 + .5*.5)
+    text_only = result(idx[:4], probs[:4])
+    assert load_balance_loss(text_only).item() == pytest.approx(2.0)
+    # without modality ids it falls back to the pooled loss
+    assert modality_balance_loss(result(idx, probs)).item() == pytest.approx(1.0)
+
+
+def test_device_loss():
+    E = 4
+    idx = torch.tensor([[0], [1], [2], [3]])
+    assert device_balance_loss(result(idx, uniform(4, E)), 2).item() == pytest.approx(1.0)
+    skew = result(torch.tensor([[0], [1], [0], [1]]), torch.tensor([[0.3, 0.3, 0.2, 0.2]] * 4))
+    assert device_balance_loss(skew, 2).item() == pytest.approx(2 * 0.6)
+    assert device_balance_loss(skew, 1).item() == 0.0
+    with pytest.raises(ValueError, match="num_devices"):
+        device_balance_loss(skew, 3)
+
+
+def test_sequence_loss_is_per_sequence():
+    E, Bsz, T = 4, 2, 4
+    # sequence 0 uses experts 0/1, sequence 1 uses 2/3: the batch is balanced, each sequence is not
+    idx = torch.tensor([[0], [1], [0], [1], [2], [3], [2], [3]])
+    probs = torch.tensor([[0.5, 0.5, 0, 0]] * 4 + [[0, 0, 0.5, 0.5]] * 4, dtype=torch.float64)
+    r = result(idx, probs, batch_shape=(Bsz, T))
+    assert load_balance_loss(r).item() == pytest.approx(1.0)
+    assert sequence_balance_loss(r).item() == pytest.approx(2.0)
+    balanced = result(torch.tensor([[0], [1], [2], [3]] * 2), uniform(8, E), batch_shape=(Bsz, T))
+    assert sequence_balance_loss(balanced).item() == pytest.approx(1.0)
+    # hand formula (DeepSeek-V3): mean_b E * sum_i f_bi P_bi, f from counts / (T*k)
+    g = torch.Generator().manual_seed(0)
+    p = torch.rand(Bsz * T, E, generator=g, dtype=torch.float64)
+    p = p / p.sum(-1, keepdim=True)
+    idx = p.topk(2, -1).indices
+    r = result(idx, p, batch_shape=(Bsz, T))
+    hand = 0.0
+    for b in range(Bsz):
+        rows = slice(b * T, (b + 1) * T)
+        f = torch.bincount(idx[rows].flatten(), minlength=E).double() / (T * 2)
+        hand += E * (f * p[rows].mean(0)).sum().item()
+    assert sequence_balance_loss(r).item() == pytest.approx(hand / Bsz)
+
+
+def test_expert_choice_result_works_with_sequence_loss():
+    r = Router(6, MoEConfig(num_experts=4, top_k=1, router="expert_choice"))
+    res = r(torch.randn(2 * 5, 6), batch_shape=(2, 5))
+    assert math.isfinite(sequence_balance_loss(res).item())
+
+
+def test_padding_never_changes_any_loss():
+    E, Bsz, T, P = 4, 2, 5, 3
+    g = torch.Generator().manual_seed(1)
+    real_p = torch.rand(Bsz, T, E, generator=g, dtype=torch.float64).softmax(-1)
+    real_idx = real_p.topk(2, -1).indices
+    real_mod = torch.randint(0, 2, (Bsz, T), generator=g)
+    junk_p = (torch.eye(E, dtype=torch.float64)[0] + 1e-6).expand(Bsz, P, E)  # all on expert 0
+    junk_idx = torch.zeros(Bsz, P, 2, dtype=torch.long)
+    junk_mod = torch.randint(0, 2, (Bsz, P), generator=g)
+
+    def flat(a):
+        return a.reshape(-1, *a.shape[2:])
+
+    base = result(flat(real_idx), flat(real_p), modality=flat(real_mod), batch_shape=(Bsz, T),
+                  logits=flat(real_p).log(), num_groups=2)
+    padded_p = torch.cat([real_p, junk_p], 1)
+    padded_logits = torch.cat([real_p.log(), 30 * junk_p], 1)
+    mask = torch.cat([torch.ones(Bsz, T, dtype=torch.bool), torch.zeros(Bsz, P, dtype=torch.bool)], 1)
+    padded = result(flat(torch.cat([real_idx, junk_idx], 1)), flat(padded_p), mask=flat(mask),
+                    modality=flat(torch.cat([real_mod, junk_mod], 1)), batch_shape=(Bsz, T + P),
+                    logits=flat(padded_logits), num_groups=2)
+    a, b = balancing_losses(base, num_devices=2), balancing_losses(padded, num_devices=2)
+    assert set(a) == {"balance", "z", "group", "modality", "device", "sequence"}
+    for k in a:
+        torch.testing.assert_close(a[k].double(), b[k].double(), msg=k)
+    ma, mb = routing_metrics(base), routing_metrics(padded)
+    for k in ma:
+        assert ma[k] == pytest.approx(mb[k]), k
+    torch.testing.assert_close(expert_load(base), expert_load(padded))
+
+
+def test_routing_metrics_hand_case():
+    E = 4
+    # selected loads [3, 2, 2, 1]; expert 3's only assignment and one of expert 0's are dropped
+    idx = torch.tensor([[0, 1], [0, 2], [0, 3], [1, 2]])
+    kept = torch.tensor([[True, True], [True, True], [False, False], [True, True]])
+    probs = torch.tensor([[0.25] * 4, [0.25] * 4, [1.0, 0, 0, 0], [0.5, 0.5, 0, 0]], dtype=torch.float64)
+    mod = torch.tensor([MODALITY_TEXT, MODALITY_TEXT, MODALITY_IMAGE, MODALITY_IMAGE])
+    m = routing_metrics(result(idx, probs, kept=kept, modality=mod, num_groups=2))
+    load = torch.tensor([2.0, 2.0, 2.0, 0.0])
+    assert m["load_cv"] == pytest.approx((load.std(unbiased=False) / load.mean()).item())
+    assert m["max_violation"] == pytest.approx((2 - 1.5) / 1.5)
+    assert m["dead_experts"] == 1
+    assert m["drop_rate"] == pytest.approx(1 - 6 / 8)
+    assert m["experts_per_token"] == pytest.approx(6 / 4)
+    h = [math.log(4), math.log(4), 0.0, math.log(2)]
+    assert m["token_entropy"] == pytest.approx(sum(h) / 4 / math.log(4), abs=1e-9)
+    pbar = probs.mean(0)
+    assert m["marginal_entropy"] == pytest.approx((-(pbar * pbar.log()).sum() / math.log(4)).item())
+    assert m["text/max_violation"] == pytest.approx((2 - 1) / 1)  # text loads [2, 1, 1, 0]
+    assert m["image/drop_rate"] == pytest.approx(1 - 2 / 4)
+    assert m["image/dead_experts"] == 2
+    assert m["group/max_violation"] == pytest.approx((4 - 3) / 3)  # group loads [4, 2]
+    assert all(isinstance(v, float) for v in m.values())
+
+
+def test_router_losses_differentiable_and_balance_gradient_pushes_towards_uniform():
+    torch.manual_seed(0)
+    r = Router(8, MoEConfig(num_experts=4, top_k=2))
+    with torch.no_grad():
+        r.gate.weight[0] += 1.0
+    x = torch.randn(64, 8).abs()
+    res = r(x)
+    loss = load_balance_loss(res)
+    assert loss.item() > 1
+    loss.backward()
+    # gradient step lowers the over-used expert's logits: d loss / d w_0 points along +x
+    assert (r.gate.weight.grad[0] @ x.mean(0)).item() > 0
