@@ -1,6 +1,6 @@
 """MoEFFN speed on CPU against a FLOP-matched dense SwiGLU and transformers' MixtralSparseMoeBlock.
 
-    .venv/bin/python benchmarks/moe_layer.py [--repeats 15] [--threads N]
+    .venv/bin/python benchmarks/moe_layer.py [--repeats 12] [--threads N]
 
 fp32, H=512, expert hidden 1024, E=8, k=2 (dropless, softmax, renormalised: Mixtral routing).
 The dense baseline is a SwiGLU of width k*1024 = 2048, so it does the same matmul FLOPs as the

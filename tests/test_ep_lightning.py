@@ -136,6 +136,7 @@ def _job_fit(rank: int, world: int, root: str) -> dict:
     import safetensors.torch as st
     from torch.utils.data import DataLoader
 
+    import mmoe.parallel.strategy  # noqa: F401  registers strategy="ddp_ep"
     from mmoe.model.vlm import MMoEVLM
     from mmoe.parallel import ep_load_metrics, expert_parameters, full_state_dict
     from mmoe.training.export import export_model
@@ -265,6 +266,7 @@ def _val_epoch_end_gathered(self) -> None:
 
 
 def _job_cli(rank: int, world: int, data_dir: str, config: str, root: str) -> dict:
+    import mmoe.parallel.strategy  # noqa: F401  registers "ddp_ep" (cli.py should import it: see the report)
     from mmoe.parallel import expert_parameters, full_state_dict
     from mmoe.training.cli import cli_main
 

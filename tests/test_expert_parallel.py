@@ -223,7 +223,7 @@ def _bias_step(model, world: int | None):
 
 
 def _train_compare(rank: int, world: int, ep: int, opt_kind: str, clip: float | None, steps: int = 3,
-                   ckpt_dir: str | None = None) -> dict:
+                   ckpt_dir: str | None = None, ac: bool = False) -> dict:
     from mmoe.parallel import clip_grad_norm_, enable_expert_parallel, finalize_expert_grads, wrap_ddp
     from mmoe.parallel.checkpoint import (consolidated_model, full_optimizer_state_dict, full_state_dict,
                                           shard_optimizer_state_dict, shard_state_dict)
@@ -232,6 +232,9 @@ def _train_compare(rank: int, world: int, ep: int, opt_kind: str, clip: float | 
     ep_root = _LM(_tiny_decoder())
     ref = copy.deepcopy(ep_root)
     st = enable_expert_parallel(ep_root.model, ep)
+    if ac:  # as MMoEModule.configure_model: EP first, then activation checkpointing (recompute in backward)
+        from mmoe.training.scale import apply_activation_checkpointing
+        assert apply_activation_checkpointing(ep_root.model) == apply_activation_checkpointing(ref.model) > 0
     ddp = wrap_ddp(ep_root)
     opt = _make_opt(opt_kind, ep_root.parameters())
     opt_ref = _make_opt(opt_kind, ref.parameters())
@@ -349,10 +352,30 @@ def _job2(rank: int, world: int, ckpt_dir: str) -> dict:
     res["sgd_clip"] = _train_compare(rank, world, world, "sgd", clip=0.05, ckpt_dir=None)
     res["adamw"] = _train_compare(rank, world, world, "adamw", clip=None, ckpt_dir=ckpt_dir)
     res["adamw_clip"] = _train_compare(rank, world, world, "adamw", clip=0.3, ckpt_dir=None)
+    res["adamw_ac"] = _train_compare(rank, world, world, "adamw", clip=0.3, steps=2, ac=True)
     # negative control: a per-rank (local) clip norm differs across ranks -> shared weights would drift
     res["local_norm_differs"] = _local_norm_differs(rank, world)
     res["guard"] = _guard_raises(rank, world)
+    res["nonfinite_synced"] = _nonfinite_sync(rank, world)
     return res
+
+
+def _nonfinite_sync(rank: int, world: int) -> bool:
+    """fp16 overflow in rank 1's experts only: after the sync every rank sees it (GradScalers agree)."""
+    from mmoe.parallel import enable_expert_parallel, finalize_expert_grads, wrap_ddp
+    from mmoe.parallel.expert_parallel import expert_parameters, sync_nonfinite_expert_grads
+
+    root = _LM(_tiny_decoder())
+    enable_expert_parallel(root.model, world)
+    ddp = wrap_ddp(root)
+    ddp(torch.randint(0, 40, (2, 9))).backward()
+    finalize_expert_grads(root)
+    clean = sync_nonfinite_expert_grads(root)
+    if rank == 1:
+        expert_parameters(root)[0].grad.view(-1)[0] = float("inf")
+    flagged = sync_nonfinite_expert_grads(root)
+    grads = torch.cat([p.grad.flatten() for p in expert_parameters(root)])
+    return (not clean) and flagged and not bool(torch.isfinite(grads).all())
 
 
 def _local_norm_differs(rank: int, world: int) -> bool:
@@ -415,11 +438,11 @@ def test_zero_token_rank_no_hang_and_zero_grads(job2, kind):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("case", ["sgd_clip", "adamw", "adamw_clip"])
+@pytest.mark.parametrize("case", ["sgd_clip", "adamw", "adamw_clip", "adamw_ac"])
 def test_training_steps_equal_single_process(job2, case):
     for res in job2:
         r = res[case]
-        assert len(r["loss"]) == 3
+        assert len(r["loss"]) == (2 if case == "adamw_ac" else 3)
         for a, b in zip(r["loss"], r["loss_ref"]):
             assert abs(a - b) < TOL, r
         assert max(r["shared"]) < TOL and max(r["expert"]) < TOL, r
@@ -445,6 +468,11 @@ def test_checkpoint_round_trip_restores_every_expert(job2):
         assert r["resume_diff"] == 0.0, r  # optimizer moments of every expert restored too
         assert r["consolidated_keys_match"] and r["consolidated_diff"] < TOL and r["consolidated_fwd"] < TOL, r
         assert r["consolidated_dispatchers"] == ["LocalDispatcher"], r
+
+
+@pytest.mark.distributed
+def test_expert_overflow_seen_by_every_rank(job2):
+    assert all(res["nonfinite_synced"] for res in job2)
 
 
 @pytest.mark.distributed

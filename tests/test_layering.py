@@ -1,4 +1,4 @@
-"""mmoe.model stays a plain-PyTorch layer: no Lightning, no torch.distributed, no training/parallel imports."""
+"""mmoe.model stays plain PyTorch: no Lightning, no torch.distributed, no training/parallel imports."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ print(json.dumps({"imported": names, "modules": sorted(sys.modules)}))
 
 
 def test_importing_every_model_module_pulls_no_training_stack():
-    out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, cwd=REPO, timeout=120)
+    out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, cwd=REPO,
+                         timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     data = json.loads(out.stdout.strip().splitlines()[-1])
     assert "mmoe.model.moe" in data["imported"]
@@ -36,7 +37,7 @@ def test_importing_every_model_module_pulls_no_training_stack():
 
 
 def _imports_and_uses(path: Path) -> list[str]:
-    """Imported module names and `torch.distributed` attribute uses in one source file (docstrings ignored)."""
+    """Imported module names and `torch.distributed` attribute uses in one file (docstrings ignored)."""
     tree = ast.parse(path.read_text(), filename=str(path))
     found = []
     for node in ast.walk(tree):
@@ -45,12 +46,13 @@ def _imports_and_uses(path: Path) -> list[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:  # relative import inside mmoe.model
-                pkg = path.parent.relative_to(REPO).parts[: len(path.parent.relative_to(REPO).parts) - node.level + 1]
+                parts = path.parent.relative_to(REPO).parts
+                pkg = parts[: len(parts) - node.level + 1]
                 base = ".".join(pkg + ((base,) if base else ()))
             found.append(base)
             found += [f"{base}.{a.name}" for a in node.names]
-        elif (isinstance(node, ast.Attribute) and node.attr == "distributed" and isinstance(node.value, ast.Name)
-              and node.value.id == "torch"):
+        elif (isinstance(node, ast.Attribute) and node.attr == "distributed"
+              and isinstance(node.value, ast.Name) and node.value.id == "torch"):
             found.append("torch.distributed")
         elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "__import__" and node.args:
             if isinstance(node.args[0], ast.Constant):

@@ -1,4 +1,4 @@
-"""Balancing losses and routing metrics on hand-built routing results (all balance losses are 1 at balance)."""
+"""Balancing losses and routing metrics on hand-built routing results (balance losses are 1 at balance)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from mmoe.constants import MODALITY_IMAGE, MODALITY_TEXT
-from mmoe.model.moe import (MoEConfig, Router, RoutingResult, balancing_losses, device_balance_loss, expert_load,
-                            group_balance_loss, load_balance_loss, modality_balance_loss, routing_metrics,
-                            sequence_balance_loss, z_loss)
+from mmoe.model.moe import (MoEConfig, Router, RoutingResult, balancing_losses, device_balance_loss,
+                            expert_load, group_balance_loss, load_balance_loss, modality_balance_loss,
+                            routing_metrics, sequence_balance_loss, z_loss)
 
 
 def result(idx, probs, *, selected=None, kept=None, mask=None, modality=None, logits=None, batch_shape=None,

@@ -55,7 +55,7 @@ def _a2a(x: Tensor, output_splits: list[int], input_splits: list[int], group) ->
     return funcol.wait_tensor(out) if isinstance(out, funcol.AsyncCollectiveTensor) else out
 
 
-def rank_major_to_expert_major(recv_counts: Tensor) -> Tensor:
+def rank_major_to_expert_major(recv_counts: Tensor, total: int | None = None) -> Tensor:
     """Permutation `perm` such that block[perm] is grouped by local expert (then by source rank).
 
     recv_counts: (ep, El) rows received from source rank r for local expert j, laid out rank-major
@@ -66,7 +66,7 @@ def rank_major_to_expert_major(recv_counts: Tensor) -> Tensor:
     start_rm = (flat.cumsum(0) - flat).view(ep, El)  # start of segment (r, j) in the rank-major block
     lengths = recv_counts.t().reshape(-1)  # expert-major segment order (j, r)
     starts = start_rm.t().reshape(-1)
-    total = int(flat.sum())
+    total = int(flat.sum()) if total is None else total  # pass it to avoid a device->host sync
     start_em = lengths.cumsum(0) - lengths  # where each segment starts in the expert-major block
     offset = torch.repeat_interleave(starts - start_em, lengths, output_size=total)
     return torch.arange(total, device=recv_counts.device) + offset
@@ -113,7 +113,7 @@ class AllToAllDispatcher:
             send = tokens_per_expert.view(ep, El)
             recv = _a2a(send.reshape(-1), [El] * ep, [El] * ep, self.group).view(ep, El)
             splits = torch.cat([send.sum(1), recv.sum(1)]).tolist()  # one host sync for both split lists
-            perm = rank_major_to_expert_major(recv)
+            perm = rank_major_to_expert_major(recv, total=sum(splits[ep:]))
             inv_perm = torch.empty_like(perm)
             inv_perm[perm] = torch.arange(perm.numel(), device=perm.device)
             local_counts = recv.sum(0)

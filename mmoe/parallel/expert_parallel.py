@@ -243,6 +243,27 @@ def finalize_expert_grads(module: nn.Module) -> None:
         _all_reduce_coalesced(grads, st.edp_group)
 
 
+@torch.no_grad()
+def sync_nonfinite_expert_grads(module: nn.Module) -> bool:
+    """Make an overflow in any rank's expert grads visible to every rank (fp16 GradScaler): experts differ
+    across EP ranks, so one rank may overflow alone and skip its step while the others step, desynchronising
+    the replicated weights. One scalar all-reduce over the world; on overflow every rank's expert grads are
+    set to inf, so every GradScaler skips the step and lowers the scale identically. Returns the flag."""
+    if find_state(module) is None:
+        return False
+    grads = [p.grad for p in expert_parameters(module) if p.grad is not None]
+    dev = grads[0].device if grads else next(module.parameters()).device
+    bad = torch.zeros((), device=dev)
+    if grads:
+        bad = torch.stack([torch.isfinite(g).all() for g in grads]).logical_not().any().float()
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bool(bad):
+        for g in grads:
+            g.fill_(float("inf"))
+        return True
+    return False
+
+
 def _all_reduce_coalesced(tensors: list[Tensor], group) -> None:
     by_dtype: dict[tuple, list[Tensor]] = {}
     for t in tensors:
@@ -345,7 +366,8 @@ from .checkpoint import (cache_consolidated, consolidated_model, drop_consolidat
 
 __all__ = [
     "ExpertParallel", "ExpertShard", "enable_expert_parallel", "find_state", "moe_modules", "expert_parameters",
-    "is_expert_param", "ddp_ignore_names", "set_ddp_ignore", "wrap_ddp", "finalize_expert_grads", "grad_norm",
+    "is_expert_param", "ddp_ignore_names", "set_ddp_ignore", "wrap_ddp", "finalize_expert_grads",
+    "sync_nonfinite_expert_grads", "grad_norm",
     "clip_grad_norm_", "full_state_dict", "shard_state_dict", "full_optimizer_state_dict",
     "shard_optimizer_state_dict", "cache_consolidated", "drop_consolidated", "consolidated_model",
     "gather_experts_locally", "ep_load_metrics", "dispatchers",

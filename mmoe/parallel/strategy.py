@@ -40,7 +40,7 @@ from torch.nn import Module
 
 from .expert_parallel import (cache_consolidated, clip_grad_norm_, drop_consolidated, finalize_expert_grads,
                               find_state,
-                              gather_experts_locally,
+                              gather_experts_locally, sync_nonfinite_expert_grads,
                               full_optimizer_state_dict, full_state_dict, set_ddp_ignore, shard_optimizer_state_dict,
                               shard_state_dict)
 
@@ -111,9 +111,13 @@ class ExpertParallelStrategy(DDPStrategy):
 
         drop_consolidated(module)  # weights change: a gathered export copy would be stale
 
+        scaler = getattr(self.precision_plugin, "scaler", None)  # fp16 GradScaler (16-mixed)
+
         def closure_then_reduce_experts():
             out = closure()  # forward + backward (DDP all-reduces the replicated grads inside)
             finalize_expert_grads(module)  # then, before clipping and the step: experts SUM(EDP) / W
+            if scaler is not None:  # an overflow in one rank's experts must make every rank skip the step
+                sync_nonfinite_expert_grads(module)
             return out
 
         return super().optimizer_step(optimizer, closure_then_reduce_experts, model, **kwargs)

@@ -169,6 +169,12 @@ class GroupedExperts(nn.Module):
     @torch.no_grad()
     def upcycle_(self, dense: nn.Module) -> None:
         """Copy a dense MLP into every expert (co-upcycling): identical experts reproduce the dense MLP."""
+        dense_hidden = (dense_glu_parts(dense)[0] if self.glu else dense_mlp_parts(dense)[0]).weight.shape[0]
+        own_hidden = self.w_out.in_features
+        if dense_hidden != own_hidden:
+            raise ValueError(f"cannot upcycle a dense MLP of hidden width {dense_hidden} into experts of width "
+                             f"{own_hidden}: copies are exact only at equal width (set moe.expert_hidden to 0 or "
+                             f"{dense_hidden})")
         if self.glu:
             gate, up, down = dense_glu_parts(dense)
             hid = gate.weight.shape[0]

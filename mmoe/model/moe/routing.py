@@ -22,7 +22,7 @@ class RoutingResult:
     """Routing decision of one MoE layer for N = B*T tokens."""
 
     expert_idx: Tensor  # (N, K) long: expert of each slot
-    weights: Tensor  # (N, K) float32: combine weight, 0 where the slot is not kept
+    weights: Tensor  # (N, K) float32 (float64 for float64 inputs): combine weight, 0 where not kept
     selected: Tensor  # (N, K) bool: the router chose this slot (before capacity)
     kept: Tensor  # (N, K) bool: selected and within capacity; only these are computed
     probs: Tensor  # (N, E) float32: full routing distribution (rows sum to 1), for losses
@@ -157,7 +157,9 @@ class Router(nn.Module):
         pg = group_logits.softmax(-1)
         pe = sel_logits.view(N, G, per).softmax(-1)  # expert probs within each group
         sel_probs = (pg[..., None] * pe).view(N, E)
-        probs = sel_probs if sel_logits is logits else (pg[..., None] * logits.view(N, G, per).softmax(-1)).view(N, E)
+        probs = sel_probs
+        if sel_logits is not logits:
+            probs = (pg[..., None] * logits.view(N, G, per).softmax(-1)).view(N, E)
         gchoice = pg
         echoice = pe
         if cfg.aux_free_bias:
