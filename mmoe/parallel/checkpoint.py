@@ -18,8 +18,8 @@ from torch import Tensor, nn
 
 from mmoe.model.moe.dispatch import LocalDispatcher
 
-from .expert_parallel import (SHARD_ATTR, STATE_ATTR, ExpertParallel, ExpertShard, _shard_params, expert_parameters,
-                              find_state, moe_modules, sharded_linears)
+from .expert_parallel import (SHARD_ATTR, STATE_ATTR, ExpertParallel, ExpertShard, _shard_params, find_state,
+                              moe_modules, sharded_linears)
 
 
 # --------------------------------------------------------------------------- checkpoints

@@ -34,7 +34,6 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable, Mapping
 
-import torch
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from torch.nn import Module
 
