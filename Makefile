@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m pip install -q --upgrade pip
 	$(PYTHON) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PYTHON) -m pip install -q -e ".[dev]"
+	# lmms-eval's model API only (its full install pulls datasets, wandb, ...); never touches torch
+	$(PYTHON) -m pip install -q --no-deps "lmms_eval==0.7.3" loguru pytz
 	touch $(STAMP)
 
 data: install
