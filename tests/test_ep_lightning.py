@@ -239,6 +239,7 @@ def test_lightning_ddp_ep_fit_equals_single_process_and_checkpoints(tmp_path):
 
 
 # =========================================================================== train.py's CLI
+# =========================================================================== train.py's CLI
 def _val_epoch_end_gathered(self) -> None:
     """MMoEModule.on_validation_epoch_end for several processes (proposed fix, see the EP report): the
     module's version logs per-answer-type keys with sync_dist=True, and ranks whose questions cover different
@@ -266,18 +267,11 @@ def _val_epoch_end_gathered(self) -> None:
 
 
 def _job_cli(rank: int, world: int, data_dir: str, config: str, root: str) -> dict:
-    import mmoe.parallel.strategy  # noqa: F401  registers "ddp_ep" (cli.py should import it: see the report)
     from mmoe.parallel import expert_parameters, full_state_dict
-    from mmoe.training.cli import cli_main
-
-    import mmoe.training.callbacks as cb
+    from mmoe.training.cli import cli_main  # registers --trainer.strategy ddp_ep
 
     os.chdir(REPO)
-    # Trainer.log_dir broadcasts (a collective) and export_after_fit reads it on rank 0 only, which hangs any
-    # multi-process run; until callbacks.py resolves it on every rank (see the EP report), use the root dir.
-    cb.run_dir = lambda trainer: Path(trainer.default_root_dir)
     from mmoe.training.module import MMoEModule
-    MMoEModule.on_validation_epoch_end = _val_epoch_end_gathered  # likewise (multi-process validation)
     module_seen = {}
     orig_val_step = MMoEModule.validation_step
 

@@ -17,19 +17,18 @@ def run_dir(trainer: L.Trainer) -> Path:
 def export_after_fit(trainer: L.Trainer, module, datamodule, export_dir: str | None) -> Path | None:
     """Export (rank 0) and write plots beside the run; returns the export directory."""
     from .export import export_model
+    run = run_dir(trainer)  # Trainer.log_dir broadcasts: every rank must call it
+    model = module.consolidated_model() if hasattr(module, "consolidated_model") else module.model
     if not trainer.is_global_zero:
         return None
-    out = Path(export_dir) if export_dir else run_dir(trainer) / "export"
+    out = Path(export_dir) if export_dir else run / "export"
     tok = getattr(datamodule, "tokenizer", None)
-    model = module.model
-    if hasattr(module, "consolidated_model"):
-        model = module.consolidated_model()
     export_model(model, out, tokenizer=tok, extra={"global_step": int(trainer.global_step)})
     history = getattr(module, "expert_load_history", [])
     if history:
-        (run_dir(trainer) / "expert_load.json").write_text(json.dumps(history))
+        (run / "expert_load.json").write_text(json.dumps(history))
     try:
-        write_plots(run_dir(trainer), history)
+        write_plots(run, history)
     except Exception as e:  # plotting must never lose a trained model
         print(f"[mmoe] plots skipped: {e}")
     print(f"[mmoe] exported model to {out}")

@@ -11,6 +11,7 @@ import os
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningCLI
 
+import mmoe.parallel.strategy  # noqa: F401  (registers --trainer.strategy ddp_ep)
 from mmoe.data.datamodule import MMoEDataModule
 
 from .module import MMoEModule

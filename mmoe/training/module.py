@@ -156,6 +156,9 @@ class MMoEModule(L.LightningModule):
             self.expert_load_history.append(
                 {"step": int(self.global_step), "layer": r.name,
                  "load": B.expert_load(r).tolist()})
+        if self.parallel_cfg.ep_size > 1:  # a collective: runs at the same steps on every rank
+            from mmoe.parallel import ep_load_metrics
+            metrics.update(ep_load_metrics(self.model))
         self.log_dict(metrics, batch_size=bs)
 
     # ------------------------------------------------------------------ aux-loss-free bias
@@ -186,20 +189,28 @@ class MMoEModule(L.LightningModule):
             self._val_results.append({"question_id": int(qid), "answer": ans.strip()})
 
     def on_validation_epoch_end(self) -> None:
-        if not self._val_results:
-            return
-        from mmoe.metrics.vqa import vqa_accuracy
+        """Score the union of every rank's answers on every rank (ranks may hold different answer types,
+        so per-rank logging with sync_dist would issue mismatched collectives)."""
         import json
-        dm = self.trainer.datamodule
-        with open(dm.val_annotations_path) as f:
+
+        from mmoe.metrics.vqa import vqa_accuracy
+
+        results, self._val_results = self._val_results, []
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            parts: list = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, results)
+            results = list({r["question_id"]: r for part in parts for r in part}.values())  # sampler pads repeats
+        if not results:
+            return
+        with open(self.trainer.datamodule.val_annotations_path) as f:
             ann = json.load(f)
-        wanted = {r["question_id"] for r in self._val_results}
+        wanted = {r["question_id"] for r in results}
         ann = dict(ann, annotations=[a for a in ann["annotations"] if a["question_id"] in wanted])
-        acc = vqa_accuracy(self._val_results, ann)
-        self.log("val/vqa_acc", float(acc["overall"]), prog_bar=True, sync_dist=True)
+        acc = vqa_accuracy(results, ann)
+        self.log("val/vqa_acc", float(acc["overall"]), prog_bar=True)
         for k, v in acc.get("per_answer_type", {}).items():
-            self.log(f"val/vqa_acc/{k}", float(v), sync_dist=True)
-        self._val_results = []
+            self.log(f"val/vqa_acc/{k}", float(v))
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
