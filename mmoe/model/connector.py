@@ -20,7 +20,6 @@ from mmoe.constants import MODALITY_IMAGE
 
 from .layers import GeluMLP
 from .moe import MoEConfig, MoEFFN, RoutingResult
-from .moe.experts import GroupedLinear
 
 
 class ConnectorConfigError(ValueError):
@@ -44,33 +43,12 @@ class ConnectorConfig:
 
 
 class MoEProjector(MoEFFN):
-    """MoEFFN whose experts map in_dim -> out_dim (the connector changes width; MoEFFN keeps it)."""
+    """CuMo's MLP-MoE: GELU experts mapping in_dim -> out_dim, site "connector"."""
 
     def __init__(self, in_dim: int, hidden: int, out_dim: int, cfg: MoEConfig, activation: str = "gelu",
                  layer: int = 0):
         super().__init__(in_dim, hidden, cfg, activation=activation, bias=True, causal=False,
-                         site="connector", layer=layer)
-        self.out_dim = out_dim
-        if out_dim != in_dim:
-            eh = self.experts.w_out.in_features
-            self.experts.w_out = GroupedLinear(cfg.num_experts, eh, out_dim, bias=True)
-            if self.shared is not None:
-                self.shared = GeluMLP(in_dim, self.shared.fc1.out_features, out_dim=out_dim,
-                                      activation=activation)
-
-    def forward(self, x: Tensor, token_mask: Tensor | None = None,
-                modality: Tensor | None = None) -> tuple[Tensor, RoutingResult]:
-        B, T, D = x.shape
-        flat = x.reshape(B * T, D)
-        r = self.router(flat, None if token_mask is None else token_mask.reshape(-1),
-                        None if modality is None else modality.reshape(-1), batch_shape=(B, T))
-        r.site, r.layer = self.site, self.layer
-        plan = self.dispatcher.plan(r)
-        xs, counts = self.dispatcher.dispatch(flat, plan)
-        y = self.dispatcher.combine(self.experts(xs, counts), plan)
-        if self.shared is not None:
-            y = y + self.shared(flat)
-        return y.view(B, T, self.out_dim), r
+                         site="connector", layer=layer, out_dim=out_dim)
 
 
 class Connector(nn.Module):

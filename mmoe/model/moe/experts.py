@@ -150,12 +150,13 @@ class GroupedLinear(nn.Module):
 class GroupedExperts(nn.Module):
     """E feed-forward experts: SwiGLU (Llama/Mixtral) or a 2-layer MLP with GELU-family activation (ViT)."""
 
-    def __init__(self, num_experts: int, dim: int, hidden: int, activation: str = "swiglu", bias: bool = False):
+    def __init__(self, num_experts: int, dim: int, hidden: int, activation: str = "swiglu", bias: bool = False,
+                 out_dim: int | None = None):
         super().__init__()
         self.activation = activation
         self.glu = activation == "swiglu"
         self.w_in = GroupedLinear(num_experts, dim, 2 * hidden if self.glu else hidden, bias=bias)
-        self.w_out = GroupedLinear(num_experts, hidden, dim, bias=bias)
+        self.w_out = GroupedLinear(num_experts, hidden, out_dim or dim, bias=bias)
         self.act = activation_fn("silu" if self.glu else activation)
 
     def forward(self, x: Tensor, tokens_per_expert: Tensor) -> Tensor:

@@ -19,17 +19,20 @@ class MoEFFN(nn.Module):
     """
 
     def __init__(self, dim: int, hidden: int, cfg: MoEConfig, activation: str = "swiglu", bias: bool = False,
-                 causal: bool = True, site: str = "ffn", layer: int = -1):
+                 causal: bool = True, site: str = "ffn", layer: int = -1, out_dim: int | None = None):
         super().__init__()
         self.cfg, self.site, self.layer = cfg, site, layer
+        self.out_dim = out_dim or dim  # the connector changes width; FFNs keep it
+        if activation == "swiglu" and self.out_dim != dim:
+            raise ValueError(f"{site}.{layer}: SwiGLU experts keep the width (out_dim {self.out_dim} != dim {dim})")
         self.router = Router(dim, cfg, causal=causal, site=f"{site}.{layer}")
         expert_hidden = cfg.expert_hidden or hidden
-        self.experts = GroupedExperts(cfg.num_experts, dim, expert_hidden, activation, bias)
+        self.experts = GroupedExperts(cfg.num_experts, dim, expert_hidden, activation, bias, out_dim=self.out_dim)
         self.shared: nn.Module | None = None
         if cfg.num_shared_experts > 0:
             sh = expert_hidden * cfg.num_shared_experts
-            self.shared = SwiGLU(dim, sh, bias) if activation == "swiglu" else GeluMLP(dim, sh, activation=activation,
-                                                                                      bias=bias)
+            self.shared = SwiGLU(dim, sh, bias) if activation == "swiglu" else GeluMLP(
+                dim, sh, out_dim=self.out_dim, activation=activation, bias=bias)
         self.dispatcher = LocalDispatcher()
 
     def forward(self, x: Tensor, token_mask: Tensor | None = None,
@@ -45,7 +48,7 @@ class MoEFFN(nn.Module):
         y = self.dispatcher.combine(self.experts(xs, counts), plan)
         if self.shared is not None:
             y = y + self.shared(flat)
-        return y.view(B, T, D), r
+        return y.view(B, T, self.out_dim), r
 
     @torch.no_grad()
     def upcycle_(self, dense: nn.Module) -> None:
