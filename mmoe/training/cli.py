@@ -43,6 +43,9 @@ class MMoECLI(LightningCLI):
             except ImportError:
                 pass
             kwargs["logger"] = loggers
+        if not cfg.get("plugins") and "plugins" not in kwargs:
+            from .reliability import AtomicCheckpointIO
+            kwargs["plugins"] = [AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
 
     def after_fit(self) -> None:
