@@ -117,9 +117,10 @@ def test_over_long_question_gets_a_clear_error(tiny_data, tmp_path):
 @pytest.mark.parametrize("record,field", [
     ({"id": "a", "image": "x.png"}, "conversations"),
     ({"id": "a", "conversations": "not a list"}, "conversations"),
-    ({"id": "a", "conversations": [{"from": "human"}]}, "value"),
-    ({"id": "a", "conversations": [{"from": "human", "value": 3}]}, "value"),
-    ({"id": "a", "conversations": [{"from": "robot", "value": "hi"}]}, "from"),
+    ({"id": "a", "conversations": [{"from": "human"}]}, "turns"),
+    ({"id": "a", "conversations": [{"from": "human"}, {"from": "gpt", "value": "red"}]}, "value"),
+    ({"id": "a", "conversations": [{"from": "human", "value": 3}, {"from": "gpt", "value": "red"}]}, "value"),
+    ({"id": "a", "conversations": [{"from": "robot", "value": "hi"}, {"from": "gpt", "value": "red"}]}, "from"),
 ])
 def test_conversation_json_errors_name_the_field(record, field, tiny_data, tmp_path):
     from mmoe.data.dataset import LlavaJsonDataset

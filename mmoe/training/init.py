@@ -63,7 +63,9 @@ def _dense_at(sd: dict[str, Tensor], prefix: str, names: tuple[str, ...]) -> str
 @torch.no_grad()
 def load_stage_weights(model: nn.Module, path: str | Path, strict: bool = True) -> dict[str, list[str]]:
     """Load previous-stage weights into `model`, upcycling dense -> MoE. Returns what happened."""
-    return load_state_upcycling(model, read_state_dict(path), str(path), strict)
+    path = Path(path)
+    file = path / "model.safetensors" if path.is_dir() else path
+    return load_state_upcycling(model, read_state_dict(path), str(file), strict)
 
 
 @torch.no_grad()

@@ -6,11 +6,12 @@ from .config import MoEConfig, MoEConfigError, select_layers
 from .dispatch import DispatchPlan, LocalDispatcher
 from .experts import GroupedExperts, GroupedLinear
 from .layer import MoEFFN
+from .attention import MoAAttention
 from .routing import Router, RoutingResult, within_capacity
 
 __all__ = [
     "MoEConfig", "MoEConfigError", "select_layers", "Router", "RoutingResult", "within_capacity", "LocalDispatcher", "DispatchPlan",
-    "GroupedExperts", "GroupedLinear", "MoEFFN", "LOSS_KINDS", "balancing_losses", "load_balance_loss", "z_loss",
+    "GroupedExperts", "GroupedLinear", "MoEFFN", "MoAAttention", "LOSS_KINDS", "balancing_losses", "load_balance_loss", "z_loss",
     "group_balance_loss", "modality_balance_loss", "device_balance_loss", "sequence_balance_loss",
     "routing_metrics", "expert_load",
 ]
