@@ -281,7 +281,7 @@ def _job_cli(rank: int, world: int, data_dir: str, config: str, root: str) -> di
 
     MMoEModule.validation_step = val_step
     cli = cli_main(["fit", "--config", str(REPO / "configs/default.yaml"), "--config", config,
-                    "--data.data_dir", data_dir, "--trainer.devices", "2", "--trainer.strategy", "ddp_ep",
+                    "--data.data_dir", data_dir, "--trainer.devices", "2",  # ep_size > 1 selects the ddp_ep strategy
                     "--model.parallel.ep_size", "2", "--trainer.default_root_dir", root,
                     "--export_dir", os.path.join(root, "export")])
     module = cli.model

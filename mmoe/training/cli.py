@@ -43,6 +43,10 @@ class MMoECLI(LightningCLI):
             except ImportError:
                 pass
             kwargs["logger"] = loggers
+        parallel = getattr(self.model, "parallel_cfg", None)
+        if parallel is not None and parallel.ep_size > 1 and cfg.get("strategy") in (None, "auto") \
+                and "strategy" not in kwargs:
+            kwargs["strategy"] = "ddp_ep"  # expert parallelism needs its gradient and checkpoint handling
         if not cfg.get("plugins") and "plugins" not in kwargs:
             from .reliability import AtomicCheckpointIO
             kwargs["plugins"] = [AtomicCheckpointIO()]
