@@ -67,7 +67,7 @@ def test_left_padded_prompts_stay_left_padded():
     ids = torch.tensor([[0, 0, 1, IMG, 5], [1, IMG, 6, 7, 8]])
     emb, m, _, mod = model.splice(ids, ids != 0, torch.randn(2, 4, 32), None, "left")
     assert m[0].tolist() == [False] * 2 + [True] * 6 and m[1].tolist() == [True] * 8
-    assert (mod[0, 3:7] == MODALITY_IMAGE).all() and (mod[1, 2:6] == MODALITY_IMAGE).all()
+    assert (mod[0, 3:7] == MODALITY_IMAGE).all() and (mod[1, 1:5] == MODALITY_IMAGE).all()
 
 
 def test_placeholder_image_mismatch_is_a_clear_error():
