@@ -81,6 +81,13 @@ def test_fit_runs_exports_and_validates(cfg, tiny_data, tiny_config, tmp_path):
         assert f"routing/{site}." in text and "max_violation" in text
     assert "routing/ffn.1/image/load_cv" in text  # per modality
     assert (run / "expert_load.png").exists() and (run / "training_curves.png").exists()
+    # `train.py test` scores every test question from the checkpoint
+    test_run = tmp_path / "test_run"
+    cli = cli_main(["test", "--config", str(REPO / cfg), "--config", str(tiny_config), "--data.data_dir",
+                    str(tiny_data), "--trainer.default_root_dir", str(test_run), "--ckpt_path",
+                    str(run / "checkpoints" / "last.ckpt")])
+    assert "test/vqa_acc" in cli.trainer.callback_metrics
+    assert 0.0 <= float(cli.trainer.callback_metrics["test/vqa_acc"]) <= 100.0
 
 
 def test_staged_recipe_round_trip(tiny_data, tiny_config, tmp_path):

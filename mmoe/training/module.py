@@ -188,7 +188,16 @@ class MMoEModule(L.LightningModule):
         for qid, ans in zip(batch["question_ids"], answers):
             self._val_results.append({"question_id": int(qid), "answer": ans.strip()})
 
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self._score_vqa("test", self.trainer.datamodule.test_annotations_path)
+
     def on_validation_epoch_end(self) -> None:
+        self._score_vqa("val", self.trainer.datamodule.val_annotations_path)
+
+    def _score_vqa(self, prefix: str, annotations_path) -> None:
         """Score the union of every rank's answers on every rank (ranks may hold different answer types,
         so per-rank logging with sync_dist would issue mismatched collectives)."""
         import json
@@ -203,14 +212,14 @@ class MMoEModule(L.LightningModule):
             results = list({r["question_id"]: r for part in parts for r in part}.values())  # sampler pads repeats
         if not results:
             return
-        with open(self.trainer.datamodule.val_annotations_path) as f:
+        with open(annotations_path) as f:
             ann = json.load(f)
         wanted = {r["question_id"] for r in results}
         ann = dict(ann, annotations=[a for a in ann["annotations"] if a["question_id"] in wanted])
         acc = vqa_accuracy(results, ann)
-        self.log("val/vqa_acc", float(acc["overall"]), prog_bar=True)
+        self.log(f"{prefix}/vqa_acc", float(acc["overall"]), prog_bar=True)
         for k, v in acc.get("per_answer_type", {}).items():
-            self.log(f"val/vqa_acc/{k}", float(v))
+            self.log(f"{prefix}/vqa_acc/{k}", float(v))
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
