@@ -339,10 +339,16 @@ def test_config_errors_name_the_field(kw, causal, field):
 
 
 def test_valid_configs_pass():
-    MoEConfig(router="expert_choice").validate(causal=False)
-    MoEConfig(num_experts=8, hierarchy="two_level", num_groups=4, top_groups=2, top_k=2).validate(causal=True)
-    MoEConfig(num_experts=8, hierarchy="group_limited", num_groups=4, top_groups=2, top_k=4,
-              score_func="sigmoid", aux_free_bias=True).validate(causal=True)
+    ec = MoEConfig(router="expert_choice")
+    ec.validate(causal=False)  # raises if refused
+    assert ec.slots == ec.num_experts
+    two = MoEConfig(num_experts=8, hierarchy="two_level", num_groups=4, top_groups=2, top_k=2)
+    two.validate(causal=True)
+    assert two.slots == 2 and two.capacity(100, training=True) == 0  # dropless by default
+    gl = MoEConfig(num_experts=8, hierarchy="group_limited", num_groups=4, top_groups=2, top_k=4,
+                   score_func="sigmoid", aux_free_bias=True, capacity_factor=1.25)
+    gl.validate(causal=True)
+    assert gl.capacity(100, training=True) == 63 and gl.capacity(100, training=False) == 0
 
 
 def test_select_layers_specs_and_errors():
