@@ -1,0 +1,642 @@
+"""Deterministic synthetic "shapes" VQA / captioning dataset in VQAv2, COCO-captions and LLaVA formats.
+
+Why: a real but tiny learning problem (colour, shape, counting, existence, spatial questions about rendered scenes)
+that trains in minutes on one GPU and exercises every data path the project uses for real datasets. A fixed set of
+held-out (shape, colour) combinations never appears in train/val/test images; the ``heldout`` split is made of
+images that each contain at least one of them, to measure compositional generalisation.
+
+Determinism: every image uses its own ``numpy`` Generator seeded with ``[seed, split, index]``; PNGs are written
+by PIL with fixed parameters and JSON with ``sort_keys`` and a fixed indent, so the same seed gives byte-identical
+files. Entry point: :func:`generate_dataset` (wrapped by ``data_scripts/make_synthetic.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from mmoe.constants import IMAGE_TOKEN
+from mmoe.data.template import ASSISTANT_PREFIX, CAPTION_PROMPT, SHORT_ANSWER_SUFFIX, USER_PREFIX
+
+GENERATOR_VERSION = "1.0"
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross")
+PLURALS = {
+    "circle": "circles",
+    "square": "squares",
+    "triangle": "triangles",
+    "diamond": "diamonds",
+    "cross": "crosses",
+}
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 175, 60),
+    "blue": (45, 85, 230),
+    "yellow": (235, 215, 40),
+    "purple": (150, 60, 200),
+    "orange": (245, 135, 25),
+}
+SIZES: dict[str, float] = {"small": 0.11, "large": 0.17}  # circumradius as a fraction of the image side (large enough for 8-px patches)
+SPLITS: tuple[str, ...] = ("train", "val", "test", "heldout")
+HELDOUT_FRACTION = 0.15
+MAX_OBJECTS = 4
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
+CAPTIONS_PER_IMAGE = 5
+ANSWERS_PER_QUESTION = 10
+NOISY_QUESTION_RATE = (
+    0.2  # fraction of questions with 1-2 of 10 annotator answers wrong (majority stays right)
+)
+# question category -> (VQAv2 question_type, answer_type)
+QUESTION_TYPES: dict[str, tuple[str, str]] = {
+    "color": ("what color", "other"),
+    "shape": ("what shape", "other"),
+    "count": ("how many", "number"),
+    "exist": ("is there", "yes/no"),
+    "spatial": ("is the", "yes/no"),
+}
+LICENSE = {"name": "CC0-1.0", "url": "https://creativecommons.org/publicdomain/zero/1.0/"}
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    """One rendered object; ``x, y, radius`` in pixels of the final image, ``rgb`` the jittered fill colour."""
+
+    shape: str
+    color: str
+    size: str
+    x: float
+    y: float
+    radius: float
+    rgb: tuple[int, int, int]
+
+    @property
+    def combo(self) -> tuple[str, str]:
+        return (self.shape, self.color)
+
+    def to_json(self) -> dict:
+        return {
+            "shape": self.shape,
+            "color": self.color,
+            "size": self.size,
+            "x": self.x,
+            "y": self.y,
+            "radius": self.radius,
+            "rgb": list(self.rgb),
+        }
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[SceneObject, ...]
+    background: tuple[int, int, int]
+    tone: str  # "dark" or "light", used in captions
+    noise_std: float
+
+
+@dataclass(frozen=True)
+class QA:
+    question: str
+    answer: str
+    category: str
+    heldout: bool  # asks about (or counts) an object with a held-out combination
+
+
+# ----------------------------------------------------------------------------------------------- scenes
+
+
+def choose_heldout_combos(seed: int, fraction: float = HELDOUT_FRACTION) -> list[tuple[str, str]]:
+    """~``fraction`` of (shape, colour) combos, at most one per shape and per colour, so each held-out combo is a
+    new pairing of a shape and a colour that are both still seen (with other partners) in training."""
+    n = max(1, min(round(fraction * len(SHAPES) * len(COLORS)), len(SHAPES), len(COLORS)))
+    rng = np.random.default_rng([seed, 999])
+    shapes = rng.permutation(len(SHAPES))[:n]
+    colors = rng.permutation(len(COLORS))[:n]
+    color_names = list(COLORS)
+    return sorted((SHAPES[s], color_names[c]) for s, c in zip(shapes, colors))
+
+
+def _pick(rng: np.random.Generator, seq: Sequence):
+    return seq[int(rng.integers(len(seq)))]
+
+
+def sample_scene(
+    rng: np.random.Generator,
+    image_size: int,
+    combos: Sequence[tuple[str, str]],
+    required: tuple[str, str] | None = None,
+) -> Scene:
+    """1-4 non-overlapping objects drawn from ``combos`` (plus ``required`` first, if given)."""
+    n = int(rng.integers(1, MAX_OBJECTS + 1))
+    gap = 0.03 * image_size
+    while True:
+        for _attempt in range(30):
+            objects: list[SceneObject] = []
+            for k in range(n):
+                shape, color = required if (k == 0 and required is not None) else _pick(rng, combos)
+                size = _pick(rng, list(SIZES))
+                r = round(SIZES[size] * image_size, 2)
+                rgb = tuple(int(np.clip(c + rng.integers(-12, 13), 0, 255)) for c in COLORS[color])
+                for _try in range(60):
+                    x = round(float(rng.uniform(r + 1, image_size - r - 1)), 2)
+                    y = round(float(rng.uniform(r + 1, image_size - r - 1)), 2)
+                    if all(math.hypot(x - o.x, y - o.y) >= r + o.radius + gap for o in objects):
+                        objects.append(SceneObject(shape, color, size, x, y, r, rgb))
+                        break
+                else:
+                    break
+            if len(objects) == n:
+                order = rng.permutation(n)
+                tone = _pick(rng, ("dark", "light"))
+                level = int(rng.integers(20, 71)) if tone == "dark" else int(rng.integers(170, 216))
+                background = tuple(int(np.clip(level + rng.integers(-8, 9), 0, 255)) for _ in range(3))
+                noise = 0.0 if rng.random() < 0.5 else round(float(rng.uniform(1.0, 6.0)), 2)
+                return Scene(tuple(objects[i] for i in order), background, tone, noise)
+        n -= 1  # crowded: retry with fewer objects (never below 1, which always fits)
+
+
+def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
+    if shape == "square":
+        h = r * 0.8
+        return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
+    if shape == "triangle":
+        return [
+            (cx + r * math.cos(a), cy + r * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)
+        ]
+    if shape == "diamond":
+        return [(cx, cy - r), (cx + 0.75 * r, cy), (cx, cy + r), (cx - 0.75 * r, cy)]
+    if shape == "cross":
+        t, a = 0.32 * r, 0.95 * r
+        return [
+            (cx - t, cy - a),
+            (cx + t, cy - a),
+            (cx + t, cy - t),
+            (cx + a, cy - t),
+            (cx + a, cy + t),
+            (cx + t, cy + t),
+            (cx + t, cy + a),
+            (cx - t, cy + a),
+            (cx - t, cy + t),
+            (cx - a, cy + t),
+            (cx - a, cy - t),
+            (cx - t, cy - t),
+        ]
+    return None
+
+
+def render_scene(
+    scene: Scene, image_size: int, rng: np.random.Generator, supersample: int = 4
+) -> Image.Image:
+    """Draw at ``supersample``x, box-downsample (anti-aliasing), then add optional Gaussian pixel noise."""
+    big = image_size * supersample
+    img = Image.new("RGB", (big, big), scene.background)
+    draw = ImageDraw.Draw(img)
+    for o in scene.objects:
+        cx, cy, r = o.x * supersample, o.y * supersample, o.radius * supersample
+        poly = _shape_polygon(o.shape, cx, cy, r)
+        if poly is None:
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=o.rgb)
+        else:
+            draw.polygon(poly, fill=o.rgb)
+    img = img.resize((image_size, image_size), Image.Resampling.BOX)
+    if scene.noise_std > 0:
+        arr = np.asarray(img, dtype=np.float64) + rng.normal(
+            0.0, scene.noise_std, (image_size, image_size, 3)
+        )
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="RGB")
+    return img
+
+
+# ----------------------------------------------------------------------------------------------- questions
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _unique_attrs(obj: SceneObject, objects: Sequence[SceneObject], options: Sequence[tuple[str, ...]]):
+    """First attribute tuple that identifies ``obj`` uniquely in the scene, else None."""
+    for attrs in options:
+        if sum(all(getattr(p, a) == getattr(obj, a) for a in attrs) for p in objects) == 1:
+            return attrs
+    return None
+
+
+def _phrase(obj: SceneObject, attrs: Sequence[str]) -> str:
+    return " ".join(getattr(obj, a) for a in ("size", "color", "shape") if a in attrs)
+
+
+def candidate_questions(
+    scene: Scene,
+    rng: np.random.Generator,
+    image_size: int,
+    heldout: set[tuple[str, str]],
+    allow_heldout: bool,
+) -> list[QA]:
+    """All unambiguous questions for a scene (only uniquely identifiable objects are referred to).
+
+    ``allow_heldout=False`` keeps held-out combinations out of the question text (train/val/test)."""
+    objs = scene.objects
+    out: list[QA] = []
+    is_ho = [o.combo in heldout for o in objs]
+
+    for o, ho in zip(objs, is_ho):
+        attrs = _unique_attrs(o, objs, [("shape",), ("size", "shape")])
+        if attrs:
+            tmpl = _pick(rng, ("What color is the {}?", "What is the color of the {}?"))
+            out.append(QA(tmpl.format(_phrase(o, attrs)), o.color, "color", ho))
+        attrs = _unique_attrs(o, objs, [("color",), ("size", "color")])
+        if attrs:
+            tmpl = _pick(rng, ("What shape is the {} object?", "What is the shape of the {} object?"))
+            out.append(QA(tmpl.format(_phrase(o, attrs)), o.shape, "shape", ho))
+
+    any_ho = any(is_ho)
+    out.append(QA("How many objects are there?", str(len(objs)), "count", any_ho))
+    present_colors = sorted({o.color for o in objs})
+    absent_colors = [c for c in COLORS if c not in present_colors]
+    for c in present_colors + [_pick(rng, absent_colors)]:
+        hit = [h for o, h in zip(objs, is_ho) if o.color == c]
+        out.append(QA(f"How many {c} objects are there?", str(len(hit)), "count", any(hit)))
+    present_shapes = sorted({o.shape for o in objs})
+    absent_shapes = [s for s in SHAPES if s not in present_shapes]
+    for s in present_shapes + [_pick(rng, absent_shapes)]:
+        hit = [h for o, h in zip(objs, is_ho) if o.shape == s]
+        out.append(QA(f"How many {PLURALS[s]} are there?", str(len(hit)), "count", any(hit)))
+    for size in sorted({o.size for o in objs}):
+        hit = [h for o, h in zip(objs, is_ho) if o.size == size]
+        out.append(QA(f"How many {size} objects are there?", str(len(hit)), "count", any(hit)))
+
+    present = {o.combo for o in objs}
+    present_sized = {(o.size, o.shape, o.color) for o in objs}
+    for o, ho in zip(objs, is_ho):
+        out.append(QA(f"Is there {_article(o.color)} {o.color} {o.shape}?", "yes", "exist", ho))
+        out.append(QA(f"Is there a {o.size} {o.color} {o.shape}?", "yes", "exist", ho))
+        other = "small" if o.size == "large" else "large"
+        if (other, o.shape, o.color) not in present_sized:
+            out.append(QA(f"Is there a {other} {o.color} {o.shape}?", "no", "exist", ho))
+        # near-miss negatives: right shape with a wrong colour, right colour with a wrong shape
+        for shape, color in ((o.shape, _pick(rng, list(COLORS))), (_pick(rng, SHAPES), o.color)):
+            if (shape, color) in present or (not allow_heldout and (shape, color) in heldout):
+                continue
+            out.append(
+                QA(f"Is there {_article(color)} {color} {shape}?", "no", "exist", (shape, color) in heldout)
+            )
+
+    threshold = 0.12 * image_size
+    ref_options = [("color", "shape"), ("shape",), ("size", "color", "shape"), ("size", "shape")]
+    for i, a in enumerate(objs):
+        da = _unique_attrs(a, objs, ref_options)
+        for j, b in enumerate(objs):
+            db = _unique_attrs(b, objs, ref_options)
+            if i == j or not da or not db:
+                continue
+            ho = is_ho[i] or is_ho[j]
+            pa, pb = _phrase(a, da), _phrase(b, db)
+            if abs(a.x - b.x) >= threshold:
+                rel, opp = ("left of", "right of") if a.x < b.x else ("right of", "left of")
+                out.append(QA(f"Is the {pa} {rel} the {pb}?", "yes", "spatial", ho))
+                out.append(QA(f"Is the {pa} {opp} the {pb}?", "no", "spatial", ho))
+            if abs(a.y - b.y) >= threshold:
+                rel, opp = ("above", "below") if a.y < b.y else ("below", "above")
+                out.append(QA(f"Is the {pa} {rel} the {pb}?", "yes", "spatial", ho))
+                out.append(QA(f"Is the {pa} {opp} the {pb}?", "no", "spatial", ho))
+    return out
+
+
+def select_questions(cands: Sequence[QA], rng: np.random.Generator, n: int, prefer_heldout: bool) -> list[QA]:
+    """Pick ``n`` distinct questions, spreading categories and balancing yes/no answers."""
+    chosen: list[QA] = []
+    used_q: set[str] = set()
+    used_cat: set[str] = set()
+    for _ in range(n):
+        pool = [c for c in cands if c.question not in used_q]
+        if prefer_heldout and any(c.heldout for c in pool):
+            pool = [c for c in pool if c.heldout]
+        if not pool:
+            break
+        cats = sorted({c.category for c in pool})
+        fresh = [c for c in cats if c not in used_cat] or cats
+        cat = _pick(rng, fresh)
+        pool = [c for c in pool if c.category == cat]
+        if QUESTION_TYPES[cat][1] == "yes/no":
+            want = _pick(rng, ("yes", "no"))
+            pool = [c for c in pool if c.answer == want] or pool
+        qa = _pick(rng, pool)
+        chosen.append(qa)
+        used_q.add(qa.question)
+        used_cat.add(cat)
+    return chosen
+
+
+def annotator_answers(qa: QA, rng: np.random.Generator) -> list[str]:
+    """10 answers, all the ground truth except, for a few questions, 1-2 plausible mistakes."""
+    answers = [qa.answer] * ANSWERS_PER_QUESTION
+    if rng.random() < NOISY_QUESTION_RATE:
+        for idx in rng.choice(ANSWERS_PER_QUESTION, int(rng.integers(1, 3)), replace=False):
+            if qa.category in ("exist", "spatial"):
+                wrong = "no" if qa.answer == "yes" else "yes"
+            elif qa.category == "count":
+                wrong = str(max(0, int(qa.answer) + _pick(rng, (-1, 1))) if qa.answer != "0" else 1)
+            elif qa.category == "color":
+                wrong = _pick(rng, [c for c in COLORS if c != qa.answer])
+            else:
+                wrong = _pick(rng, [s for s in SHAPES if s != qa.answer])
+            answers[int(idx)] = wrong
+    return answers
+
+
+# ----------------------------------------------------------------------------------------------- captions
+
+
+def _join(items: Sequence[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _region(o: SceneObject, image_size: int) -> str:
+    col = min(int(3 * o.x / image_size), 2)
+    row = min(int(3 * o.y / image_size), 2)
+    names = [
+        ["top left", "top", "top right"],
+        ["left", "center", "right"],
+        ["bottom left", "bottom", "bottom right"],
+    ]
+    return names[row][col]
+
+
+def make_captions(scene: Scene, rng: np.random.Generator, image_size: int) -> list[str]:
+    """Five distinct, accurate, lowercase captions in different phrasings (objects listed left to right)."""
+    objs = sorted(scene.objects, key=lambda o: (o.x, o.y))
+    n = len(objs)
+
+    def phrases(with_size: bool) -> list[str]:
+        words = [f"{o.size} {o.color} {o.shape}" if with_size else f"{o.color} {o.shape}" for o in objs]
+        return [f"{_article(w)} {w}" for w in words]
+
+    def listing() -> str:
+        return _join(phrases(bool(rng.random() < 0.5)))
+
+    num, noun = NUMBER_WORDS[n], ("object" if n == 1 else "objects")
+    if n == 1:
+        o = objs[0]
+        spatial = f"a single {o.size} {o.color} {o.shape} in the {_region(o, image_size)}"
+    else:
+        spatial = "from left to right: " + _join(phrases(True))
+    templates: list[Callable[[], str]] = [
+        listing,
+        lambda: f"there {'is' if n == 1 else 'are'} {num} {noun}: {listing()}",
+        lambda: f"{num} {'shape' if n == 1 else 'shapes'} on a {scene.tone} background: {listing()}",
+        lambda: spatial,
+        lambda: f"a picture of {listing()}",
+        lambda: f"an image showing {listing()} on a {scene.tone} background",
+    ]
+    order = rng.permutation(len(templates))[:CAPTIONS_PER_IMAGE]
+    return [templates[int(i)]() for i in order]
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+def _dump(path: Path, obj: object) -> None:
+    path.write_text(json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=True) + "\n", encoding="utf-8")
+
+
+def image_file_name(split: str, image_id: int) -> str:
+    """Path of an image relative to the dataset directory."""
+    return f"images/{split}/{split}_{image_id:06d}.png"
+
+
+def _info(split: str, seed: int) -> dict:
+    return {
+        "description": f"mmoe synthetic shapes dataset ({split} split)",
+        "version": GENERATOR_VERSION,
+        "seed": seed,
+        "contributor": "mmoe data_scripts/make_synthetic.py",
+    }
+
+
+def _vocabulary_texts() -> list[str]:
+    """Every word the generator can emit, so the tokenizer never depends on which samples were drawn."""
+    words = list(SHAPES) + list(PLURALS.values()) + list(COLORS) + list(SIZES) + list(NUMBER_WORDS.values())
+    return [
+        " ".join(words),
+        "0 1 2 3 4 yes no dark light , :",
+        CAPTION_PROMPT,
+        SHORT_ANSWER_SUFFIX,
+        USER_PREFIX + ASSISTANT_PREFIX,
+        "top left top right bottom left bottom right center single",
+    ]
+
+
+def generate_split(
+    out_dir: Path,
+    split: str,
+    n_images: int,
+    first_image_id: int,
+    seed: int,
+    image_size: int,
+    questions_per_image: int,
+    heldout: list[tuple[str, str]],
+    log: Callable[[str], None] = print,
+) -> dict[str, list]:
+    """Render one split's images and return its records (questions, annotations, captions, llava, scenes)."""
+    split_index = SPLITS.index(split)
+    all_combos = [(s, c) for s in SHAPES for c in COLORS]
+    ho_set = set(heldout)
+    allowed = [c for c in all_combos if c not in ho_set]
+    img_dir = out_dir / "images" / split
+    img_dir.mkdir(parents=True, exist_ok=True)
+    rec: dict[str, list] = {
+        k: [] for k in ("questions", "annotations", "images", "captions", "llava", "scenes")
+    }
+    step = max(1, n_images // 4)
+    for i in range(n_images):
+        rng = np.random.default_rng([seed, split_index, i])
+        image_id = first_image_id + i
+        is_ho_split = split == "heldout"
+        scene = sample_scene(
+            rng,
+            image_size,
+            all_combos if is_ho_split else allowed,
+            required=_pick(rng, heldout) if is_ho_split else None,
+        )
+        file_name = image_file_name(split, image_id)
+        render_scene(scene, image_size, rng).save(
+            out_dir / file_name, format="PNG", optimize=False, compress_level=6
+        )
+
+        qas = select_questions(
+            candidate_questions(scene, rng, image_size, ho_set, allow_heldout=is_ho_split),
+            rng,
+            questions_per_image,
+            prefer_heldout=is_ho_split,
+        )
+        turns: list[tuple[str, str]] = []
+        for k, qa in enumerate(qas):
+            qid = image_id * 100 + k
+            qtype, atype = QUESTION_TYPES[qa.category]
+            rec["questions"].append({"image_id": image_id, "question": qa.question, "question_id": qid})
+            answers = annotator_answers(qa, rng)
+            rec["annotations"].append(
+                {
+                    "question_id": qid,
+                    "image_id": image_id,
+                    "question_type": qtype,
+                    "answer_type": atype,
+                    "multiple_choice_answer": qa.answer,
+                    "answers": [
+                        {"answer": a, "answer_confidence": "yes", "answer_id": j + 1}
+                        for j, a in enumerate(answers)
+                    ],
+                }
+            )
+            turns.append((qa.question + SHORT_ANSWER_SUFFIX, qa.answer))
+
+        captions = make_captions(scene, rng, image_size)
+        rec["images"].append(
+            {"id": image_id, "file_name": file_name, "height": image_size, "width": image_size}
+        )
+        rec["captions"] += [
+            {"id": image_id * 10 + j, "image_id": image_id, "caption": c} for j, c in enumerate(captions)
+        ]
+        if split == "train":
+            turns.insert(int(rng.integers(len(turns) + 1)), (CAPTION_PROMPT, _pick(rng, captions)))
+        if turns:
+            turns[0] = (f"{IMAGE_TOKEN}\n{turns[0][0]}", turns[0][1])
+            convs = [{"from": role, "value": v} for q, a in turns for role, v in (("human", q), ("gpt", a))]
+            rec["llava"].append({"id": f"{split}_{image_id:06d}", "image": file_name, "conversations": convs})
+        rec["scenes"].append(
+            {
+                "image_id": image_id,
+                "file_name": file_name,
+                "background": list(scene.background),
+                "tone": scene.tone,
+                "noise_std": scene.noise_std,
+                "objects": [o.to_json() for o in scene.objects],
+            }
+        )
+        if (i + 1) % step == 0 or i + 1 == n_images:
+            log(f"[make_synthetic] {split}: {i + 1}/{n_images} images")
+    return rec
+
+
+def write_split(out_dir: Path, split: str, seed: int, rec: dict[str, list]) -> None:
+    """Write the split's VQAv2 questions/annotations, COCO captions, LLaVA conversations and scene records."""
+    info = _info(split, seed)
+    _dump(
+        out_dir / f"{split}_questions.json",
+        {
+            "info": info,
+            "task_type": "Open-Ended",
+            "data_type": "synthetic",
+            "data_subtype": split,
+            "license": LICENSE,
+            "questions": rec["questions"],
+        },
+    )
+    _dump(
+        out_dir / f"{split}_annotations.json",
+        {
+            "info": info,
+            "data_type": "synthetic",
+            "data_subtype": split,
+            "license": LICENSE,
+            "annotations": rec["annotations"],
+        },
+    )
+    _dump(
+        out_dir / f"{split}_captions.json",
+        {
+            "info": info,
+            "licenses": [LICENSE],
+            "type": "captions",
+            "images": rec["images"],
+            "annotations": rec["captions"],
+        },
+    )
+    _dump(out_dir / f"{split}_llava.json", rec["llava"])
+    _dump(out_dir / f"{split}_scenes.json", {"info": info, "split": split, "scenes": rec["scenes"]})
+
+
+def generate_dataset(
+    out_dir: str | Path,
+    seed: int,
+    n_train: int = 4000,
+    n_val: int = 300,
+    n_test: int = 500,
+    n_heldout: int = 300,
+    image_size: int = 64,
+    questions_per_image: int = 3,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Generate all splits, the tokenizer and ``meta.json`` into ``out_dir``; returns the meta dict."""
+    from mmoe.data.tokenizer import train_tokenizer  # local: keeps transformers out of plain rendering
+
+    sizes = {"train": n_train, "val": n_val, "test": n_test, "heldout": n_heldout}
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    if any(n < 0 for n in sizes.values()):
+        raise ValueError(f"split sizes must be >= 0, got {sizes}")
+    if image_size < 32:
+        raise ValueError(f"image_size must be >= 32 to draw 4 separable objects, got {image_size}")
+    if not 1 <= questions_per_image <= 50:
+        raise ValueError(f"questions_per_image must be in 1..50, got {questions_per_image}")
+    out = Path(out_dir)
+    stale = [p for s in SPLITS for p in sorted((out / "images" / s).glob(f"{s}_*.png"))]
+    if stale and not overwrite:
+        raise FileExistsError(
+            f"{out} already holds generated images ({len(stale)} files); pass overwrite=True "
+            "(--overwrite) to replace them"
+        )
+    for p in stale:
+        p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.perf_counter()
+    heldout = choose_heldout_combos(seed)
+    texts = _vocabulary_texts()
+    next_id, split_meta = 1, {}
+    for split in SPLITS:
+        rec = generate_split(
+            out, split, sizes[split], next_id, seed, image_size, questions_per_image, heldout, log
+        )
+        write_split(out, split, seed, rec)
+        texts += [q["question"] for q in rec["questions"]] + [
+            a["multiple_choice_answer"] for a in rec["annotations"]
+        ]
+        texts += [c["caption"] for c in rec["captions"]]
+        split_meta[split] = {
+            "n_images": sizes[split],
+            "first_image_id": next_id,
+            "n_questions": len(rec["questions"]),
+            "n_captions": len(rec["captions"]),
+        }
+        next_id += sizes[split]
+    tokenizer = train_tokenizer(texts, out)
+    meta = {
+        "generator_version": GENERATOR_VERSION,
+        "seed": seed,
+        "image_size": image_size,
+        "questions_per_image": questions_per_image,
+        "shapes": list(SHAPES),
+        "colors": list(COLORS),
+        "sizes": list(SIZES),
+        "heldout_combos": [list(c) for c in heldout],
+        "splits": split_meta,
+        "caption_prompt": CAPTION_PROMPT,
+        "short_answer_suffix": SHORT_ANSWER_SUFFIX,
+        "tokenizer_vocab_size": len(tokenizer),
+    }
+    _dump(out / "meta.json", meta)
+    n_img = sum(m["n_images"] for m in split_meta.values())
+    n_q = sum(m["n_questions"] for m in split_meta.values())
+    log(
+        f"[make_synthetic] done: {n_img} images, {n_q} questions, {n_img * CAPTIONS_PER_IMAGE} captions, "
+        f"vocab {len(tokenizer)}, held-out combos {heldout}, {time.perf_counter() - t0:.1f}s -> {out}"
+    )
+    return meta

@@ -1,0 +1,159 @@
+"""Project tokenizer: a tiny word-level tokenizer for the synthetic data, and a loader for any local tokenizer.
+
+Why word-level: the synthetic corpus has ~100 distinct words, so one token per word keeps sequences short and
+answers decode exactly. Text is lowercased, whitespace is collapsed, words carry a leading "▁" (Metaspace) and
+punctuation is split off as its own token; the Metaspace decoder then restores spaces exactly, so
+``decode(encode("there are two objects: a red circle"))`` returns the same (lowercase) string.
+
+Special tokens have fixed ids: ``<pad>`` 0, ``<bos>`` 1, ``<eos>`` 2, ``<unk>`` 3, ``<image>`` 4. The tokenizer adds
+no special tokens by itself (no post-processor); the chat template in :mod:`mmoe.data.template` places them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+from mmoe.constants import IMAGE_TOKEN
+
+PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN = "<pad>", "<bos>", "<eos>", "<unk>"
+SPECIAL_TOKENS: tuple[str, ...] = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN, IMAGE_TOKEN)
+MAX_VOCAB = 512
+MODEL_MAX_LENGTH = 4096
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "spiece.model",
+)
+
+
+def _normalizer() -> normalizers.Normalizer:
+    return normalizers.Sequence(
+        [
+            normalizers.NFKC(),
+            normalizers.Lowercase(),
+            normalizers.Replace(Regex(r"\s+"), " "),
+            normalizers.Strip(),
+        ]
+    )
+
+
+def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
+            pre_tokenizers.Punctuation("isolated"),
+        ]
+    )
+
+
+def build_word_vocab(texts: Iterable[str], max_vocab: int = MAX_VOCAB) -> dict[str, int]:
+    """Count pre-tokenised words and assign ids by (frequency desc, word asc) so the result is deterministic."""
+    norm, pre = _normalizer(), _pre_tokenizer()
+    counts: Counter[str] = Counter()
+    for text in texts:
+        if not isinstance(text, str):
+            raise TypeError(f"train_tokenizer: expected str texts, got {type(text).__name__}")
+        for (
+            special
+        ) in SPECIAL_TOKENS:  # special tokens are matched before normalisation, never counted as words
+            text = text.replace(special, " ")
+        counts.update(word for word, _ in pre.pre_tokenize_str(norm.normalize_str(text)))
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for word, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        if len(vocab) >= max_vocab:
+            raise ValueError(
+                f"train_tokenizer: corpus has more than {max_vocab - len(SPECIAL_TOKENS)} distinct words; "
+                "this word-level tokenizer is meant for the small synthetic corpus"
+            )
+        vocab[word] = len(vocab)
+    return vocab
+
+
+def train_tokenizer(texts: Iterable[str], out_dir: str | Path, max_vocab: int = MAX_VOCAB):
+    """Build the word-level tokenizer from ``texts`` and save it (HF format) into ``out_dir``; returns it loaded.
+
+    Writes ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json`` so that both
+    ``AutoTokenizer.from_pretrained(out_dir)`` and ``PreTrainedTokenizerFast.from_pretrained(out_dir)`` work.
+    """
+    vocab = build_word_vocab(texts, max_vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
+    tok.normalizer = _normalizer()
+    tok.pre_tokenizer = _pre_tokenizer()
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIAL_TOKENS])
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"), pretty=True)
+    specials = {
+        "pad_token": PAD_TOKEN,
+        "bos_token": BOS_TOKEN,
+        "eos_token": EOS_TOKEN,
+        "unk_token": UNK_TOKEN,
+    }
+    config = {
+        **specials,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": MODEL_MAX_LENGTH,
+        "padding_side": "right",
+        "extra_special_tokens": [IMAGE_TOKEN],  # transformers >= 5
+        "additional_special_tokens": [IMAGE_TOKEN],  # transformers 4.x
+    }
+    _write_json(out / "tokenizer_config.json", config)
+    _write_json(out / "special_tokens_map.json", {**specials, "additional_special_tokens": [IMAGE_TOKEN]})
+    return load_tokenizer(out)
+
+
+def _write_json(path: Path, obj: object) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def load_tokenizer(path: str | Path):
+    """Load a local tokenizer directory with ``AutoTokenizer`` and make it usable by the chat template.
+
+    Guarantees a pad token (falls back to eos, then unk) and that ``<image>`` is a single special token (added if
+    missing: callers must then resize the model's embeddings to ``len(tokenizer)``).
+    """
+    from transformers import AutoTokenizer  # local import: transformers is slow to import
+
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"tokenizer directory not found: {p}")
+    if not any((p / name).exists() for name in _TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"no tokenizer in {p}: expected one of {', '.join(_TOKENIZER_FILES)} "
+            "(run data_scripts/make_synthetic.py or point tokenizer_path at a Hugging Face model directory)"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(str(p))
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise ValueError(f"tokenizer in {p} has no pad, eos or unk token to pad with")
+        tokenizer.pad_token = fallback
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        # add_tokens(special_tokens=True) exists with the same meaning in transformers 4.x and 5.x
+        tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
+    ids = tokenizer.encode(IMAGE_TOKEN, add_special_tokens=False)
+    if len(ids) != 1:
+        raise ValueError(
+            f"tokenizer in {p} splits {IMAGE_TOKEN!r} into {len(ids)} tokens; it must be one token"
+        )
+    return tokenizer
+
+
+def image_token_id(tokenizer) -> int:
+    """Id of ``<image>``; raises if the tokenizer was not prepared by :func:`load_tokenizer`."""
+    tid = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if tid is None or (tokenizer.unk_token_id is not None and tid == tokenizer.unk_token_id):
+        raise ValueError(
+            f"tokenizer has no {IMAGE_TOKEN!r} token; load it with mmoe.data.tokenizer.load_tokenizer"
+        )
+    return int(tid)
