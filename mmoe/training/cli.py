@@ -59,5 +59,6 @@ class MMoECLI(LightningCLI):
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> MMoECLI:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # no abbreviated flags: a typo such as --model.arch.decoder.n_layer must fail, not set n_layers
     return MMoECLI(MMoEModule, MMoEDataModule, args=args, run=run, seed_everything_default=0,
-                   save_config_kwargs={"overwrite": True})
+                   save_config_kwargs={"overwrite": True}, parser_kwargs={"allow_abbrev": False})
