@@ -5,7 +5,7 @@ PYTHON  := $(VENV)/bin/python
 DATA    ?= data/synthetic
 STAMP   := $(VENV)/.installed
 
-.PHONY: install data train test bench clean
+.PHONY: install data train test bench study clean
 
 install: $(STAMP)
 
@@ -27,8 +27,14 @@ train: install data
 test: install
 	$(PYTHON) -m pytest -q tests
 
+BENCHES := benchmarks/moe_layer.py benchmarks/decode.py benchmarks/model_step.py benchmarks/expert_parallel.py
+
 bench: install
-	@for f in benchmarks/*.py; do echo "== $$f"; $(PYTHON) $$f || exit 1; done
+	@for f in $(BENCHES); do echo "== $$f"; $(PYTHON) $$f || exit 1; done
+
+# The MoE-versus-dense study: many full training runs (hours on a CPU); results in benchmarks/results/.
+study: install data
+	$(PYTHON) benchmarks/moe_vs_dense.py --data $(DATA)
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache
