@@ -132,7 +132,14 @@ def load_tokenizer(path: str | Path):
             f"no tokenizer in {p}: expected one of {', '.join(_TOKENIZER_FILES)} "
             "(run data_scripts/make_synthetic.py or point tokenizer_path at a Hugging Face model directory)"
         )
-    tokenizer = AutoTokenizer.from_pretrained(str(p))
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # an mmoe export's config.json is not a transformers model config: no warning
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(p))
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if tokenizer.pad_token is None:
         fallback = tokenizer.eos_token or tokenizer.unk_token
         if fallback is None:
