@@ -31,6 +31,7 @@ if str(_REPO_ROOT) not in sys.path:  # run as `python eval/caption.py` without a
     sys.path.insert(0, str(_REPO_ROOT))
 
 from eval.vqa import (  # noqa: E402
+    add_run_args,
     CLIError,
     ImageCache,
     batched,
@@ -88,17 +89,10 @@ def generate(images: list[tuple[Any, str]], args: argparse.Namespace) -> tuple[l
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--score", action="store_true", help="only score an existing --results file")
-    p.add_argument("--results", help="results JSON [{image_id, caption}] to score (with --score)")
     p.add_argument("--captions", required=True, help="COCO-format captions GT JSON")
-    p.add_argument("--model", help="exported model directory (generation)")
-    p.add_argument("--images", help="image directory the GT file_name are relative to (generation)")
-    p.add_argument("--out", help="results JSON to write (generation)")
-    p.add_argument("--metrics-out", help="metrics JSON path (default: <results stem>.metrics.json)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=24)
-    p.add_argument("--limit", type=int, help="only the first N images (scored as a subset)")
-    p.add_argument("--device", help="device for the pipeline (default: its choice)")
+    add_run_args(p, results_help="results JSON [{image_id, caption}] to score (with --score)",
+                 images_help="image directory the GT file_name are relative to (generation)", max_new_tokens=24,
+                 unit="images")
     p.add_argument("--allow-subset", action="store_true", help="--score: score only the captioned images")
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (~10 s Java start-up) for smoke runs")
     return p

@@ -308,21 +308,28 @@ def headline(fmt: str, m: dict[str, Any]) -> list[str]:
             f"F1 {m['f1']:.2f}  yes-ratio {m['yes_ratio']:.2f}  ({m['num_questions']} questions)"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--format", choices=("vqav2", "gqa", "pope"), default="vqav2")
+def add_run_args(p: argparse.ArgumentParser, results_help: str, images_help: str, max_new_tokens: int,
+                 unit: str) -> None:
+    """Flags shared by eval/vqa.py and eval/caption.py: score-only mode, generation inputs and outputs."""
     p.add_argument("--score", action="store_true", help="only score an existing --results file")
-    p.add_argument("--results", help="results JSON to score (with --score)")
-    p.add_argument("--questions", required=True, help="questions file (see formats above)")
-    p.add_argument("--annotations", help="VQA annotations JSON (--format vqav2)")
+    p.add_argument("--results", help=results_help)
     p.add_argument("--model", help="exported model directory (generation)")
-    p.add_argument("--images", help="image directory (generation)")
+    p.add_argument("--images", help=images_help)
     p.add_argument("--out", help="results JSON to write (generation)")
     p.add_argument("--metrics-out", help="metrics JSON path (default: <results stem>.metrics.json)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=8)
-    p.add_argument("--limit", type=int, help="only the first N questions (scored as a subset)")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--limit", type=int, help=f"only the first N {unit} (scored as a subset)")
     p.add_argument("--device", help="device for the pipeline (default: its choice)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--format", choices=("vqav2", "gqa", "pope"), default="vqav2")
+    p.add_argument("--questions", required=True, help="questions file (see formats above)")
+    p.add_argument("--annotations", help="VQA annotations JSON (--format vqav2)")
+    add_run_args(p, results_help="results JSON to score (with --score)", images_help="image directory (generation)",
+                 max_new_tokens=8, unit="questions")
     p.add_argument("--image-pattern", help="image file name pattern with {subtype} and {image_id}")
     p.add_argument("--image-index", "--captions", dest="image_index",
                    help="COCO-style JSON with images [{id, file_name}] (e.g. the captions file) for image lookup")

@@ -128,9 +128,8 @@ def load_state_upcycling(model: nn.Module, sd: dict[str, Tensor], path: str, str
     if mismatched:
         raise CheckpointError(f"{path}: tensor shapes do not match this config: " + "; ".join(mismatched[:8]))
     fresh_ok = (".router.", "expert_bias", "load_accum")
-    missing = [k for k in own if k not in loaded and not k.startswith(upcycled_prefixes)
-               and not any(s in k for s in fresh_ok)]
-    missing = [k for k in missing if k.startswith(only_prefix)]
+    missing = [k for k in own if k.startswith(only_prefix) and k not in loaded
+               and not k.startswith(upcycled_prefixes) and not any(s in k for s in fresh_ok)]
     if strict and missing:
         raise CheckpointError(f"{path}: missing {len(missing)} tensor(s) this model needs, e.g. {missing[:6]}")
     return {"loaded": loaded, "upcycled": upcycled, "missing": missing}
