@@ -1,7 +1,7 @@
 """The MoE-versus-dense study on the synthetic data: equal active parameters, equal training steps.
 
     .venv/bin/python benchmarks/moe_vs_dense.py [--steps 1200] [--seeds 0 1 2] [--variants moe dense ...]
-        [--ablation-seeds 0] [--out benchmarks/results/moe_vs_dense] [--eval-limit N]
+        [--ablation-seeds 0] [--out benchmarks/results/moe_vs_dense] [--eval-limit N] [--jobs 2]
 
 Variants (all from configs/default.yaml, same steps, batch and schedule):
   moe               the default: MoE ViT blocks, MoE connector, MoA, hierarchical MoE FFN
@@ -16,6 +16,10 @@ attribute-combination split, overall and per question type) and eval/caption.py 
 (load CV, MaxVio, drop rate, entropy per layer) comes from the run's last logged step. Results go to
 <out>/results.json, <out>/table.md and <out>/*.png. Last stdout line: JSON summary with the MoE-minus-dense
 accuracy gap (target >= 3 points) — reported as measured, whether or not it meets the target.
+
+``--jobs N`` trains N runs at once, each with cpu_count // N threads (on a 2-core CPU two 1-thread runs
+get more steps per minute than one 2-thread run); results are identical to serial runs up to float
+summation order. Finished runs (results.json) are skipped, so an interrupted study resumes.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -61,8 +66,8 @@ def variant_overrides(name: str, base_arch: dict) -> dict:
     raise ValueError(f"unknown variant {name!r}; choose from moe, dense, {', '.join(ABLATIONS)}")
 
 
-def _last_json(cmd: list[str]) -> dict:
-    proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True)
+def _last_json(cmd: list[str], env: dict | None = None) -> dict:
+    proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, text=True, env=env)
     if proc.returncode:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -84,29 +89,43 @@ def routing_health(run: Path) -> dict:
     return out
 
 
-def run_one(variant: str, seed: int, args, data: Path, out: Path, base_arch: dict) -> dict:
+def _thread_env(threads: int) -> dict:
+    env = dict(os.environ)
+    for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[k] = str(threads)
+    return env
+
+
+def run_one(variant: str, seed: int, args, data: Path, out: Path, base_arch: dict, threads: int) -> dict:
     run = REPO / "runs" / "study" / f"{variant}_s{seed}"  # checkpoints stay out of the committed results
     cfg_path = out / f"config_{variant}.yaml"
     cfg_path.write_text(yaml.safe_dump(variant_overrides(variant, base_arch)))
+    env = _thread_env(threads)
     t0 = time.time()
     if not (run / "export" / "config.json").exists():
-        subprocess.run([sys.executable, "train.py", "fit", "--config", args.config, "--config", str(cfg_path),
-                        "--data.data_dir", str(data), "--seed_everything", str(seed), "--trainer.max_steps",
-                        str(args.steps), "--trainer.default_root_dir", str(run), "--export_dir", str(run / "export"),
-                        "--trainer.enable_progress_bar", "false"], cwd=REPO, check=True)
+        with open(out / f"log_{variant}_s{seed}.txt", "w") as log:
+            proc = subprocess.run([sys.executable, "train.py", "fit", "--config", args.config, "--config",
+                                   str(cfg_path), "--data.data_dir", str(data), "--seed_everything", str(seed),
+                                   "--trainer.max_steps", str(args.steps), "--trainer.default_root_dir", str(run),
+                                   "--export_dir", str(run / "export"), "--trainer.enable_progress_bar", "false"],
+                                  cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        if proc.returncode:
+            raise SystemExit(f"[study] {variant} seed {seed}: training failed ({proc.returncode}); "
+                             f"see {out / f'log_{variant}_s{seed}.txt'}")
     minutes = (time.time() - t0) / 60
     lim = ["--limit", str(args.eval_limit)] if args.eval_limit else []
-    res = {"variant": variant, "seed": seed, "train_minutes": round(minutes, 2)}
+    res = {"variant": variant, "seed": seed, "steps": args.steps, "threads": threads,
+           "train_minutes": round(minutes, 2)}
     for split in ("test", "heldout"):
         m = _last_json([sys.executable, "eval/vqa.py", "--model", str(run / "export"), "--questions",
                         str(data / f"{split}_questions.json"), "--annotations", str(data / f"{split}_annotations.json"),
                         "--images", str(data), "--image-index", str(data / f"{split}_captions.json"),
-                        "--out", str(run / f"vqa_{split}.json"), *lim])
+                        "--out", str(run / f"vqa_{split}.json"), *lim], env)
         res[f"vqa_{split}"] = m["overall"]
         res[f"vqa_{split}_per_question_type"] = m["per_question_type"]
     c = _last_json([sys.executable, "eval/caption.py", "--model", str(run / "export"), "--captions",
                     str(data / "test_captions.json"), "--images", str(data), "--out", str(run / "captions.json"),
-                    *(["--limit", str(args.eval_limit), "--allow-subset"] if args.eval_limit else [])])
+                    *(["--limit", str(args.eval_limit), "--allow-subset"] if args.eval_limit else [])], env)
     res["cider_test"] = c.get("CIDEr")
     res["routing"] = routing_health(run)
     return res
@@ -175,6 +194,7 @@ def main() -> None:
     ap.add_argument("--ablation-seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--variants", nargs="+", default=["moe", "dense", *ABLATIONS])
     ap.add_argument("--eval-limit", type=int, default=None)
+    ap.add_argument("--jobs", type=int, default=1, help="runs trained at once (threads are split between them)")
     ap.add_argument("--out", default="benchmarks/results/moe_vs_dense")
     args = ap.parse_args()
     data, out = REPO / args.data, REPO / args.out
@@ -185,14 +205,29 @@ def main() -> None:
     base_arch = yaml.safe_load((REPO / args.config).read_text())["model"]["arch"]
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else []
+    stale = [r for r in results if r.get("steps", args.steps) != args.steps]
+    if stale:
+        raise SystemExit(f"[study] {results_path} holds runs of {stale[0]['steps']} steps, not {args.steps}: "
+                         f"use another --out (and move runs/study) to change the step count")
     done = {(r["variant"], r["seed"]) for r in results}
-    for v in args.variants:
-        for s in (args.seeds if v in ("moe", "dense") else args.ablation_seeds):
-            if (v, s) in done:
-                continue
-            print(f"[study] {v} seed {s}", flush=True)
-            results.append(run_one(v, s, args, data, out, base_arch))
+    todo = [(v, s) for v in args.variants for s in (args.seeds if v in ("moe", "dense") else args.ablation_seeds)
+            if (v, s) not in done]
+    jobs = max(1, min(args.jobs, len(todo) or 1))
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    print(f"[study] {len(todo)} runs to do ({len(done)} done), {jobs} at a time, {threads} thread(s) each",
+          flush=True)
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    with ThreadPoolExecutor(jobs) as pool:
+        futures = {pool.submit(run_one, v, s, args, data, out, base_arch, threads): (v, s) for v, s in todo}
+        for fut in as_completed(futures):
+            v, s = futures[fut]
+            res = fut.result()
+            results.append(res)
+            results.sort(key=lambda r: (r["variant"], r["seed"]))
             results_path.write_text(json.dumps(results, indent=1))
+            print(f"[study] done {v} seed {s}: VQA test {res['vqa_test']:.2f} "
+                  f"({len(results)} of {len(done) + len(todo)})", flush=True)
     table = summarise(results)
     (out / "summary.json").write_text(json.dumps(table, indent=1))
     write_report(table, out)

@@ -232,3 +232,38 @@ def test_balancing_loss_uses_site_coefficients():
     expected = sum(load_balance_loss(r) for r in out.routing if r.site == "ffn")
     torch.testing.assert_close(total, expected)
     assert set(parts) == {"ffn/balance"}
+
+
+def test_loss_reduction_weights_answer_turns():
+    """Loop reference: token = mean over answer tokens; turn = mean over turns of each turn's mean; sqrt weighs
+    tokens by 1/sqrt(turn length). Turns are maximal runs of supervised labels, also across rows."""
+    from mmoe.constants import IGNORE_INDEX
+
+    torch.manual_seed(0)
+    I = IGNORE_INDEX
+    labels = torch.tensor([[I, I, 5, 6, 7, I, I, 3, I],     # turns of 3 and 1 tokens (after the shift)
+                           [I, 2, I, I, 4, 4, 4, 4, 4]])    # turns of 1 and 5 tokens (ends at the row end)
+    logits = torch.randn(2, 9, 11, dtype=torch.float64)
+    tgt = labels[:, 1:]
+    lp = -torch.log_softmax(logits[:, :-1], -1)
+    turns, cur = [], []
+    for b in range(2):
+        for t in range(8):
+            if tgt[b, t] != I:
+                cur.append(lp[b, t, tgt[b, t]])
+            elif cur:
+                turns.append(cur)
+                cur = []
+        if cur:
+            turns.append(cur)
+            cur = []
+    assert [len(t) for t in turns] == [3, 1, 1, 5]
+    tokens = [x for t in turns for x in t]
+    ref = {"token": sum(tokens) / len(tokens),
+           "turn": sum(sum(t) / len(t) for t in turns) / len(turns),
+           "sqrt": sum(sum(t) / len(t) ** 0.5 for t in turns) / sum(len(t) ** 0.5 for t in turns)}
+    for name, value in ref.items():
+        torch.testing.assert_close(lm_loss(logits, labels, name), value.float(), rtol=1e-6, atol=1e-6)
+    assert lm_loss(logits, torch.full_like(labels, I), "turn").isnan()  # nothing supervised: nan, like the mean
+    with pytest.raises(ValueError, match="loss_reduction"):
+        lm_loss(logits, labels, "sample")

@@ -271,3 +271,43 @@ def test_param_count_large_cumo_config_on_meta():
     assert cumo["blocks"] == cumo["moe_layers"] == 23
     assert cumo["total"] == full["total"] - (block + 4 * mlp + router)
     assert 850e6 < cumo["total"] < 950e6 and 450e6 < cumo["active"] < 550e6
+
+
+# ------------------------------------------------------------ convolutional stem
+def test_conv_stem_same_tokens_overlapping_receptive_fields():
+    torch.manual_seed(0)
+    patch = VisionEncoder(_tiny_cfg(moe=None, feature_layer=0)).eval()
+    conv = VisionEncoder(_tiny_cfg(moe=None, feature_layer=0, stem="conv")).eval()
+    strided = [m for m in conv.vit.patch_embed.modules() if isinstance(m, nn.Conv2d) and m.stride == (2, 2)]
+    assert len(strided) == 3 and all(m.kernel_size == (3, 3) for m in strided)  # log2(8) overlapping convs
+    assert (conv.num_patches, conv.grid, conv.out_dim) == (patch.num_patches, patch.grid, patch.out_dim)
+    x = torch.randn(1, 3, 32, 32)
+    x2 = x.clone()
+    x2[0, :, 7, 7] += 5.0  # last pixel of patch (0, 0), next to patches (0, 1), (1, 0), (1, 1)
+    changed = {}
+    for name, enc in (("patch", patch), ("conv", conv)):
+        with torch.no_grad():
+            diff = (enc(x2)[0] - enc(x)[0]).abs().amax(-1)[0]
+        changed[name] = set(torch.nonzero(diff > 1e-6).flatten().tolist())
+    assert changed["patch"] == {0}
+    assert {0, 1, 4, 5} <= changed["conv"]  # tokens of the 4x4 grid around the border pixel
+
+
+def test_conv_stem_trains_batch_independent_and_refuses_bad_configs():
+    torch.manual_seed(0)
+    enc = VisionEncoder(_tiny_cfg(stem="conv", moe=None)).train()
+    x = torch.randn(3, 3, 32, 32)
+    feats, _ = enc(x)
+    alone, _ = enc(x[1:2])
+    torch.testing.assert_close(feats[1:2], alone, rtol=1e-5, atol=1e-5)  # GroupNorm: no batch statistics
+    feats.pow(2).mean().backward()
+    for name, p in enc.vit.patch_embed.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    with pytest.raises(VisionConfigError, match="power-of-two patch_size"):
+        VisionEncoder(_tiny_cfg(stem="conv", patch_size=6, image_size=36))
+    with pytest.raises(VisionConfigError, match="stem='conv'"):
+        VisionEncoder(_tiny_cfg(stem="conv", checkpoint="model.safetensors"))
+    with pytest.raises(VisionConfigError, match="vision.stem"):
+        VisionEncoder(_tiny_cfg(stem="convnext"))
+    counts = vision_param_count(_tiny_cfg(stem="conv"))
+    assert counts["total"] == sum(p.numel() for p in VisionEncoder(_tiny_cfg(stem="conv")).parameters())

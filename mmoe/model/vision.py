@@ -43,6 +43,11 @@ class VisionConfig:
     """Input side in pixels (always taken from here, also with a named architecture)."""
     patch_size: int = 8
     """Patch side in pixels (ignored when an architecture name is given)."""
+    stem: Literal["patch", "conv"] = "patch"
+    """Patch embedding: 'patch' is ViT's single strided conv (what pretrained checkpoints have); 'conv' is a
+    stack of overlapping 3x3 stride-2 convs (Xiao et al. 2021, "Early convolutions help transformers see
+    better"), which learns shapes from scratch far faster. 'conv' needs a power-of-two patch size and no
+    checkpoint."""
     dim: int = 128
     """Embedding width (ignored when an architecture name is given; use `VisionEncoder.out_dim`)."""
     depth: int = 4
@@ -148,6 +153,49 @@ class _BlockFactory:
         return Block(*args, **kwargs)
 
 
+# ------------------------------------------------------------ convolutional stem
+class ConvStemPatchEmbed(nn.Module):
+    """timm ``PatchEmbed`` whose projection is log2(patch) overlapping 3x3 stride-2 convs + a 1x1 conv.
+
+    Same tokens out (one per patch, same grid) as the patch stem, so everything after it is unchanged.
+    GroupNorm keeps samples independent of their batch (no running statistics to sync or resume).
+    """
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, bias=True, **kwargs):
+        super().__init__()
+        from timm.layers import PatchEmbed
+
+        p = patch_size if isinstance(patch_size, int) else patch_size[0]
+        n_down = int(math.log2(p)) if p > 1 else 0
+        if p < 2 or 2**n_down != p:
+            raise VisionConfigError(f"vision.stem='conv' needs a power-of-two patch_size >= 2, got {p}")
+        # a PatchEmbed for the bookkeeping (grid, num_patches, size checks, output format), new projection
+        self.inner = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+                                embed_dim=embed_dim, bias=bias, **kwargs)
+        layers: list[nn.Module] = []
+        ch_in = in_chans
+        for i in range(n_down):
+            ch = max(embed_dim // 2 ** (n_down - 1 - i), 8)
+            layers += [nn.Conv2d(ch_in, ch, 3, stride=2, padding=1, bias=False),
+                       nn.GroupNorm(math.gcd(8, ch), ch), nn.GELU()]
+            ch_in = ch
+        layers.append(nn.Conv2d(ch_in, embed_dim, 1, bias=bias))
+        self.inner.proj = nn.Sequential(*layers)
+        self.num_patches = self.inner.num_patches
+        self.grid_size = self.inner.grid_size
+        self.patch_size = self.inner.patch_size
+        self.img_size = self.inner.img_size
+
+    def feat_ratio(self, as_scalar=True):
+        return self.inner.feat_ratio(as_scalar)
+
+    def dynamic_feat_size(self, img_size):
+        return self.inner.dynamic_feat_size(img_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(x)
+
+
 # ------------------------------------------------------------ architecture
 @dataclass
 class _Arch:
@@ -242,10 +290,17 @@ class VisionEncoder(nn.Module):
         self.moe_layers = [i for i in moe_layers if i < n_blocks]  # MoE blocks that are built
         if cfg.keep_cls and not arch.class_token:
             raise VisionConfigError("vision.keep_cls: the tower has no class token")
+        if cfg.stem not in ("patch", "conv"):
+            raise VisionConfigError(f"vision.stem must be 'patch' or 'conv', got {cfg.stem!r}")
+        if cfg.stem == "conv" and cfg.checkpoint:
+            raise VisionConfigError("vision.stem='conv' has no pretrained weights: a dense ViT checkpoint "
+                                    "carries a patch stem (set stem: patch to load it)")
 
         kw = dict(img_size=cfg.image_size, num_classes=0, global_pool="", final_norm=False, depth=n_blocks,
                   act_layer=_TIMM_ACT[cfg.activation],
                   block_fn=_BlockFactory(set(self.moe_layers), cfg.moe, cfg.activation))
+        if cfg.stem == "conv":
+            kw["embed_layer"] = ConvStemPatchEmbed
         if cfg.timm_model_name:
             vit = timm.create_model(cfg.timm_model_name, pretrained=False, **kw)
         else:

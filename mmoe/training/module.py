@@ -10,6 +10,7 @@ import copy
 import math
 from collections import defaultdict
 from dataclasses import asdict
+from typing import Literal
 
 import lightning as L
 import torch
@@ -33,11 +34,51 @@ LOSS_FNS = {
 }
 
 
-def lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Next-token cross-entropy on positions whose label is not IGNORE_INDEX (answers only)."""
+LOSS_REDUCTIONS = {"token": 0.0, "sqrt": 0.5, "turn": 1.0}  # exponent p of the per-token weight len(turn)^-p
+
+
+def answer_spans(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """(span id, span length) per position of the shifted labels: a span is one supervised answer turn.
+
+    Answers are maximal runs of non-ignored labels, so turns are found from the labels alone; -1 marks
+    ignored positions."""
+    mask = labels != IGNORE_INDEX
+    prev = torch.zeros_like(mask)
+    prev[:, 1:] = mask[:, :-1]
+    starts = (mask & ~prev).flatten()
+    ids = torch.cumsum(starts.long(), 0) - 1
+    ids = torch.where(mask.flatten(), ids, torch.full_like(ids, -1))
+    n_spans = int(starts.sum())
+    lengths = torch.zeros(n_spans, dtype=torch.long, device=labels.device)
+    valid = ids >= 0
+    lengths.index_add_(0, ids[valid], torch.ones_like(ids[valid]))
+    return ids.view_as(labels), lengths
+
+
+def lm_loss(logits: Tensor, labels: Tensor, reduction: str = "token") -> Tensor:
+    """Next-token cross-entropy on positions whose label is not IGNORE_INDEX (answers only).
+
+    `reduction` weights every token by len(its answer turn)^-p and normalises by the weights: 'token'
+    (p=0, the plain mean: long answers such as captions dominate), 'turn' (p=1, every answer turn counts
+    the same, so one-word VQA answers are not drowned by captions) or 'sqrt' (p=1/2, InternVL 2.5's
+    square averaging, in between)."""
+    if reduction not in LOSS_REDUCTIONS:
+        raise ValueError(f"loss_reduction must be one of {sorted(LOSS_REDUCTIONS)}, got {reduction!r}")
     V = logits.shape[-1]
-    return F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), labels[:, 1:].reshape(-1),
-                           ignore_index=IGNORE_INDEX)
+    targets = labels[:, 1:]
+    if reduction == "token":
+        return F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), targets.reshape(-1),
+                               ignore_index=IGNORE_INDEX)
+    ids, lengths = answer_spans(targets)
+    ids = ids.reshape(-1)
+    valid = ids >= 0
+    if not bool(valid.any()):  # same as the token mean: nan, so an all-ignored batch is not silently zero
+        return F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), targets.reshape(-1),
+                               ignore_index=IGNORE_INDEX)
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, V)[valid].float(), targets.reshape(-1)[valid],
+                         reduction="none")
+    w = lengths[ids[valid]].to(ce.dtype).pow(-LOSS_REDUCTIONS[reduction])
+    return (w * ce).sum() / w.sum()
 
 
 class MMoEModule(L.LightningModule):
@@ -54,6 +95,7 @@ class MMoEModule(L.LightningModule):
         compile: bool = False,
         val_max_new_tokens: int = 6,
         log_routing_every: int = 25,
+        loss_reduction: Literal["token", "sqrt", "turn"] = "token",
     ):
         """
         Args:
@@ -66,6 +108,8 @@ class MMoEModule(L.LightningModule):
             compile: torch.compile the dense decoder blocks (MoE blocks have data-dependent shapes).
             val_max_new_tokens: answer length generated during validation.
             log_routing_every: log per-layer routing health every N training steps.
+            loss_reduction: how answer tokens are averaged: 'token' (plain mean), 'turn' (each answer turn
+                weighs the same) or 'sqrt' (InternVL's square averaging); see `lm_loss`.
         """
         super().__init__()
         # defaults are shared instances: copy so nothing mutates them
@@ -75,6 +119,10 @@ class MMoEModule(L.LightningModule):
         self.stage_cfg, self.parallel_cfg = stage, parallel
         self.activation_checkpointing, self.compile_blocks = activation_checkpointing, compile
         self.val_max_new_tokens, self.log_routing_every = val_max_new_tokens, log_routing_every
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"model.loss_reduction must be one of {sorted(LOSS_REDUCTIONS)}, "
+                             f"got {loss_reduction!r}")
+        self.loss_reduction = loss_reduction
         self.model = MMoEVLM(arch)
         if stage.hf_decoder:
             load_hf_decoder(self.model, stage.hf_decoder)
@@ -134,7 +182,7 @@ class MMoEModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         out = self.model(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), batch["labels"])
-        ce = lm_loss(out.logits, out.labels)
+        ce = lm_loss(out.logits, out.labels, self.loss_reduction)
         aux, parts = self.balancing_loss(out.routing)
         loss = ce + aux
         bs = batch["input_ids"].shape[0]
