@@ -493,3 +493,55 @@ def test_four_ranks_edp2_ep2_equal_single_process():
         assert max(s["shared"]) < TOL and max(s["expert"]) < TOL, s
         assert all(abs(a - b) < TOL for a, b in zip(s["loss"], s["loss_ref"])), s
         assert max(s["shared_sync"]) == 0.0 and s["edp_identical"], s
+
+
+class _VLMLoss(nn.Module):
+    def __init__(self, vlm):
+        super().__init__()
+        self.model = vlm
+
+    def forward(self, ids, pixels):
+        from mmoe.constants import IGNORE_INDEX
+        from mmoe.training.module import lm_loss
+
+        labels = ids.masked_fill(ids == 4, IGNORE_INDEX)
+        out = self.model(ids, ids != 0, pixels, labels)
+        return lm_loss(out.logits, out.labels) + sum(r.probs.sum() * 0 for r in out.routing)
+
+
+def _text_only_rank_job(rank: int, world: int) -> dict:
+    """Rank 0 trains on an image batch, rank 1 on a text-only one: the vision MoE all-to-alls must still pair up."""
+    import sys
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_vlm import tiny_vlm
+
+    from mmoe.parallel import enable_expert_parallel, finalize_expert_grads, wrap_ddp
+
+    root = _VLMLoss(tiny_vlm())
+    enable_expert_parallel(root.model, world)
+    ddp = wrap_ddp(root)
+    g = torch.Generator().manual_seed(rank)
+    losses = []
+    for _ in range(2):
+        if rank == 0:
+            ids, pixels = torch.tensor([[1, 4, 7, 8, 9], [1, 4, 10, 11, 12]]), torch.randn(2, 3, 32, 32, generator=g)
+        else:
+            ids, pixels = torch.tensor([[1, 7, 8, 9, 10], [1, 13, 12, 11, 0]]), None
+        loss = ddp(ids, pixels)
+        loss.backward()
+        finalize_expert_grads(root)
+        losses.append(float(loss))
+        with torch.no_grad():  # generation: same lockstep
+            root.model.generate(ids[:1], torch.ones(1, ids.shape[1], dtype=torch.bool),
+                                pixels[:1] if pixels is not None else None, max_new_tokens=2)
+    vision_grads = [p.grad for p in root.model.vision.parameters()]
+    return {"losses": losses, "always": root.model.always_encode_images,
+            "vision_grads_present": all(g is not None for g in vision_grads)}
+
+
+@pytest.mark.distributed
+def test_text_only_batch_on_one_rank_does_not_hang_expert_parallel():
+    res = run_distributed(_text_only_rank_job, 2, timeout=120)
+    for r in res:
+        assert r["always"] and r["vision_grads_present"], r
+        assert all(math.isfinite(x) for x in r["losses"]), r

@@ -106,11 +106,13 @@ class Connector(nn.Module):
         x = F.avg_pool2d(x, kernel_size=p, stride=p)
         return x.flatten(2).transpose(1, 2)
 
-    def forward(self, feats: Tensor) -> tuple[Tensor, list[RoutingResult]]:
+    def forward(self, feats: Tensor, image_mask: Tensor | None = None) -> tuple[Tensor, list[RoutingResult]]:
+        """`image_mask` (N,) bool: images whose tokens are real (see `VisionEncoder.forward`)."""
         x = self.pool_tokens(feats)
         if isinstance(self.proj, MoEFFN):
             modality = torch.full(x.shape[:2], MODALITY_IMAGE, dtype=torch.long, device=x.device)
-            y, r = self.proj(x, None, modality)
+            mask = None if image_mask is None else image_mask.bool()[:, None].expand(x.shape[:2])
+            y, r = self.proj(x, mask, modality)
             return y, [r]
         return self.proj(x), []
 

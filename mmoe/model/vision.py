@@ -120,11 +120,12 @@ class VisionMoEMlp(nn.Module):
         self.drop = nn.Dropout(drop) if drop else nn.Identity()
         self.layer = layer
         self.routing: RoutingResult | None = None
+        self.token_mask: Tensor | None = None  # (B, T) real tokens, set by the encoder for one forward
 
     def forward(self, x: Tensor) -> Tensor:
         B, T, _ = x.shape
         modality = torch.full((B, T), MODALITY_IMAGE, dtype=torch.long, device=x.device)
-        y, r = self.moe(x, None, modality)
+        y, r = self.moe(x, self.token_mask, modality)
         self.routing = r
         return self.drop(y)
 
@@ -326,7 +327,10 @@ class VisionEncoder(nn.Module):
             self.load_dense_checkpoint(cfg.checkpoint)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, pixel_values: Tensor) -> tuple[Tensor, list[RoutingResult]]:
+    def forward(self, pixel_values: Tensor, image_mask: Tensor | None = None
+                ) -> tuple[Tensor, list[RoutingResult]]:
+        """`image_mask` (N,) bool: images whose tokens are real; the others (placeholders run only so every
+        rank issues the same expert-parallel collectives) are excluded from routing losses, loads and compute."""
         for m in self.moe_mlps.values():  # stale results of an earlier (failed / recomputed) call
             m.routing = None
         vit = self.vit
@@ -334,6 +338,9 @@ class VisionEncoder(nn.Module):
         x = vit._pos_embed(x)
         x = vit.patch_drop(x)
         x = vit.norm_pre(x)
+        token_mask = None if image_mask is None else image_mask.bool()[:, None].expand(x.shape[0], x.shape[1])
+        for m in self.moe_mlps.values():
+            m.token_mask = token_mask
         routing: list[RoutingResult] = []
         for i, blk in enumerate(vit.blocks):
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
@@ -346,6 +353,8 @@ class VisionEncoder(nn.Module):
                     raise RuntimeError(f"vision block {i}: MoE MLP produced no routing result")
                 routing.append(m.routing)
                 m.routing = None
+        for m in self.moe_mlps.values():
+            m.token_mask = None
         if not self.cfg.keep_cls:
             x = x[:, self.num_prefix_tokens:]
         return x, routing

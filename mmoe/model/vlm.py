@@ -61,16 +61,30 @@ class MMoEVLM(nn.Module):
         self.connector = Connector(cfg.connector, in_dim=self.vision.out_dim, out_dim=cfg.decoder.dim,
                                    grid=_grid(self.vision.num_patches))
         self.decoder = Decoder(cfg.decoder)
+        # Set by distributed training (expert parallelism, DDP): a batch without images still runs the vision
+        # side on a masked-out blank image, so every rank issues the same collectives (all-to-all, gradient
+        # buckets) and none waits forever on a rank whose batch happened to be text-only.
+        self.always_encode_images = False
 
     @property
     def num_image_tokens(self) -> int:
         return self.connector.num_tokens(self.vision.num_patches)
 
-    def encode_images(self, pixel_values: Tensor) -> tuple[Tensor, list[RoutingResult]]:
+    def encode_images(self, pixel_values: Tensor, image_mask: Tensor | None = None
+                      ) -> tuple[Tensor, list[RoutingResult]]:
         """(N, 3, H, W) -> (N, P', D) decoder-width image tokens, routing of vision + connector."""
-        feats, r_vis = self.vision(pixel_values)
-        tokens, r_con = self.connector(feats)
+        feats, r_vis = self.vision(pixel_values, image_mask)
+        tokens, r_con = self.connector(feats, image_mask)
         return tokens, r_vis + r_con
+
+    def _encode_placeholder_image(self, like: Tensor) -> tuple[Tensor, list[RoutingResult]]:
+        """Run the vision side on one blank image whose tokens are masked out everywhere, and return a zero
+        that depends on its output (so backward runs its collectives too) plus its (token-less) routing."""
+        S = self.cfg.vision.image_size
+        blank = torch.zeros(1, 3, S, S, device=like.device,
+                            dtype=next(self.vision.parameters()).dtype)
+        tokens, routing = self.encode_images(blank, torch.zeros(1, dtype=torch.bool, device=like.device))
+        return tokens.sum() * 0.0, routing
 
     def splice(self, input_ids: Tensor, attention_mask: Tensor, image_tokens: Tensor | None,
                labels: Tensor | None = None, padding_side: str = "right"):
@@ -123,9 +137,14 @@ class MMoEVLM(nn.Module):
                 labels: Tensor | None = None, padding_side: str = "right") -> VLMOutput:
         routing: list[RoutingResult] = []
         image_tokens = None
+        zero = None
         if pixel_values is not None and pixel_values.shape[0] > 0:
             image_tokens, routing = self.encode_images(pixel_values)
+        elif self.always_encode_images:
+            zero, routing = self._encode_placeholder_image(input_ids)
         embeds, mask, labels, modality = self.splice(input_ids, attention_mask, image_tokens, labels, padding_side)
+        if zero is not None:
+            embeds = embeds + zero.to(embeds.dtype)
         out: DecoderOutput = self.decoder(inputs_embeds=embeds, attention_mask=mask, modality=modality)
         return VLMOutput(out.logits, labels, mask, modality, routing + out.routing)
 
@@ -136,6 +155,8 @@ class MMoEVLM(nn.Module):
         image_tokens = None
         if pixel_values is not None and pixel_values.shape[0] > 0:
             image_tokens, _ = self.encode_images(pixel_values)
+        elif self.always_encode_images:
+            self._encode_placeholder_image(input_ids)
         embeds, mask, _, modality = self.splice(input_ids, attention_mask, image_tokens, None, "left")
         gen_kwargs.setdefault("pad_token_id", self.cfg.pad_token_id)
         gen_kwargs.setdefault("stop_token_ids", (self.cfg.eos_token_id,))

@@ -189,6 +189,8 @@ def enable_expert_parallel(model: nn.Module, ep_size: int, mesh: ExpertParallelM
     if not sites:
         raise ValueError(f"model.parallel.ep_size={ep_size} but the model has no MoE layer to shard")
     state = ExpertParallel(mesh=mesh, moe_modules=[n for n, _ in sites])
+    if hasattr(model, "always_encode_images"):  # MMoEVLM: text-only batches still join the vision all-to-alls
+        model.always_encode_images = True
     for name, m in sites:
         linears = [g for g in m.modules() if isinstance(g, GroupedLinear)]
         if not linears:

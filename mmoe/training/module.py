@@ -140,6 +140,8 @@ class MMoEModule(L.LightningModule):
             check_tokenizer(tok, self.arch)
 
     def configure_model(self) -> None:
+        if self._trainer is not None and self.trainer.world_size > 1:
+            self.model.always_encode_images = True  # text-only batches must not skip collectives on one rank
         if self.parallel_cfg.ep_size > 1:
             from mmoe.parallel.expert_parallel import enable_expert_parallel
             if self._trainer is not None:  # experts need the EP-aware DDP (ignore list, grads, checkpoints)
@@ -199,6 +201,8 @@ class MMoEModule(L.LightningModule):
         """Per-layer (and per-modality, per-group) routing health; never one pooled number."""
         metrics = {}
         for r in routing:
+            if not bool(r.token_mask.any()):  # a masked placeholder image (text-only batch): nothing to measure
+                continue
             for k, v in routing_metrics(r).items():
                 metrics[f"routing/{r.name}/{k}"] = v
             self.expert_load_history.append(
