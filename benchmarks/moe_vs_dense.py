@@ -193,6 +193,18 @@ def write_report(table: dict, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "vqa_accuracy.png", dpi=90)
     plt.close(fig)
+    if qtypes:  # per question type: where MoE helps or hurts
+        fig, ax = plt.subplots(figsize=(1.4 * len(qtypes) + 2, 3.5))
+        w = 0.8 / len(names)
+        for i, n in enumerate(names):
+            ax.bar([j + (i - (len(names) - 1) / 2) * w for j in range(len(qtypes))],
+                   [table[n]["per_question_type"].get(t, 0) for t in qtypes], w, label=n)
+        ax.set_xticks(list(range(len(qtypes))), qtypes)
+        ax.set_ylabel("VQA test accuracy (%)")
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(out / "vqa_per_question_type.png", dpi=90)
+        plt.close(fig)
 
 
 def main() -> None:

@@ -79,6 +79,7 @@ def test_summary_means_and_routing_health(tmp_path):
     text = (tmp_path / "table.md").read_text()
     assert "| moe | 2 | 52.00 ± 2.00 | 42.00 ± 2.00 |" in text and (tmp_path / "vqa_accuracy.png").stat().st_size
     assert "| variant | how many |" in text and "| dense | 49.00 |" in text  # per-question-type table
+    assert (tmp_path / "vqa_per_question_type.png").stat().st_size > 0
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.csv").write_text("step,routing/ffn.1/load_cv,routing/ffn.1/image/load_cv,routing/ffn.3/load_cv\n"
