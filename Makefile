@@ -32,7 +32,7 @@ BENCHES := benchmarks/moe_layer.py benchmarks/decode.py benchmarks/model_step.py
 bench: install
 	@for f in $(BENCHES); do echo "== $$f"; $(PYTHON) $$f || exit 1; done
 
-# The MoE-versus-dense study: 10 training runs, two at a time (~2 hours on 2 CPU cores); results in
+# The MoE-versus-dense study: 10 training runs, two at a time (~85 min on 2 CPU cores); results in
 # benchmarks/results/moe_vs_dense (runs resume: finished ones are skipped).
 study: install data
 	$(PYTHON) benchmarks/moe_vs_dense.py --data $(DATA)

@@ -5,7 +5,7 @@
 
 The defaults are the committed study (benchmarks/results/moe_vs_dense): 800 steps (a full warmup + cosine
 schedule, about half the default run's), 3 seeds of MoE and dense, 1 seed of each ablation, the first 600
-questions of each split and 500 test images for captions; ~2 hours on a 2-core CPU.
+questions of each split and 500 test images for captions; ~85 minutes on a 2-core CPU.
 
 Variants (all from configs/default.yaml, same steps, batch and schedule):
   moe               the default: MoE ViT blocks, MoE connector, MoA, hierarchical MoE FFN
