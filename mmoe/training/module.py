@@ -66,15 +66,13 @@ def lm_loss(logits: Tensor, labels: Tensor, reduction: str = "token") -> Tensor:
         raise ValueError(f"loss_reduction must be one of {sorted(LOSS_REDUCTIONS)}, got {reduction!r}")
     V = logits.shape[-1]
     targets = labels[:, 1:]
-    if reduction == "token":
+    # nothing supervised: the token mean's nan, so an all-ignored batch is not silently zero
+    if reduction == "token" or not bool((targets != IGNORE_INDEX).any()):
         return F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), targets.reshape(-1),
                                ignore_index=IGNORE_INDEX)
     ids, lengths = answer_spans(targets)
     ids = ids.reshape(-1)
     valid = ids >= 0
-    if not bool(valid.any()):  # same as the token mean: nan, so an all-ignored batch is not silently zero
-        return F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), targets.reshape(-1),
-                               ignore_index=IGNORE_INDEX)
     ce = F.cross_entropy(logits[:, :-1].reshape(-1, V)[valid].float(), targets.reshape(-1)[valid],
                          reduction="none")
     w = lengths[ids[valid]].to(ce.dtype).pow(-LOSS_REDUCTIONS[reduction])
