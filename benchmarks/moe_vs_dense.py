@@ -106,16 +106,16 @@ def run_one(variant: str, seed: int, args, data: Path, out: Path, threads: int) 
     cfg_path = out / f"config_{variant}.yaml"  # written once by main() before any run starts
     env = _thread_env(threads)
     t0 = time.time()
+    log_path = out / f"log_{variant}_s{seed}.txt"
     if not (run / "export" / "config.json").exists():
-        with open(out / f"log_{variant}_s{seed}.txt", "w") as log:
+        with open(log_path, "w") as log:
             proc = subprocess.run([sys.executable, "train.py", "fit", "--config", args.config, "--config",
                                    str(cfg_path), "--data.data_dir", str(data), "--seed_everything", str(seed),
                                    "--trainer.max_steps", str(args.steps), "--trainer.default_root_dir", str(run),
                                    "--export_dir", str(run / "export"), "--trainer.enable_progress_bar", "false"],
                                   cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         if proc.returncode:
-            raise SystemExit(f"[study] {variant} seed {seed}: training failed ({proc.returncode}); "
-                             f"see {out / f'log_{variant}_s{seed}.txt'}")
+            raise SystemExit(f"[study] {variant} seed {seed}: training failed ({proc.returncode}); see {log_path}")
     minutes = (time.time() - t0) / 60
     lim = ["--limit", str(args.eval_limit)] if args.eval_limit else []
     res = {"variant": variant, "seed": seed, "steps": args.steps, "threads": threads,
@@ -129,7 +129,7 @@ def run_one(variant: str, seed: int, args, data: Path, out: Path, threads: int) 
         res[f"vqa_{split}_per_question_type"] = m["per_question_type"]
     c = _last_json([sys.executable, "eval/caption.py", "--model", str(run / "export"), "--captions",
                     str(data / "test_captions.json"), "--images", str(data), "--out", str(run / "captions.json"),
-                    *(["--limit", str(args.eval_limit), "--allow-subset"] if args.eval_limit else [])], env)
+                    *lim, *(["--allow-subset"] if lim else [])], env)
     res["cider_test"] = c.get("CIDEr")
     res["routing"] = routing_health(run)
     return res
@@ -230,7 +230,7 @@ def main() -> None:
     stale = [r for r in results if r.get("steps", args.steps) != args.steps]
     if stale:
         raise SystemExit(f"[study] {results_path} holds runs of {stale[0]['steps']} steps, not {args.steps}: "
-                         f"use another --out (and move runs/study) to change the step count")
+                         f"use another --out to change the step count")
     done = {(r["variant"], r["seed"]) for r in results}
     todo = [(v, s) for v in args.variants for s in (args.seeds if v in ("moe", "dense") else args.ablation_seeds)
             if (v, s) not in done]
