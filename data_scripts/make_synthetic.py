@@ -25,7 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-test", type=int, default=500)
     p.add_argument("--n-heldout", type=int, default=300)
     p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--questions-per-image", type=int, default=3)
+    p.add_argument("--questions-per-image", type=int, default=3, help="VQA questions per val/test/heldout image")
+    p.add_argument("--train-questions-per-image", type=int, default=8,
+                   help="questions per training image (more supervision per image encode; the train split's "
+                        "conversations hold them all)")
     p.add_argument("--overwrite", action="store_true", help="replace images from an earlier run in --out")
     a = p.parse_args(argv)
     try:
@@ -38,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
             n_heldout=a.n_heldout,
             image_size=a.image_size,
             questions_per_image=a.questions_per_image,
+            train_questions_per_image=a.train_questions_per_image,
             overwrite=a.overwrite,
         )
     except (ValueError, FileExistsError) as e:

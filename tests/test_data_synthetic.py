@@ -114,7 +114,7 @@ def test_vqa_files_follow_official_format(data):
         assert set(qf) == {"info", "task_type", "data_type", "data_subtype", "license", "questions"}
         assert qf["task_type"] == "Open-Ended" and qf["data_subtype"] == split == af["data_subtype"]
         assert {"info", "data_subtype", "annotations"} <= set(af)
-        assert len(qf["questions"]) == 3 * SIZES[f"n_{split}"]
+        assert len(qf["questions"]) == (8 if split == "train" else 3) * SIZES[f"n_{split}"]
         for q in qf["questions"]:
             assert set(q) == {"image_id", "question", "question_id"}
             assert isinstance(q["question_id"], int) and q["question"].endswith("?")
@@ -203,6 +203,9 @@ def test_llava_json_parses_through_dataset(data):
         prompts = [t["value"].replace(IMAGE_TOKEN + "\n", "") for t in convs[::2]]
         has_caption = CAPTION_PROMPT in prompts
         assert has_caption == (split == "train")
+        for conv in raw:  # a caption before a question would give its answer away in the text
+            asks = [t["value"].replace(IMAGE_TOKEN + "\n", "") for t in conv["conversations"][::2]]
+            assert CAPTION_PROMPT not in asks[:-1], conv["id"]
         assert all(p.endswith(SHORT_ANSWER_SUFFIX) for p in prompts if p != CAPTION_PROMPT)
 
 
@@ -242,3 +245,51 @@ def test_cli_refuses_to_overwrite_without_flag(data, capsys):
     with pytest.raises(SystemExit):
         mod.main(["--out", str(data), "--seed", "0", "--n-train", "2"])
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_main_job_regenerates_only_our_stale_datasets(tmp_path):
+    """`make train` replaces a synthetic dataset written by an older generator (its conversations differ), and
+    never touches a directory that is not ours or is current."""
+    from mmoe.data.synthetic import GENERATOR_VERSION
+    from mmoe.training.main_job import _stale_synthetic_version
+
+    assert _stale_synthetic_version(tmp_path) is None  # nothing there: plain generation, no overwrite
+    (tmp_path / "meta.json").write_text(json.dumps({"generator_version": GENERATOR_VERSION}))
+    assert _stale_synthetic_version(tmp_path) is None
+    (tmp_path / "meta.json").write_text(json.dumps({"generator_version": "1.0"}))
+    assert "1.0" in _stale_synthetic_version(tmp_path)
+    (tmp_path / "meta.json").write_text(json.dumps({"name": "someone else's data"}))
+    assert _stale_synthetic_version(tmp_path) is None
+
+
+def test_independent_turns_train_each_question_as_evaluation_asks_it(data):
+    """Shared-prefix packing: prefix + segment k is token for token the evaluation prompt of question k plus its
+    answer; whole segments that do not fit are dropped; non-image conversations fall back to plain chats."""
+    from mmoe.data.template import build_prompt, encode_independent_turns
+
+    tok = load_tokenizer(data)
+    raw = _load(data, "train_llava.json")[0]
+    ds = LlavaJsonDataset(data / "train_llava.json", data, tok, build_image_transform(64, (0.5,) * 3, (0.5,) * 3),
+                          max_len=256, independent_turns=True)
+    item = ds[0]
+    ids, labels, seg = item["input_ids"].tolist(), item["labels"].tolist(), item["segment_ids"].tolist()
+    n_prefix = seg.count(0)
+    convs = raw["conversations"]
+    assert max(seg) == len(convs) // 2 and seg == sorted(seg)
+    for k in range(len(convs) // 2):
+        q = convs[2 * k]["value"].replace(IMAGE_TOKEN, "").strip()
+        a = convs[2 * k + 1]["value"]
+        tokens = ids[:n_prefix] + [t for t, s in zip(ids, seg) if s == k + 1]
+        answer = tok.encode(a, add_special_tokens=False) + [tok.eos_token_id]
+        assert tokens == build_prompt(tok, IMAGE_TOKEN + "\n" + q) + answer
+        assert [lab for lab, s in zip(labels, seg) if s == k + 1][-len(answer):] == answer
+    assert sum(lab != IGNORE_INDEX for lab in labels) == sum(
+        len(tok.encode(t["value"], add_special_tokens=False)) + 1 for t in convs[1::2])
+    # a budget for the prefix and one segment keeps exactly the first segment (never a cut one)
+    first = seg.index(2)
+    short = encode_independent_turns(tok, convs, max_len=first + 1)
+    assert short["input_ids"] == ids[:first] and max(short["segment_ids"]) == 1
+    with pytest.raises(ValueError, match="no whole question-answer pair fits"):
+        encode_independent_turns(tok, convs, max_len=n_prefix + 1)
+    text_only = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yes"}]
+    assert encode_independent_turns(tok, text_only, max_len=64) is None

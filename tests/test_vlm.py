@@ -116,3 +116,27 @@ def test_text_only_batch_placeholder_image_changes_nothing_but_runs_every_site()
     with torch.no_grad():  # generation takes the same path
         new = model.generate(ids[:1], torch.ones(1, 5, dtype=torch.bool), max_new_tokens=2)
     assert new.shape == (1, 2)
+
+
+def test_shared_prefix_packing_equals_asking_each_question_alone():
+    """Segments after a shared image prefix compute exactly what each question computes alone (same tokens,
+    positions restart after the prefix, no attention across segments); padding and a second row do not matter."""
+    model = tiny_vlm().double().eval()
+    torch.manual_seed(1)
+    pix = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    prefix = [1, 20, IMG]
+    q1, q2, q3 = [30, 31, 32, 33], [40, 41, 42], [50, 51, 52, 53, 54]
+    packed = torch.tensor([prefix + q1 + q2 + q3, prefix + q2 + [0] * 9])
+    seg = torch.tensor([[0, 0, 0] + [1] * 4 + [2] * 3 + [3] * 5, [0, 0, 0] + [1] * 3 + [0] * 9])
+    with torch.no_grad():
+        out = model(packed, packed != 0, pix, segment_ids=seg).logits
+        P = model.num_image_tokens
+        start = 3 + P - 1  # first question token after splicing
+        for row, (q, offset) in [(0, (q1, 0)), (0, (q2, 4)), (0, (q3, 7)), (1, (q2, 0))]:
+            alone = torch.tensor([prefix + q])
+            ref = model(alone, alone != 0, pix[row:row + 1]).logits[0]
+            got = out[row, start + offset:start + offset + len(q)]
+            torch.testing.assert_close(got, ref[start:], rtol=1e-10, atol=1e-10)
+        # without segment ids the later questions see the earlier ones: a different computation
+        plain = model(packed, packed != 0, pix).logits
+        assert not torch.allclose(plain[0, start + 4:start + 7], out[0, start + 4:start + 7])

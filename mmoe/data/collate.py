@@ -49,6 +49,16 @@ def collate_batch(samples: Sequence[Mapping], pad_id: int) -> dict:
         n = ids.shape[0]
         input_ids[b, :n], labels[b, :n], attention_mask[b, :n] = ids, lab, True
     pixel_values, image_counts = _cat_images(samples)
+    extra = {}
+    if any("segment_ids" in s for s in samples):  # shared-prefix packing: padding is segment 0 (masked anyway)
+        segment_ids = torch.zeros((B, T), dtype=torch.long)
+        for b, s in enumerate(samples):
+            seg = torch.as_tensor(s.get("segment_ids", [0] * len(s["input_ids"])), dtype=torch.long)
+            if seg.shape[0] != len(s["input_ids"]):
+                raise ValueError(f"collate_batch: sample {s.get('id', b)!r} has {len(s['input_ids'])} input_ids "
+                                 f"but {seg.shape[0]} segment_ids")
+            segment_ids[b, : seg.shape[0]] = seg
+        extra["segment_ids"] = segment_ids
     return {
         "input_ids": input_ids,
         "labels": labels,
@@ -56,6 +66,7 @@ def collate_batch(samples: Sequence[Mapping], pad_id: int) -> dict:
         "pixel_values": pixel_values,
         "image_counts": image_counts,
         "ids": [s.get("id") for s in samples],
+        **extra,
     }
 
 

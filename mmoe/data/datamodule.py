@@ -73,7 +73,11 @@ class MMoEDataModule(L.LightningDataModule):
         num_workers: int = 0,
         val_max_questions: int = 200,
         seed: int = 0,
+        independent_turns: bool = False,
     ) -> None:
+        """`independent_turns`: train each question of a one-image conversation on its own, as evaluation asks
+        it (shared-prefix packing: one image encode, no answer visible to later turns, see
+        `mmoe.data.template.encode_independent_turns`); False trains conversations as chats."""
         super().__init__()
         self.save_hyperparameters()
         if batch_size < 1 or num_workers < 0 or max_len < 1 or val_max_questions < 0:
@@ -120,7 +124,8 @@ class MMoEDataModule(L.LightningDataModule):
         hp = self.hparams
         if stage in (None, "fit") and self.train_dataset is None:
             self.train_dataset = LlavaJsonDataset(
-                self.data_dir / hp.train_json, self.data_dir, self.tokenizer, self.image_transform, hp.max_len
+                self.data_dir / hp.train_json, self.data_dir, self.tokenizer, self.image_transform, hp.max_len,
+                independent_turns=hp.independent_turns,
             )
         if stage in (None, "fit", "validate") and self.val_dataset is None:
             self.val_dataset = self.vqa_dataset(hp.val_split, hp.val_max_questions or None)  # 0 = all

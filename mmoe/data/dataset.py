@@ -16,7 +16,14 @@ from torch.utils.data import Dataset
 
 from mmoe.constants import IMAGE_TOKEN
 from mmoe.data.images import load_image
-from mmoe.data.template import GPT_ROLES, HUMAN_ROLES, build_prompt, encode_conversation, with_short_answer
+from mmoe.data.template import (
+    GPT_ROLES,
+    HUMAN_ROLES,
+    build_prompt,
+    encode_conversation,
+    encode_independent_turns,
+    with_short_answer,
+)
 
 DEFAULT_IMAGE_PATTERN = "images/{split}/{split}_{image_id:06d}.png"  # the synthetic generator's layout
 
@@ -61,12 +68,14 @@ class LlavaJsonDataset(Dataset):
         image_transform: Callable,
         max_len: int,
         short_answer: bool = False,
+        independent_turns: bool = False,
     ) -> None:
         if max_len < 1:
             raise ValueError(f"max_len must be >= 1, got {max_len}")
         self.json_path, self.image_root = Path(json_path), Path(image_root)
         self.tokenizer, self.image_transform = tokenizer, image_transform
         self.max_len, self.short_answer = int(max_len), short_answer
+        self.independent_turns = independent_turns
         records = _read_json(self.json_path, "LLaVA JSON")
         if not isinstance(records, list):
             raise ValueError(
@@ -143,16 +152,24 @@ class LlavaJsonDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         s = self.samples[index]
         try:
-            enc = encode_conversation(self.tokenizer, s["conversations"], self.max_len, sample_id=s["id"])
+            enc = None
+            if self.independent_turns:
+                enc = encode_independent_turns(self.tokenizer, s["conversations"], self.max_len, sample_id=s["id"])
+            if enc is None:
+                enc = encode_conversation(self.tokenizer, s["conversations"], self.max_len, sample_id=s["id"])
         except ValueError as e:
             raise ValueError(f"{self.json_path}: sample {index}: {e}") from e
         pixel_values = _load_pixels([self.image_root / p for p in s["images"]], self.image_transform)
-        return {
+        item = {
             "input_ids": torch.tensor(enc["input_ids"], dtype=torch.long),
             "labels": torch.tensor(enc["labels"], dtype=torch.long),
             "pixel_values": pixel_values,
             "id": s["id"],
         }
+        if self.independent_turns:  # ordinary conversations in such a dataset are one segment (0)
+            item["segment_ids"] = torch.tensor(enc.get("segment_ids", [0] * len(enc["input_ids"])),
+                                               dtype=torch.long)
+        return item
 
 
 class VqaGenerationDataset(Dataset):

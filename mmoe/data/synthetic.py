@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 from mmoe.constants import IMAGE_TOKEN
 from mmoe.data.template import ASSISTANT_PREFIX, CAPTION_PROMPT, SHORT_ANSWER_SUFFIX, USER_PREFIX
 
-GENERATOR_VERSION = "1.0"
+GENERATOR_VERSION = "1.1"  # 1.1: the training caption turn comes after the questions
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross")
 PLURALS = {
     "circle": "circles",
@@ -504,7 +504,9 @@ def generate_split(
             {"id": image_id * 10 + j, "image_id": image_id, "caption": c} for j, c in enumerate(captions)
         ]
         if split == "train":
-            turns.insert(int(rng.integers(len(turns) + 1)), (CAPTION_PROMPT, _pick(rng, captions)))
+            # last: a caption earlier in the conversation would let later answers be read off the text
+            # instead of the image (evaluation asks each question alone)
+            turns.append((CAPTION_PROMPT, _pick(rng, captions)))
         if turns:
             turns[0] = (f"{IMAGE_TOKEN}\n{turns[0][0]}", turns[0][1])
             convs = [{"from": role, "value": v} for q, a in turns for role, v in (("human", q), ("gpt", a))]
@@ -571,6 +573,7 @@ def generate_dataset(
     n_heldout: int = 300,
     image_size: int = 64,
     questions_per_image: int = 3,
+    train_questions_per_image: int | None = 8,
     overwrite: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:
@@ -584,8 +587,10 @@ def generate_dataset(
         raise ValueError(f"split sizes must be >= 0, got {sizes}")
     if image_size < 32:
         raise ValueError(f"image_size must be >= 32 to draw 4 separable objects, got {image_size}")
-    if not 1 <= questions_per_image <= 50:
-        raise ValueError(f"questions_per_image must be in 1..50, got {questions_per_image}")
+    train_qpi = questions_per_image if train_questions_per_image is None else train_questions_per_image
+    for name, n in (("questions_per_image", questions_per_image), ("train_questions_per_image", train_qpi)):
+        if not 1 <= n <= 50:
+            raise ValueError(f"{name} must be in 1..50, got {n}")
     out = Path(out_dir)
     stale = [p for s in SPLITS for p in sorted((out / "images" / s).glob(f"{s}_*.png"))]
     if stale and not overwrite:
@@ -603,7 +608,8 @@ def generate_dataset(
     next_id, split_meta = 1, {}
     for split in SPLITS:
         rec = generate_split(
-            out, split, sizes[split], next_id, seed, image_size, questions_per_image, heldout, log
+            out, split, sizes[split], next_id, seed, image_size,
+            train_qpi if split == "train" else questions_per_image, heldout, log
         )
         write_split(out, split, seed, rec)
         texts += [q["question"] for q in rec["questions"]] + [
@@ -623,6 +629,7 @@ def generate_dataset(
         "seed": seed,
         "image_size": image_size,
         "questions_per_image": questions_per_image,
+        "train_questions_per_image": train_qpi,
         "shapes": list(SHAPES),
         "colors": list(COLORS),
         "sizes": list(SIZES),

@@ -120,6 +120,51 @@ def encode_conversation(
     return {"input_ids": input_ids, "labels": labels}
 
 
+def encode_independent_turns(
+    tokenizer, conversations: Sequence[Mapping[str, str]], max_len: int, sample_id: str | None = None
+) -> dict[str, list[int]] | None:
+    """Shared-prefix packing of a one-image conversation: ``<bos>USER: <image>`` (segment 0), then each
+    (question, answer) pair as segment k = 1, 2, ...: ``\n{q_k} ASSISTANT: {a_k}<eos>``.
+
+    Why: with ``segment_ids`` the model lets segment k see only the prefix and itself, with positions
+    restarting after the prefix, so every question is trained exactly as evaluation asks it
+    (``<bos>USER: <image>\n{q} ASSISTANT:``, :func:`build_prompt`): no answer can be read off an earlier
+    turn and no question sits at positions evaluation never uses. Whole segments that do not fit in
+    ``max_len`` are dropped (never cut). Returns None when the conversation is not one image opening the first
+    question (then the caller encodes it as an ordinary conversation).
+    """
+    if not conversations or len(conversations) % 2:
+        return None
+    first = conversations[0].get("value") if isinstance(conversations[0], Mapping) else None
+    if not isinstance(first, str) or first.count(IMAGE_TOKEN) != 1 or first.split(IMAGE_TOKEN)[0].strip():
+        return None
+    if any(IMAGE_TOKEN in str(t.get("value", "")) for t in conversations[1:] if isinstance(t, Mapping)):
+        return None
+    img_id = image_token_id(tokenizer)
+    prefix = _bos(tokenizer) + _encode_text(tokenizer, USER_PREFIX) + [img_id]
+    input_ids, labels, segments = list(prefix), [IGNORE_INDEX] * len(prefix), [0] * len(prefix)
+    for k in range(0, len(conversations), 2):
+        q, a = conversations[k], conversations[k + 1]
+        for i, (turn, want) in enumerate(((q, "human"), (a, "gpt"))):
+            if _role(turn, sample_id, k + i) != want:
+                raise ValueError(f"{_name(sample_id)}: turn {k + i} is from {turn.get('from')!r}, expected "
+                                 f"{want!r} (turns alternate)")
+        text = str(q.get("value")).replace(IMAGE_TOKEN, "").strip()
+        if not text:
+            raise ValueError(f"{_name(sample_id)}: turn {k} has an empty question")
+        question = _encode_text(tokenizer, "\n" + text) + _encode_text(tokenizer, ASSISTANT_PREFIX)
+        answer = _encode_answer(tokenizer, a.get("value"), sample_id, k + 1)
+        if len(input_ids) + len(question) + len(answer) > max_len:
+            break
+        seg = k // 2 + 1
+        input_ids += question + answer
+        labels += [IGNORE_INDEX] * len(question) + answer
+        segments += [seg] * (len(question) + len(answer))
+    if len(segments) == len(prefix):
+        raise ValueError(f"{_name(sample_id)}: no whole question-answer pair fits within max_len={max_len}")
+    return {"input_ids": input_ids, "labels": labels, "segment_ids": segments}
+
+
 def build_prompt(tokenizer, question: str, history: Sequence[tuple[str, str]] | None = None) -> list[int]:
     """Prompt ids for generation: ``<bos>`` + previous (question, answer) turns + ``USER: {question} ASSISTANT:``.
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import RMSNorm, SwiGLU, apply_rope, init_linear_
@@ -241,8 +242,18 @@ class Decoder(nn.Module):
         return emb.cos(), emb.sin()
 
     @staticmethod
-    def build_mask(attention_mask: Tensor | None, B: int, T: int, past: int, device) -> AttnMask:
-        """Causal + padding mask over keys [0, past + T); is_causal fast path without padding or cache."""
+    def build_mask(attention_mask: Tensor | None, B: int, T: int, past: int, device,
+                   segment_ids: Tensor | None = None) -> AttnMask:
+        """Causal + padding mask over keys [0, past + T); is_causal fast path without padding or cache.
+        With `segment_ids` (no cache) a token of segment k > 0 also cannot see other segments k' > 0."""
+        if segment_ids is not None:
+            seg = segment_ids
+            allowed = torch.tril(torch.ones(T, T, dtype=torch.bool, device=device))[None, None]
+            allowed = allowed & ((seg[:, None, None, :] == 0) | (seg[:, None, None, :] == seg[:, None, :, None]))
+            if attention_mask is not None:
+                allowed = allowed & attention_mask.bool()[:, None, None, :]
+            eye = torch.eye(T, dtype=torch.bool, device=device)[None, None]
+            return AttnMask(allowed | eye, False)  # padding queries see themselves (finite, unused)
         if attention_mask is None or bool(attention_mask.all()):
             if past == 0:
                 return AttnMask(None, T > 1)
@@ -262,9 +273,14 @@ class Decoder(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
                 attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
-                modality: Tensor | None = None, cache: KVCache | None = None) -> DecoderOutput:
+                modality: Tensor | None = None, cache: KVCache | None = None,
+                segment_ids: Tensor | None = None) -> DecoderOutput:
         """input_ids (B, T) or inputs_embeds (B, T, D); attention_mask (B, past + T), 1 = real token;
-        position_ids (B, T), default cumsum(mask) - 1 (left padding works); modality (B, T) long."""
+        position_ids (B, T), default cumsum(mask) - 1 (left padding works); modality (B, T) long.
+
+        segment_ids (B, T) long, training without a cache: shared-prefix packing. Segment 0 is a prefix every
+        token sees; each segment k > 0 sees only the prefix and itself, and its positions restart right after
+        the prefix, so it computes exactly what it would as the only continuation of the prefix."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -282,13 +298,20 @@ class Decoder(nn.Module):
                                  f"got {tuple(attention_mask.shape)}")
             attention_mask = attention_mask.bool()
             token_mask = attention_mask[:, past:]
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids (shared-prefix packing) is for training forwards without a KV cache")
+            if segment_ids.shape != (B, T):
+                raise ValueError(f"segment_ids must be (batch, tokens) = {(B, T)}, got {tuple(segment_ids.shape)}")
+            if position_ids is None:
+                position_ids = segment_positions(segment_ids, attention_mask)
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, past:]
             else:
                 position_ids = torch.arange(past, S, device=x.device).expand(B, T)
         cos, sin = self.rope(position_ids)
-        mask = self.build_mask(attention_mask, B, T, past, x.device)
+        mask = self.build_mask(attention_mask, B, T, past, x.device, segment_ids)
         routing: list[RoutingResult] = []
         for block in self.layers:
             x = block(x, cos, sin, mask, cache, token_mask, modality, routing)
@@ -296,6 +319,19 @@ class Decoder(nn.Module):
             cache.advance(T)
         h = self.norm(x)
         return DecoderOutput(logits=self.lm_head(h), routing=routing, cache=cache, hidden=h)
+
+
+def segment_positions(segment_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    """(B, T) positions for shared-prefix packing: the prefix (segment 0) counts 0, 1, ...; every later
+    segment restarts at the prefix length. Padding (mask 0) gets position 0."""
+    real = torch.ones_like(segment_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    seg = segment_ids.long().clamp_min(0)
+    n_seg = int(seg.max()) + 1 if seg.numel() else 1
+    onehot = F.one_hot(seg, n_seg) * real[..., None]  # (B, T, K)
+    rank = onehot.cumsum(1).gather(2, seg[..., None]).squeeze(-1) - 1  # index within its own segment
+    prefix_len = (real & (seg == 0)).sum(1, keepdim=True)
+    pos = torch.where(seg == 0, rank, prefix_len + rank)
+    return pos.masked_fill(~real, 0).clamp_min(0)
 
 
 @torch.no_grad()

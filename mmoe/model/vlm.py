@@ -133,8 +133,34 @@ class MMoEVLM(nn.Module):
             new_labels[rows[txt], start[txt]] = labels[txt]
         return embeds, mask, new_labels, modality
 
+    def expand_like_splice(self, input_ids: Tensor, values: Tensor, image_tokens: Tensor | None,
+                           padding_side: str = "right") -> Tensor:
+        """Per-token integer `values` (B, T) laid out as `splice` lays out the tokens: each image token takes
+        its placeholder's value; re-padding positions get 0."""
+        if image_tokens is None:
+            return values
+        B, T = input_ids.shape
+        is_img = input_ids == self.cfg.image_token_id
+        P = image_tokens.shape[1]
+        counts = torch.where(is_img, P, 1)
+        start = counts.cumsum(1) - counts
+        length = counts.sum(1)
+        L = int(length.max())
+        if padding_side == "left":
+            start = start + (L - length)[:, None]
+        out = values.new_zeros(B, L)
+        rows = torch.arange(B, device=input_ids.device)[:, None].expand(B, T)
+        offsets = torch.arange(P, device=input_ids.device)
+        pos = torch.where(is_img[..., None], start[..., None] + offsets, start[..., None])  # (B, T, P)
+        keep = is_img[..., None] | (offsets == 0)  # text tokens fill one position, images P
+        out[rows[..., None].expand(B, T, P)[keep], pos[keep]] = values[..., None].expand(B, T, P)[keep]
+        return out
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None = None,
-                labels: Tensor | None = None, padding_side: str = "right") -> VLMOutput:
+                labels: Tensor | None = None, padding_side: str = "right",
+                segment_ids: Tensor | None = None) -> VLMOutput:
+        """`segment_ids` (B, T) long: shared-prefix packing (see `Decoder.forward`); an image takes the
+        segment of its placeholder, so questions packed after a shared image each see only that image."""
         routing: list[RoutingResult] = []
         image_tokens = None
         zero = None
@@ -143,9 +169,15 @@ class MMoEVLM(nn.Module):
         elif self.always_encode_images:
             zero, routing = self._encode_placeholder_image(input_ids)
         embeds, mask, labels, modality = self.splice(input_ids, attention_mask, image_tokens, labels, padding_side)
+        if segment_ids is not None:
+            if segment_ids.shape != input_ids.shape:
+                raise SpliceError(f"segment_ids {tuple(segment_ids.shape)} must match input_ids "
+                                  f"{tuple(input_ids.shape)}")
+            segment_ids = self.expand_like_splice(input_ids, segment_ids, image_tokens, padding_side)
         if zero is not None:
             embeds = embeds + zero.to(embeds.dtype)
-        out: DecoderOutput = self.decoder(inputs_embeds=embeds, attention_mask=mask, modality=modality)
+        out: DecoderOutput = self.decoder(inputs_embeds=embeds, attention_mask=mask, modality=modality,
+                                          segment_ids=segment_ids)
         return VLMOutput(out.logits, labels, mask, modality, routing + out.routing)
 
     @torch.no_grad()

@@ -25,6 +25,21 @@ def _peak_rss_gib() -> float:
     return max(own, kids) / 1024 ** 2  # Linux reports KiB
 
 
+def _stale_synthetic_version(data: Path) -> str | None:
+    """Why `data` (a synthetic dataset written by an older generator) must be regenerated, else None.
+
+    Only directories that say they are ours (meta.json with a generator_version) are ever replaced."""
+    from mmoe.data.synthetic import GENERATOR_VERSION
+
+    meta = data / "meta.json"
+    if not meta.is_file():
+        return None
+    found = json.loads(meta.read_text()).get("generator_version")
+    if found is None or found == GENERATOR_VERSION:
+        return None
+    return f"written by generator {found}, this checkout makes {GENERATOR_VERSION}"
+
+
 def _run_eval(args: list[str]) -> dict:
     """Run an eval script, stream its output, and parse its last stdout line (JSON metrics)."""
     proc = subprocess.run([sys.executable, *args], cwd=REPO, stdout=subprocess.PIPE, text=True)
@@ -44,10 +59,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     data = Path(args.data)
     t0 = time.time()
-    if not (data / "tokenizer.json").exists():
-        print(f"[mmoe] generating the synthetic dataset into {data}", flush=True)
-        subprocess.run([sys.executable, "data_scripts/make_synthetic.py", "--out", str(data), "--seed", "0"],
-                       cwd=REPO, check=True)
+    stale = _stale_synthetic_version(data)
+    if stale or not (data / "tokenizer.json").exists():
+        print(f"[mmoe] generating the synthetic dataset into {data}" + (f" ({stale})" if stale else ""), flush=True)
+        subprocess.run([sys.executable, "data_scripts/make_synthetic.py", "--out", str(data), "--seed", "0",
+                        *(["--overwrite"] if stale else [])], cwd=REPO, check=True)
 
     from mmoe.training.cli import cli_main
 

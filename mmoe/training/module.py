@@ -181,7 +181,8 @@ class MMoEModule(L.LightningModule):
         return total, dict(parts)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        out = self.model(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), batch["labels"])
+        out = self.model(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), batch["labels"],
+                         segment_ids=batch.get("segment_ids"))
         ce = lm_loss(out.logits, out.labels, self.loss_reduction)
         aux, parts = self.balancing_loss(out.routing)
         loss = ce + aux
