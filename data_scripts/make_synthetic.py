@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-heldout", type=int, default=300)
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--questions-per-image", type=int, default=3, help="VQA questions per val/test/heldout image")
-    p.add_argument("--train-questions-per-image", type=int, default=8,
+    p.add_argument("--train-questions-per-image", type=int, default=6,
                    help="questions per training image (more supervision per image encode; the train split's "
                         "conversations hold them all)")
     p.add_argument("--overwrite", action="store_true", help="replace images from an earlier run in --out")

@@ -27,7 +27,7 @@ TINY_OVERRIDES = {
         },
         "log_routing_every": 1,
     },
-    "data": {"batch_size": 4, "val_max_questions": 4, "max_len": 160},
+    "data": {"batch_size": 4, "val_max_questions": 4, "max_len": 128},
 }
 
 

@@ -285,7 +285,7 @@ def test_infer_answers_like_training_on_an_overfit_tiny_model(tmp_path):
     batch = collate_batch([dm.train_dataset[i] for i in range(4)], pad_id=dm.pad_id)
     model = module.model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-    for _ in range(40):
+    for _ in range(80):
         out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"])
         loss = lm_loss(out.logits, out.labels)
         opt.zero_grad()

@@ -218,7 +218,7 @@ def test_nonfinite_forward_is_reported_with_the_layer(tiny_data):
     module = MMoEModule(arch=cfg)
     with torch.no_grad():
         module.model.decoder.layers[1].mlp.experts.w_out.weight.fill_(float("inf"))
-    dm = MMoEDataModule(data_dir=str(tiny_data), batch_size=4)
+    dm = MMoEDataModule(data_dir=str(tiny_data), batch_size=4, max_len=128)
     batch = next(iter(dm.train_dataloader()))
     where = locate_nonfinite(module, lambda: module.training_step(batch, 0))
     assert where is not None and where.startswith("model.decoder.layers.1.mlp"), where

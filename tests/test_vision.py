@@ -305,9 +305,31 @@ def test_conv_stem_trains_batch_independent_and_refuses_bad_configs():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     with pytest.raises(VisionConfigError, match="power-of-two patch_size"):
         VisionEncoder(_tiny_cfg(stem="conv", patch_size=6, image_size=36))
-    with pytest.raises(VisionConfigError, match="stem='conv'"):
-        VisionEncoder(_tiny_cfg(stem="conv", checkpoint="model.safetensors"))
     with pytest.raises(VisionConfigError, match="vision.stem"):
         VisionEncoder(_tiny_cfg(stem="convnext"))
     counts = vision_param_count(_tiny_cfg(stem="conv"))
     assert counts["total"] == sum(p.numel() for p in VisionEncoder(_tiny_cfg(stem="conv")).parameters())
+
+
+def test_conv_stem_checkpoint_round_trip_upcycles_and_refuses_the_other_stem(tmp_path):
+    """A dense conv-stem tower (stage-0 pretraining) loads into the MoE conv tower: every expert a copy of the
+    dense MLP, so the features are the dense tower's; a conv checkpoint into a patch tower (or back) is refused
+    naming the stem."""
+    from safetensors.torch import save_file
+
+    from mmoe.interop.vision_ckpt import CheckpointMismatchError
+
+    torch.manual_seed(0)
+    dense = VisionEncoder(_tiny_cfg(stem="conv", moe=None, feature_layer=-1)).eval()
+    path = tmp_path / "vision.safetensors"
+    save_file({k: v.contiguous() for k, v in dense.vit.state_dict().items()}, str(path))
+    moe = VisionEncoder(_tiny_cfg(stem="conv", feature_layer=-1, checkpoint=str(path))).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x)[0], dense(x)[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(CheckpointMismatchError, match="conv stem but vision.stem='patch'"):
+        VisionEncoder(_tiny_cfg(feature_layer=-1, checkpoint=str(path)))
+    patch = VisionEncoder(_tiny_cfg(moe=None, feature_layer=-1))
+    save_file({k: v.contiguous() for k, v in patch.vit.state_dict().items()}, str(tmp_path / "p.safetensors"))
+    with pytest.raises(CheckpointMismatchError, match="patch stem but vision.stem='conv'"):
+        VisionEncoder(_tiny_cfg(stem="conv", feature_layer=-1, checkpoint=str(tmp_path / "p.safetensors")))

@@ -1,4 +1,4 @@
-"""Deterministic synthetic "shapes" VQA / captioning dataset in VQAv2, COCO-captions and LLaVA formats.
+"""Deterministic synthetic "shapes" VQA / captioning dataset in VQAv2, COCO-captions, COCO-instances and LLaVA formats.
 
 Why: a real but tiny learning problem (colour, shape, counting, existence, spatial questions about rendered scenes)
 that trains in minutes on one GPU and exercises every data path the project uses for real datasets. A fixed set of
@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 from mmoe.constants import IMAGE_TOKEN
 from mmoe.data.template import ASSISTANT_PREFIX, CAPTION_PROMPT, SHORT_ANSWER_SUFFIX, USER_PREFIX
 
-GENERATOR_VERSION = "1.1"  # 1.1: the training caption turn comes after the questions
+GENERATOR_VERSION = "1.1"  # 1.1: 6 questions per training image (was 3); COCO instances files
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross")
 PLURALS = {
     "circle": "circles",
@@ -504,9 +504,10 @@ def generate_split(
             {"id": image_id * 10 + j, "image_id": image_id, "caption": c} for j, c in enumerate(captions)
         ]
         if split == "train":
-            # last: a caption earlier in the conversation would let later answers be read off the text
-            # instead of the image (evaluation asks each question alone)
-            turns.append((CAPTION_PROMPT, _pick(rng, captions)))
+            # at a random turn on purpose: questions after the caption can be answered from its text, and that
+            # easier lesson teaches the QA skill that image tokens then reuse (measured: caption last, or each
+            # question alone via data.independent_turns, learned colour/shape questions far more slowly)
+            turns.insert(int(rng.integers(len(turns) + 1)), (CAPTION_PROMPT, _pick(rng, captions)))
         if turns:
             turns[0] = (f"{IMAGE_TOKEN}\n{turns[0][0]}", turns[0][1])
             convs = [{"from": role, "value": v} for q, a in turns for role, v in (("human", q), ("gpt", a))]
@@ -524,6 +525,28 @@ def generate_split(
         if (i + 1) % step == 0 or i + 1 == n_images:
             log(f"[make_synthetic] {split}: {i + 1}/{n_images} images")
     return rec
+
+
+def object_categories() -> list[dict]:
+    """COCO categories, one per (colour, shape) pair: the object classes of the synthetic world."""
+    return [{"id": i + 1, "name": f"{c} {s}", "supercategory": s}
+            for i, (s, c) in enumerate((s, c) for s in SHAPES for c in COLORS)]
+
+
+def instances_json(split: str, seed: int, rec: dict[str, list]) -> dict:
+    """COCO instances (object boxes and classes) of a split, from its scene records; what vision-tower
+    pretraining reads (`mmoe.data.instances`), as it would read COCO's own instances files."""
+    cat_id = {c["name"]: c["id"] for c in object_categories()}
+    anns = []
+    for scene in rec["scenes"]:
+        for o in scene["objects"]:
+            r = o["radius"]
+            anns.append({"id": len(anns) + 1, "image_id": scene["image_id"],
+                         "category_id": cat_id[f"{o['color']} {o['shape']}"],
+                         "bbox": [round(o["x"] - r, 2), round(o["y"] - r, 2), round(2 * r, 2), round(2 * r, 2)],
+                         "area": round(4 * r * r, 2), "iscrowd": 0})
+    return {"info": _info(split, seed), "licenses": [LICENSE], "images": rec["images"], "annotations": anns,
+            "categories": object_categories()}
 
 
 def write_split(out_dir: Path, split: str, seed: int, rec: dict[str, list]) -> None:
@@ -561,6 +584,7 @@ def write_split(out_dir: Path, split: str, seed: int, rec: dict[str, list]) -> N
         },
     )
     _dump(out_dir / f"{split}_llava.json", rec["llava"])
+    _dump(out_dir / f"{split}_instances.json", instances_json(split, seed, rec))
     _dump(out_dir / f"{split}_scenes.json", {"info": info, "split": split, "scenes": rec["scenes"]})
 
 
@@ -573,7 +597,7 @@ def generate_dataset(
     n_heldout: int = 300,
     image_size: int = 64,
     questions_per_image: int = 3,
-    train_questions_per_image: int | None = 8,
+    train_questions_per_image: int | None = 6,
     overwrite: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict:

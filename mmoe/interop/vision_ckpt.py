@@ -57,13 +57,23 @@ def to_timm_layout(sd: dict[str, Tensor], path="<state dict>") -> tuple[dict[str
             from timm.models.vision_transformer import _convert_openai_clip
 
             return _convert_openai_clip(sd, None, prefix=prefix), "open_clip"
-    keys = [k for k in sd if k.endswith("patch_embed.proj.weight")]
-    if len(keys) == 1:
-        prefix = keys[0][: -len("patch_embed.proj.weight")]
-        return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}, "timm"
+    for stem_key in STEM_KEYS.values():
+        keys = [k for k in sd if k.endswith(stem_key)]
+        if len(keys) == 1:
+            prefix = keys[0][: -len(stem_key)]
+            return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}, "timm"
     raise CheckpointMismatchError(
-        f"{path}: not a timm ViT (no unique '*patch_embed.proj.weight') nor an open_clip ViT "
-        f"('visual.class_embedding' + 'visual.conv1.weight'); first keys: {sorted(sd)[:8]}")
+        f"{path}: not a timm ViT (no unique '*patch_embed.proj.weight', or '*patch_embed.inner.proj.0.weight' "
+        f"for a conv stem) nor an open_clip ViT ('visual.class_embedding' + 'visual.conv1.weight'); "
+        f"first keys: {sorted(sd)[:8]}")
+
+
+STEM_KEYS = {"patch": "patch_embed.proj.weight", "conv": "patch_embed.inner.proj.0.weight"}
+
+
+def checkpoint_stem(sd: dict[str, Tensor]) -> str:
+    """'conv' for our convolutional stem (stage-0 pretraining), else 'patch' (every pretrained ViT)."""
+    return "conv" if STEM_KEYS["conv"] in sd else "patch"
 
 
 _IGNORABLE = re.compile(r"^(head|norm|fc_norm|attn_pool|head_drop)\.|^(head|proj)$")
@@ -95,6 +105,10 @@ def load_vision_checkpoint(encoder: "VisionEncoder", path) -> str:
     """
     raw = read_state_dict(path)
     sd, fmt = to_timm_layout(raw, path)
+    stem = checkpoint_stem(sd)
+    if stem != encoder.cfg.stem:
+        raise CheckpointMismatchError(f"{path}: the checkpoint has a {stem} stem but vision.stem={encoder.cfg.stem!r};"
+                                      f" set vision.stem: {stem}")
     vit = encoder.vit
     target = vit.state_dict()
     n_blocks = len(vit.blocks)

@@ -46,8 +46,8 @@ class VisionConfig:
     stem: Literal["patch", "conv"] = "patch"
     """Patch embedding: 'patch' is ViT's single strided conv (what pretrained checkpoints have); 'conv' is a
     stack of overlapping 3x3 stride-2 convs (Xiao et al. 2021, "Early convolutions help transformers see
-    better"), which learns shapes from scratch far faster. 'conv' needs a power-of-two patch size and no
-    checkpoint."""
+    better"), which learns shapes from scratch far faster. 'conv' needs a power-of-two patch size; its only
+    checkpoints are our own (stage-0 pretraining, `mmoe.training.vision_pretrain`)."""
     dim: int = 128
     """Embedding width (ignored when an architecture name is given; use `VisionEncoder.out_dim`)."""
     depth: int = 4
@@ -293,9 +293,6 @@ class VisionEncoder(nn.Module):
             raise VisionConfigError("vision.keep_cls: the tower has no class token")
         if cfg.stem not in ("patch", "conv"):
             raise VisionConfigError(f"vision.stem must be 'patch' or 'conv', got {cfg.stem!r}")
-        if cfg.stem == "conv" and cfg.checkpoint:
-            raise VisionConfigError("vision.stem='conv' has no pretrained weights: a dense ViT checkpoint "
-                                    "carries a patch stem (set stem: patch to load it)")
 
         kw = dict(img_size=cfg.image_size, num_classes=0, global_pool="", final_norm=False, depth=n_blocks,
                   act_layer=_TIMM_ACT[cfg.activation],

@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--data", default="data/synthetic", help="synthetic dataset directory (generated if missing)")
     ap.add_argument("--run-dir", default="runs/default")
     ap.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N questions/images only")
+    ap.add_argument("--vision-pretrain", default="configs/stages/stage0_vision.yaml",
+                    help="stage-0 config: pretrain the dense vision tower on object labels first and upcycle it "
+                         "into the VLM ('none': the tower starts from scratch inside the VLM)")
     ap.add_argument("extra", nargs="*", help="extra LightningCLI arguments, e.g. --trainer.max_steps=100")
     args = ap.parse_args(argv)
     data = Path(args.data)
@@ -68,12 +71,27 @@ def main(argv: list[str] | None = None) -> dict:
     from mmoe.training.cli import cli_main
 
     run_dir = Path(args.run_dir)
-    cli_args = ["fit", "--config", args.config, "--data.data_dir", str(data),
+    stage0: list[str] = []
+    stage0_minutes = 0.0
+    if args.vision_pretrain.lower() != "none":
+        from mmoe.training.vision_pretrain import VISION_FILE
+        from mmoe.training.vision_pretrain import cli_main as vision_cli_main
+
+        s0_dir = run_dir / "stage0_vision"
+        s0_args = ["fit", "--config", args.vision_pretrain, "--data.data_dir", str(data),
+                   "--trainer.default_root_dir", str(s0_dir), "--export_dir", str(s0_dir / "export")]
+        print(f"[mmoe] stage 0: python -m mmoe.training.vision_pretrain {' '.join(s0_args)}", flush=True)
+        t_s0 = time.time()
+        vision_cli_main(s0_args)
+        stage0_minutes = (time.time() - t_s0) / 60
+        stage0 = ["--model.arch.vision.checkpoint", str(s0_dir / "export" / VISION_FILE)]
+    cli_args = ["fit", "--config", args.config, "--data.data_dir", str(data), *stage0,
                 "--trainer.default_root_dir", str(run_dir), "--export_dir", str(run_dir / "export"), *args.extra]
     print(f"[mmoe] python train.py {' '.join(cli_args)}", flush=True)
     t_train = time.time()
     cli_main(cli_args)
-    train_minutes = (time.time() - t_train) / 60
+    vlm_minutes = (time.time() - t_train) / 60
+    train_minutes = stage0_minutes + vlm_minutes
     export = run_dir / "export"
     if not (export / "config.json").exists():
         raise SystemExit(f"training finished but no export was written to {export}")
@@ -96,6 +114,8 @@ def main(argv: list[str] | None = None) -> dict:
         "run_dir": str(run_dir),
         "plots": [str(p) for p in sorted(run_dir.rglob("*.png"))],
         "train_minutes": round(train_minutes, 2),
+        "stage0_vision_minutes": round(stage0_minutes, 2),
+        "vlm_minutes": round(vlm_minutes, 2),
         "total_minutes": round((time.time() - t0) / 60, 2),
         "peak_rss_gib": round(_peak_rss_gib(), 2),
     }

@@ -136,6 +136,13 @@ class MMoEModule(L.LightningModule):
         tok = getattr(dm, "tokenizer", None)
         if tok is not None:
             check_tokenizer(tok, self.arch)
+        max_len = getattr(getattr(dm, "hparams", None), "max_len", None)
+        if max_len is not None:
+            longest = int(max_len) + self.model.num_image_tokens - 1  # the <image> token becomes P tokens
+            if longest > self.arch.decoder.max_seq_len:
+                raise ValueError(f"data.max_len={max_len} text tokens + {self.model.num_image_tokens - 1} more per "
+                                 f"image can reach {longest} positions > model.arch.decoder.max_seq_len="
+                                 f"{self.arch.decoder.max_seq_len}; lower data.max_len or raise max_seq_len")
 
     def configure_model(self) -> None:
         if self._trainer is not None and self.trainer.world_size > 1:

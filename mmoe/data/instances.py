@@ -1,0 +1,128 @@
+"""Images with object labels (COCO instances JSON) for vision-tower pretraining: which classes are in each image.
+
+Why: a VLM's vision tower normally arrives pretrained (CLIP, ImageNet). When there is none to load (offline,
+or the synthetic world), multi-label classification of the objects in each image is the cheapest way to teach
+a ViT to see them before it is upcycled into MoE and joined to the LLM (`mmoe.training.vision_pretrain`).
+
+Format: the COCO ``instances_*.json`` layout: ``images`` (``id``, ``file_name`` relative to the image root),
+``annotations`` (``image_id``, ``category_id``; boxes are not used) and ``categories`` (``id``, ``name``).
+Targets are multi-hot over the categories in file order. Images without annotations are kept (all-zero targets).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from mmoe.data.images import build_image_transform, load_image
+
+
+class InstancesFormatError(ValueError):
+    """An instances file that cannot be read; the message names the file and the field."""
+
+
+def read_instances(path: str | Path) -> tuple[list[dict], list[str], dict[int, list[int]]]:
+    """(images, category names, image id -> category indices) of a COCO instances file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"instances file not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InstancesFormatError(f"{path}: not valid JSON ({e})") from None
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data, dict) or not isinstance(data.get(key), list):
+            raise InstancesFormatError(f"{path}: expected a COCO instances object with a '{key}' list")
+    cats = data["categories"]
+    if not cats:
+        raise InstancesFormatError(f"{path}: 'categories' is empty")
+    try:
+        index = {int(c["id"]): i for i, c in enumerate(cats)}
+        names = [str(c["name"]) for c in cats]
+        images = [{"id": int(im["id"]), "file_name": str(im["file_name"])} for im in data["images"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise InstancesFormatError(f"{path}: categories need 'id' and 'name', images 'id' and 'file_name' "
+                                   f"({type(e).__name__}: {e})") from None
+    known = {im["id"] for im in images}
+    labels: dict[int, list[int]] = {i: [] for i in known}
+    for k, a in enumerate(data["annotations"]):
+        try:
+            image_id, cat = int(a["image_id"]), int(a["category_id"])
+        except (KeyError, TypeError, ValueError):
+            raise InstancesFormatError(f"{path}: annotations[{k}] needs integer 'image_id' and "
+                                       "'category_id'") from None
+        if cat not in index:
+            raise InstancesFormatError(f"{path}: annotations[{k}].category_id {cat} is not in 'categories'")
+        if image_id not in known:
+            raise InstancesFormatError(f"{path}: annotations[{k}].image_id {image_id} is not in 'images'")
+        labels[image_id].append(index[cat])
+    return images, names, labels
+
+
+class ImageLabelsDataset(Dataset):
+    """Items: ``pixel_values`` (3, S, S) and ``targets`` (num_classes,) multi-hot float."""
+
+    def __init__(self, instances_path: str | Path, image_root: str | Path, image_transform: Callable,
+                 num_classes: int | None = None):
+        self.path, self.image_root, self.transform = Path(instances_path), Path(image_root), image_transform
+        self.images, self.class_names, self.labels = read_instances(self.path)
+        if num_classes is not None and num_classes != len(self.class_names):
+            raise InstancesFormatError(f"{self.path}: {len(self.class_names)} categories, but the model has "
+                                       f"{num_classes} outputs (train and val files must share categories)")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        im = self.images[i]
+        targets = torch.zeros(len(self.class_names))
+        targets[self.labels[im["id"]]] = 1.0
+        pixels = self.transform(load_image(self.image_root / im["file_name"]))
+        return {"pixel_values": pixels, "targets": targets}
+
+
+class ImageLabelsDataModule(L.LightningDataModule):
+    """Train / val COCO instances files under `data_dir` (the synthetic generator writes `{split}_instances.json`)."""
+
+    def __init__(self, data_dir: str = "data/synthetic", train_file: str = "train_instances.json",
+                 val_file: str = "val_instances.json", image_size: int = 64,
+                 image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
+                 image_std: tuple[float, float, float] = (0.5, 0.5, 0.5), batch_size: int = 32,
+                 num_workers: int = 0):
+        super().__init__()
+        if batch_size < 1 or num_workers < 0:
+            raise ValueError("ImageLabelsDataModule: batch_size must be >= 1 and num_workers >= 0")
+        self.save_hyperparameters()
+        self.data_dir = Path(data_dir)
+        self.transform = build_image_transform(image_size, image_mean, image_std)
+        self.train_dataset: ImageLabelsDataset | None = None
+        self.val_dataset: ImageLabelsDataset | None = None
+
+    @property
+    def num_classes(self) -> int:
+        """Number of categories (read from the train file; the model's output width)."""
+        return len(read_instances(self.data_dir / self.hparams.train_file)[1])
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_dataset is None:
+            self.train_dataset = ImageLabelsDataset(self.data_dir / self.hparams.train_file, self.data_dir,
+                                                    self.transform)
+            self.val_dataset = ImageLabelsDataset(self.data_dir / self.hparams.val_file, self.data_dir,
+                                                  self.transform, num_classes=len(self.train_dataset.class_names))
+
+    def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
+        g = torch.Generator().manual_seed(0)
+        return DataLoader(ds, batch_size=self.hparams.batch_size, shuffle=shuffle, generator=g,
+                          num_workers=self.hparams.num_workers, pin_memory=torch.cuda.is_available(),
+                          persistent_workers=self.hparams.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, shuffle=False)

@@ -1,0 +1,156 @@
+"""Stage 0: pretrain a dense ViT on object labels, then upcycle it into the VLM's MoE tower (CuMo-style).
+
+    python -m mmoe.training.vision_pretrain fit --config configs/stages/stage0_vision.yaml
+
+Why: CuMo and MoE-LLaVA start from a pretrained CLIP tower and upcycle its MLPs into experts. With no tower to
+download (offline, or the synthetic world) a from-scratch tower learns to see far more slowly through the
+LLM's answer loss than from direct labels, so this stage trains it on multi-label classification of the
+objects in each image (COCO instances, `mmoe.data.instances`) for a few minutes. When fit ends it writes
+``<export_dir>/vision.safetensors`` (timm ViT layout) and ``vision_config.json``; a VLM config loads it with
+``model.arch.vision.checkpoint`` (MoE layers upcycled: every expert a copy of the dense MLP).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from jsonargparse import set_parsing_settings
+from torch import Tensor, nn
+
+from mmoe.data.instances import ImageLabelsDataModule
+from mmoe.model.vision import VisionConfig, VisionEncoder
+
+from .cli import MMoECLI
+from .config import OptimConfig
+from .module import warmup_cosine
+
+set_parsing_settings(docstring_parse_attribute_docstrings=True)
+VISION_FILE = "vision.safetensors"
+VISION_CONFIG_FILE = "vision_config.json"
+
+
+class LabelHead(nn.Module):
+    """Mean- and max-pooled patch features -> MLP -> one logit per class (max pooling lets a class that fills
+    a few patches still fire)."""
+
+    def __init__(self, dim: int, num_classes: int, hidden: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(2 * dim)
+        self.fc1, self.fc2 = nn.Linear(2 * dim, hidden), nn.Linear(hidden, num_classes)
+
+    def forward(self, feats: Tensor) -> Tensor:
+        pooled = torch.cat([feats.mean(1), feats.amax(1)], dim=-1)
+        return self.fc2(F.gelu(self.fc1(self.norm(pooled))))
+
+
+class VisionPretrainModule(L.LightningModule):
+    """Dense ViT + label head trained with binary cross-entropy; logs label-set accuracy and micro F1."""
+
+    def __init__(self, vision: VisionConfig = VisionConfig(), num_classes: int = 0,
+                 optim: OptimConfig = OptimConfig(), head_hidden: int = 256):
+        """
+        Args:
+            vision: the tower to pretrain (dense: `moe` is ignored; the VLM upcycles it). Use the VLM's values.
+            num_classes: number of object classes (linked from the data's categories by the CLI).
+            optim: optimiser and LR schedule.
+            head_hidden: hidden width of the label head (dropped after pretraining).
+        """
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"model.num_classes must be >= 1, got {num_classes}")
+        vision = replace(copy.deepcopy(vision), moe=None)
+        self.save_hyperparameters()
+        self.vision_cfg, self.optim_cfg = vision, optim
+        self.encoder = VisionEncoder(vision)
+        self.head = LabelHead(self.encoder.out_dim, num_classes, head_hidden)
+        self._val: list[Tensor] = []
+
+    def forward(self, pixel_values: Tensor) -> Tensor:
+        feats, _ = self.encoder(pixel_values)
+        return self.head(feats)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        logits = self(batch["pixel_values"])
+        loss = F.binary_cross_entropy_with_logits(logits.float(), batch["targets"].float())
+        self.log("train/loss", loss, prog_bar=True, batch_size=logits.shape[0])
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        logits = self(batch["pixel_values"])
+        self.log("val/loss", F.binary_cross_entropy_with_logits(logits.float(), batch["targets"].float()),
+                 batch_size=logits.shape[0])
+        self._val.append(torch.stack([logits.detach().float() > 0, batch["targets"] > 0.5]).cpu())
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val:
+            return
+        pred, true = torch.cat(self._val, dim=1)
+        self._val.clear()
+        tp = (pred & true).sum().item()
+        f1 = 2 * tp / max(1, pred.sum().item() + true.sum().item())
+        self.log("val/label_set_acc", 100.0 * (pred == true).all(1).float().mean().item(), prog_bar=True)
+        self.log("val/micro_f1", 100.0 * f1, prog_bar=True)
+
+    def configure_optimizers(self):
+        cfg = self.optim_cfg
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if p.ndim < 2 or "norm" in name or name.endswith(".bias") or "pos_embed" in name or "cls_token" in name:
+                no_decay.append(p)
+            else:
+                decay.append(p)
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup_steps, total, cfg.min_lr_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def export(self, out_dir: str | Path) -> Path:
+        """Write the tower as a timm-layout checkpoint the VLM's `vision.checkpoint` loads; returns its path."""
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        sd = {k: v.detach().cpu().contiguous() for k, v in self.encoder.vit.state_dict().items()}
+        tmp = out / f".{VISION_FILE}.tmp"
+        save_file(sd, str(tmp))
+        os.replace(tmp, out / VISION_FILE)
+        (out / VISION_CONFIG_FILE).write_text(json.dumps(asdict(self.vision_cfg), indent=2, sort_keys=True))
+        return out / VISION_FILE
+
+
+class VisionPretrainCLI(MMoECLI):
+    """train.py's CLI (same loggers, atomic checkpoints, no abbreviations) for the stage-0 module."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--export_dir", type=str | None, default=None,
+                            help="Write vision.safetensors + vision_config.json here when fit ends; default: "
+                                 "<default_root_dir>/export")
+        parser.link_arguments("data", "model.num_classes", compute_fn=lambda dm: dm.num_classes,
+                              apply_on="instantiate")
+        for f in ("image_size", "image_mean", "image_std"):
+            parser.link_arguments(f"model.vision.{f}", f"data.{f}")
+
+    def after_fit(self) -> None:
+        if self.trainer.is_global_zero:
+            cfg = self.config.get(self.subcommand, {})
+            out = cfg.get("export_dir") or str(Path(self.trainer.default_root_dir) / "export")
+            path = self.model.export(out)
+            print(f"[mmoe] vision tower exported to {path}", flush=True)
+
+
+def cli_main(args: list[str] | None = None, run: bool = True) -> VisionPretrainCLI:
+    return VisionPretrainCLI(VisionPretrainModule, ImageLabelsDataModule, args=args, run=run,
+                             seed_everything_default=0, save_config_kwargs={"overwrite": True},
+                             parser_kwargs={"allow_abbrev": False})
+
+
+if __name__ == "__main__":
+    cli_main()

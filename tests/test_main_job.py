@@ -1,0 +1,45 @@
+"""`make train` end to end on tiny sizes: stage-0 vision pretraining, its tower upcycled into the VLM, export,
+evaluation, and the final JSON line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+from conftest import REPO, TINY_OVERRIDES
+
+from mmoe.training.main_job import main
+
+
+def test_make_train_runs_stage0_then_the_vlm_on_its_tower(tiny_data, tmp_path, capsys):
+    tiny_vision = {k: v for k, v in TINY_OVERRIDES["model"]["arch"]["vision"].items() if k not in ("moe", "moe_layers")}
+    stage0 = tmp_path / "stage0.yaml"  # the shipped stage-0 recipe at tiny sizes
+    cfg = yaml.safe_load((REPO / "configs/stages/stage0_vision.yaml").read_text())
+    cfg["trainer"].update(max_steps=3, val_check_interval=3, limit_val_batches=1, enable_progress_bar=False,
+                          enable_model_summary=False)
+    cfg["model"]["vision"].update(tiny_vision)
+    stage0.write_text(yaml.safe_dump(cfg))
+    vlm = tmp_path / "vlm.yaml"
+    vlm.write_text(yaml.safe_dump(TINY_OVERRIDES))
+    run = tmp_path / "run"
+    summary = main(["--config", str(REPO / "configs/default.yaml"), "--data", str(tiny_data), "--run-dir", str(run),
+                    "--vision-pretrain", str(stage0), "--eval-limit", "4", "--",
+                    "--config", str(vlm), "--trainer.max_steps=2", "--model.arch.vision.stem=conv",
+                    "--model.arch.vision.feature_layer=-1"])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last == summary
+    tower = run / "stage0_vision" / "export" / "vision.safetensors"
+    assert tower.is_file() and summary["stage0_vision_minutes"] > 0
+    assert 0 <= summary["vqa_test"] <= 100 and "caption_CIDEr" in summary
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["arch"]["vision"]["checkpoint"] == str(tower)
+    # the VLM started from the stage-0 tower: its (2-step) stem is still close to the pretrained one
+    from safetensors.torch import load_file
+
+    s0 = load_file(str(tower))
+    vlm_sd = load_file(str(run / "export" / "model.safetensors"))
+    key = "patch_embed.inner.proj.0.weight"
+    fresh = torch.nn.Conv2d(3, s0[key].shape[0], 3, bias=False).weight
+    assert (vlm_sd[f"vision.vit.{key}"] - s0[key]).abs().max() < (fresh - s0[key]).abs().max() / 4
