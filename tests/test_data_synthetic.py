@@ -321,3 +321,16 @@ def test_instances_files_label_every_object_and_feed_the_label_dataset(data, tmp
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     with pytest.raises(InstancesFormatError, match=r"bad.json: annotations\[0\].category_id 999"):
         ImageLabelsDataset(tmp_path / "bad.json", data, lambda im: im)
+
+
+def test_patch_targets_mark_the_patches_an_object_covers():
+    """Per-patch targets (stage 0's token loss) follow the box: covered patches, the centre's patch, nothing else."""
+    from mmoe.data.instances import patch_targets
+
+    # 64 px image, 8x8 grid of 8 px patches; a box over x 8..24, y 16..28 (covers 2 columns x 1.5 rows)
+    t = patch_targets([(2, [8.0, 16.0, 16.0, 12.0]), (0, None)], num_classes=3, grid=8, width=64, height=64)
+    hit = {(i // 8, i % 8) for i in t[:, 2].nonzero().flatten().tolist()}
+    assert hit == {(2, 1), (2, 2), (3, 1), (3, 2)}  # row 3 is half covered (>= 25 %)
+    assert t[:, :2].sum() == 0  # other classes, and an object without a box, mark nothing
+    tiny = patch_targets([(1, [30.0, 30.0, 2.0, 2.0])], num_classes=3, grid=8, width=64, height=64)
+    assert tiny[:, 1].nonzero().flatten().tolist() == [3 * 8 + 3]  # too small to cover 25 %: its centre's patch

@@ -26,8 +26,9 @@ class InstancesFormatError(ValueError):
     """An instances file that cannot be read; the message names the file and the field."""
 
 
-def read_instances(path: str | Path) -> tuple[list[dict], list[str], dict[int, list[int]]]:
-    """(images, category names, image id -> category indices) of a COCO instances file."""
+def read_instances(path: str | Path) -> tuple[list[dict], list[str], dict[int, list[tuple[int, list[float] | None]]]]:
+    """(images, category names, image id -> [(category index, bbox [x, y, w, h] or None)]) of a COCO instances
+    file; images keep their optional ``width`` / ``height``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"instances file not found: {path}")
@@ -44,12 +45,13 @@ def read_instances(path: str | Path) -> tuple[list[dict], list[str], dict[int, l
     try:
         index = {int(c["id"]): i for i, c in enumerate(cats)}
         names = [str(c["name"]) for c in cats]
-        images = [{"id": int(im["id"]), "file_name": str(im["file_name"])} for im in data["images"]]
+        images = [{"id": int(im["id"]), "file_name": str(im["file_name"]), "width": im.get("width"),
+                   "height": im.get("height")} for im in data["images"]]
     except (KeyError, TypeError, ValueError) as e:
         raise InstancesFormatError(f"{path}: categories need 'id' and 'name', images 'id' and 'file_name' "
                                    f"({type(e).__name__}: {e})") from None
     known = {im["id"] for im in images}
-    labels: dict[int, list[int]] = {i: [] for i in known}
+    labels: dict[int, list[tuple[int, list[float] | None]]] = {i: [] for i in known}
     for k, a in enumerate(data["annotations"]):
         try:
             image_id, cat = int(a["image_id"]), int(a["category_id"])
@@ -60,16 +62,43 @@ def read_instances(path: str | Path) -> tuple[list[dict], list[str], dict[int, l
             raise InstancesFormatError(f"{path}: annotations[{k}].category_id {cat} is not in 'categories'")
         if image_id not in known:
             raise InstancesFormatError(f"{path}: annotations[{k}].image_id {image_id} is not in 'images'")
-        labels[image_id].append(index[cat])
+        box = a.get("bbox")
+        if box is not None and (not isinstance(box, list) or len(box) != 4):
+            raise InstancesFormatError(f"{path}: annotations[{k}].bbox must be [x, y, width, height], got {box!r}")
+        labels[image_id].append((index[cat], [float(v) for v in box] if box is not None else None))
     return images, names, labels
+
+
+def patch_targets(objects: list[tuple[int, list[float] | None]], num_classes: int, grid: int, width: float,
+                  height: float, min_cover: float = 0.25) -> torch.Tensor:
+    """(grid * grid, num_classes) multi-hot, row-major like ViT tokens: a patch carries a class when the object's
+    box covers at least `min_cover` of the patch, and always the patch holding the box centre."""
+    out = torch.zeros(grid * grid, num_classes)
+    cw, ch = width / grid, height / grid
+    for cat, box in objects:
+        if box is None:
+            continue
+        x, y, w, h = box
+        for r in range(grid):
+            oy = max(0.0, min(y + h, (r + 1) * ch) - max(y, r * ch))
+            for c in range(grid):
+                ox = max(0.0, min(x + w, (c + 1) * cw) - max(x, c * cw))
+                if ox * oy >= min_cover * cw * ch:
+                    out[r * grid + c, cat] = 1.0
+        cr = min(grid - 1, max(0, int((y + h / 2) / ch)))
+        cc = min(grid - 1, max(0, int((x + w / 2) / cw)))
+        out[cr * grid + cc, cat] = 1.0
+    return out
 
 
 class ImageLabelsDataset(Dataset):
     """Items: ``pixel_values`` (3, S, S) and ``targets`` (num_classes,) multi-hot float."""
 
     def __init__(self, instances_path: str | Path, image_root: str | Path, image_transform: Callable,
-                 num_classes: int | None = None):
+                 num_classes: int | None = None, patch_grid: int = 0):
+        """`patch_grid` > 0 adds ``patch_targets`` (grid * grid, num_classes) from the boxes (`patch_targets`)."""
         self.path, self.image_root, self.transform = Path(instances_path), Path(image_root), image_transform
+        self.patch_grid = int(patch_grid)
         self.images, self.class_names, self.labels = read_instances(self.path)
         if num_classes is not None and num_classes != len(self.class_names):
             raise InstancesFormatError(f"{self.path}: {len(self.class_names)} categories, but the model has "
@@ -81,9 +110,14 @@ class ImageLabelsDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         im = self.images[i]
         targets = torch.zeros(len(self.class_names))
-        targets[self.labels[im["id"]]] = 1.0
-        pixels = self.transform(load_image(self.image_root / im["file_name"]))
-        return {"pixel_values": pixels, "targets": targets}
+        objects = self.labels[im["id"]]
+        targets[[cat for cat, _ in objects]] = 1.0
+        image = load_image(self.image_root / im["file_name"])
+        item = {"pixel_values": self.transform(image), "targets": targets}
+        if self.patch_grid:
+            width, height = im["width"] or image.width, im["height"] or image.height  # boxes are in file pixels
+            item["patch_targets"] = patch_targets(objects, len(self.class_names), self.patch_grid, width, height)
+        return item
 
 
 class ImageLabelsDataModule(L.LightningDataModule):
@@ -93,7 +127,9 @@ class ImageLabelsDataModule(L.LightningDataModule):
                  val_file: str = "val_instances.json", image_size: int = 64,
                  image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
                  image_std: tuple[float, float, float] = (0.5, 0.5, 0.5), batch_size: int = 32,
-                 num_workers: int = 0):
+                 num_workers: int = 0, patch_grid: int = 0):
+        """`patch_grid`: side of the ViT's token grid for per-patch targets (linked from the model by the CLI;
+        0 = image-level targets only)."""
         super().__init__()
         if batch_size < 1 or num_workers < 0:
             raise ValueError("ImageLabelsDataModule: batch_size must be >= 1 and num_workers >= 0")
@@ -110,10 +146,12 @@ class ImageLabelsDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is None:
+            grid = self.hparams.patch_grid
             self.train_dataset = ImageLabelsDataset(self.data_dir / self.hparams.train_file, self.data_dir,
-                                                    self.transform)
+                                                    self.transform, patch_grid=grid)
             self.val_dataset = ImageLabelsDataset(self.data_dir / self.hparams.val_file, self.data_dir,
-                                                  self.transform, num_classes=len(self.train_dataset.class_names))
+                                                  self.transform, num_classes=len(self.train_dataset.class_names),
+                                                  patch_grid=grid)
 
     def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
         g = torch.Generator().manual_seed(0)

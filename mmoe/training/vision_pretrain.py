@@ -54,13 +54,16 @@ class VisionPretrainModule(L.LightningModule):
     """Dense ViT + label head trained with binary cross-entropy; logs label-set accuracy and micro F1."""
 
     def __init__(self, vision: VisionConfig = VisionConfig(), num_classes: int = 0,
-                 optim: OptimConfig = OptimConfig(), head_hidden: int = 256):
+                 optim: OptimConfig = OptimConfig(), head_hidden: int = 256, patch_loss: float = 0.0):
         """
         Args:
             vision: the tower to pretrain (dense: `moe` is ignored; the VLM upcycles it). Use the VLM's values.
             num_classes: number of object classes (linked from the data's categories by the CLI).
             optim: optimiser and LR schedule.
             head_hidden: hidden width of the label head (dropped after pretraining).
+            patch_loss: weight of a per-token loss: a linear probe on every patch token must name the objects whose
+                boxes cover that patch, so each token states which object it shows (what the LLM reads); needs
+                boxes and `data.patch_grid` (linked by the CLI). 0 = image-level labels only.
         """
         super().__init__()
         if num_classes < 1:
@@ -70,20 +73,43 @@ class VisionPretrainModule(L.LightningModule):
         self.vision_cfg, self.optim_cfg = vision, optim
         self.encoder = VisionEncoder(vision)
         self.head = LabelHead(self.encoder.out_dim, num_classes, head_hidden)
+        self.patch_loss = float(patch_loss)
+        self.patch_head = nn.Sequential(nn.LayerNorm(self.encoder.out_dim), nn.Linear(self.encoder.out_dim, num_classes)) \
+            if patch_loss > 0 else None
         self._val: list[Tensor] = []
 
-    def forward(self, pixel_values: Tensor) -> Tensor:
+    def forward(self, pixel_values: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(image logits (B, C), patch logits (B, P, C) or None)."""
         feats, _ = self.encoder(pixel_values)
-        return self.head(feats)
+        return self.head(feats), (self.patch_head(feats) if self.patch_head is not None else None)
+
+    def _patch_term(self, patch_logits: Tensor | None, batch: dict) -> Tensor | None:
+        if patch_logits is None:
+            return None
+        targets = batch.get("patch_targets")
+        if targets is None:
+            raise ValueError("model.patch_loss > 0 needs per-patch targets: set data.patch_grid (the CLI links it "
+                             "from model.vision) and boxes in the instances file")
+        if targets.shape != patch_logits.shape:
+            raise ValueError(f"patch targets {tuple(targets.shape)} do not match the tower's tokens "
+                             f"{tuple(patch_logits.shape)}: data.patch_grid must be image_size // patch_size")
+        return F.binary_cross_entropy_with_logits(patch_logits.float(), targets.float())
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        logits = self(batch["pixel_values"])
+        logits, patch_logits = self(batch["pixel_values"])
         loss = F.binary_cross_entropy_with_logits(logits.float(), batch["targets"].float())
+        patch = self._patch_term(patch_logits, batch)
+        if patch is not None:
+            self.log("train/patch_loss", patch, batch_size=logits.shape[0])
+            loss = loss + self.patch_loss * patch
         self.log("train/loss", loss, prog_bar=True, batch_size=logits.shape[0])
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        logits = self(batch["pixel_values"])
+        logits, patch_logits = self(batch["pixel_values"])
+        patch = self._patch_term(patch_logits, batch)
+        if patch is not None:
+            self.log("val/patch_loss", patch, batch_size=logits.shape[0])
         self.log("val/loss", F.binary_cross_entropy_with_logits(logits.float(), batch["targets"].float()),
                  batch_size=logits.shape[0])
         self._val.append(torch.stack([logits.detach().float() > 0, batch["targets"] > 0.5]).cpu())
@@ -135,6 +161,8 @@ class VisionPretrainCLI(MMoECLI):
                                  "<default_root_dir>/export")
         parser.link_arguments("data", "model.num_classes", compute_fn=lambda dm: dm.num_classes,
                               apply_on="instantiate")
+        parser.link_arguments(("model.vision.image_size", "model.vision.patch_size"), "data.patch_grid",
+                              compute_fn=lambda size, patch: size // patch)
         for f in ("image_size", "image_mean", "image_std"):
             parser.link_arguments(f"model.vision.{f}", f"data.{f}")
 

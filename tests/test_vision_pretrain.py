@@ -1,0 +1,63 @@
+"""Stage-0 vision pretraining: image- and patch-level label losses learn, bad setups fail naming the field, and
+the export loads into the MoE tower (upcycled, same features)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmoe.model.moe import MoEConfig
+from mmoe.model.vision import VisionConfig, VisionEncoder
+from mmoe.training.vision_pretrain import VisionPretrainModule
+
+VISION = VisionConfig(image_size=32, patch_size=8, stem="conv", dim=32, depth=2, n_heads=2, mlp_ratio=2.0,
+                      feature_layer=-1)
+
+
+def _batch(n=4, classes=3, grid=4):
+    torch.manual_seed(0)
+    patch = (torch.rand(n, grid * grid, classes) < 0.2).float()
+    return {"pixel_values": torch.randn(n, 3, 32, 32), "targets": patch.amax(1), "patch_targets": patch}
+
+
+def test_label_and_patch_losses_fall_on_a_small_batch():
+    torch.manual_seed(0)
+    module = VisionPretrainModule(VISION, num_classes=3, patch_loss=1.0)
+    module.log = lambda *a, **k: None  # no trainer attached
+    batch = _batch()
+    opt = torch.optim.AdamW(module.parameters(), lr=3e-3)
+    first = None
+    for _ in range(60):
+        loss = module.training_step(batch, 0)
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.3 * first
+    image_logits, patch_logits = module(batch["pixel_values"])
+    assert ((patch_logits > 0) == batch["patch_targets"].bool()).float().mean() > 0.95
+    assert image_logits.shape == (4, 3) and patch_logits.shape == (4, 16, 3)
+
+
+def test_patch_loss_without_patch_targets_or_with_the_wrong_grid_fails_naming_the_field():
+    module = VisionPretrainModule(VISION, num_classes=3, patch_loss=1.0)
+    module.log = lambda *a, **k: None
+    batch = _batch()
+    with pytest.raises(ValueError, match="data.patch_grid"):
+        module.training_step({k: v for k, v in batch.items() if k != "patch_targets"}, 0)
+    with pytest.raises(ValueError, match="image_size // patch_size"):
+        module.training_step({**batch, "patch_targets": torch.zeros(4, 9, 3)}, 0)
+    with pytest.raises(ValueError, match="num_classes"):
+        VisionPretrainModule(VISION, num_classes=0)
+
+
+def test_export_loads_into_the_moe_tower_with_the_dense_features(tmp_path):
+    module = VisionPretrainModule(VISION, num_classes=3).eval()
+    path = module.export(tmp_path / "export")
+    assert (tmp_path / "export" / "vision_config.json").is_file()
+    moe_cfg = VisionConfig(**{**VISION.__dict__, "moe": MoEConfig(num_experts=4, top_k=2), "moe_layers": "all",
+                              "checkpoint": str(path)})
+    tower = VisionEncoder(moe_cfg).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(tower(x)[0], module.encoder(x)[0], rtol=1e-5, atol=1e-5)
