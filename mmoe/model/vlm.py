@@ -107,12 +107,7 @@ class MMoEVLM(nn.Module):
             mod = torch.full_like(input_ids, MODALITY_TEXT)
             return text_emb, attention_mask, labels, mod
         P = image_tokens.shape[1]
-        counts = torch.where(is_img, P, 1)
-        start = counts.cumsum(1) - counts  # (B, T) first new position of each old token
-        length = counts.sum(1)
-        L = int(length.max())
-        if padding_side == "left":
-            start = start + (L - length)[:, None]
+        start, L = _spliced_starts(is_img, P, padding_side)
         D = text_emb.shape[-1]
         embeds = text_emb.new_zeros(B, L, D)
         mask = torch.zeros(B, L, dtype=torch.bool, device=input_ids.device)
@@ -142,12 +137,7 @@ class MMoEVLM(nn.Module):
         B, T = input_ids.shape
         is_img = input_ids == self.cfg.image_token_id
         P = image_tokens.shape[1]
-        counts = torch.where(is_img, P, 1)
-        start = counts.cumsum(1) - counts
-        length = counts.sum(1)
-        L = int(length.max())
-        if padding_side == "left":
-            start = start + (L - length)[:, None]
+        start, L = _spliced_starts(is_img, P, padding_side)
         out = values.new_zeros(B, L)
         rows = torch.arange(B, device=input_ids.device)[:, None].expand(B, T)
         offsets = torch.arange(P, device=input_ids.device)
@@ -193,6 +183,18 @@ class MMoEVLM(nn.Module):
         gen_kwargs.setdefault("pad_token_id", self.cfg.pad_token_id)
         gen_kwargs.setdefault("stop_token_ids", (self.cfg.eos_token_id,))
         return generate(self.decoder, inputs_embeds=embeds, attention_mask=mask, modality=modality, **gen_kwargs)
+
+
+def _spliced_starts(is_img: Tensor, P: int, padding_side: str) -> tuple[Tensor, int]:
+    """(B, T) first spliced position of every token when each placeholder becomes P tokens, and the spliced
+    length L; rows re-padded on `padding_side`."""
+    counts = torch.where(is_img, P, 1)
+    start = counts.cumsum(1) - counts
+    length = counts.sum(1)
+    L = int(length.max())
+    if padding_side == "left":
+        start = start + (L - length)[:, None]
+    return start, L
 
 
 def _grid(num_patches: int) -> int | None:
