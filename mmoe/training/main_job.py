@@ -14,6 +14,7 @@ import resource
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,6 +24,17 @@ def _peak_rss_gib() -> float:
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return max(own, kids) / 1024 ** 2  # Linux reports KiB
+
+
+@contextmanager
+def _own_argv():
+    """LightningCLI warns when called with args while sys.argv holds other flags (ours, already parsed)."""
+    saved = sys.argv
+    sys.argv = sys.argv[:1]
+    try:
+        yield
+    finally:
+        sys.argv = saved
 
 
 def _stale_synthetic_version(data: Path) -> str | None:
@@ -82,14 +94,16 @@ def main(argv: list[str] | None = None) -> dict:
                    "--trainer.default_root_dir", str(s0_dir), "--export_dir", str(s0_dir / "export")]
         print(f"[mmoe] stage 0: python -m mmoe.training.vision_pretrain {' '.join(s0_args)}", flush=True)
         t_s0 = time.time()
-        vision_cli_main(s0_args)
+        with _own_argv():
+            vision_cli_main(s0_args)
         stage0_minutes = (time.time() - t_s0) / 60
         stage0 = ["--model.arch.vision.checkpoint", str(s0_dir / "export" / VISION_FILE)]
     cli_args = ["fit", "--config", args.config, "--data.data_dir", str(data), *stage0,
                 "--trainer.default_root_dir", str(run_dir), "--export_dir", str(run_dir / "export"), *args.extra]
     print(f"[mmoe] python train.py {' '.join(cli_args)}", flush=True)
     t_train = time.time()
-    cli_main(cli_args)
+    with _own_argv():
+        cli_main(cli_args)
     vlm_minutes = (time.time() - t_train) / 60
     train_minutes = stage0_minutes + vlm_minutes
     export = run_dir / "export"
