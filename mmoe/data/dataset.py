@@ -166,9 +166,8 @@ class LlavaJsonDataset(Dataset):
             "pixel_values": pixel_values,
             "id": s["id"],
         }
-        if self.independent_turns:  # ordinary conversations in such a dataset are one segment (0)
-            item["segment_ids"] = torch.tensor(enc.get("segment_ids", [0] * len(enc["input_ids"])),
-                                               dtype=torch.long)
+        if "segment_ids" in enc:  # ordinary conversations need none: collate fills segment 0 (plain causal)
+            item["segment_ids"] = torch.tensor(enc["segment_ids"], dtype=torch.long)
         return item
 
 

@@ -5,8 +5,9 @@ or the synthetic world), multi-label classification of the objects in each image
 a ViT to see them before it is upcycled into MoE and joined to the LLM (`mmoe.training.vision_pretrain`).
 
 Format: the COCO ``instances_*.json`` layout: ``images`` (``id``, ``file_name`` relative to the image root),
-``annotations`` (``image_id``, ``category_id``; boxes are not used) and ``categories`` (``id``, ``name``).
-Targets are multi-hot over the categories in file order. Images without annotations are kept (all-zero targets).
+``annotations`` (``image_id``, ``category_id``, optional ``bbox`` for per-patch targets) and ``categories`` (``id``,
+``name``). Targets are multi-hot over the categories in file order. Images without annotations are kept (all-zero
+targets).
 """
 
 from __future__ import annotations
@@ -141,8 +142,9 @@ class ImageLabelsDataModule(L.LightningDataModule):
 
     @property
     def num_classes(self) -> int:
-        """Number of categories (read from the train file; the model's output width)."""
-        return len(read_instances(self.data_dir / self.hparams.train_file)[1])
+        """Number of categories of the train file (the model's output width); reads the files once, via setup."""
+        self.setup()
+        return len(self.train_dataset.class_names)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is None:

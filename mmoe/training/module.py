@@ -288,8 +288,7 @@ class MMoEModule(L.LightningModule):
                 continue
             if ".router." in name or name.startswith("router."):
                 router.append(p)
-            elif p.ndim < 2 or "norm" in name or name.endswith(".bias") or "pos_embed" in name \
-                    or "cls_token" in name or "embed_tokens" in name:
+            elif skips_weight_decay(name, p):
                 no_decay.append(p)
             else:
                 decay.append(p)
@@ -303,6 +302,13 @@ class MMoEModule(L.LightningModule):
         total = max(1, int(self.trainer.estimated_stepping_batches))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup_steps, total, cfg.min_lr_ratio))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def skips_weight_decay(name: str, p: Tensor) -> bool:
+    """Norms, biases, position / class embeddings and token embeddings are not decayed (decay would only
+    shrink them towards zero without regularising anything)."""
+    return (p.ndim < 2 or "norm" in name or name.endswith(".bias") or "pos_embed" in name or "cls_token" in name
+            or "embed_tokens" in name)
 
 
 def warmup_cosine(warmup: int, total: int, min_ratio: float):

@@ -12,7 +12,6 @@ objects in each image (COCO instances, `mmoe.data.instances`) for a few minutes.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from dataclasses import asdict, replace
@@ -29,7 +28,7 @@ from mmoe.model.vision import VisionConfig, VisionEncoder
 
 from .cli import MMoECLI
 from .config import OptimConfig
-from .module import warmup_cosine
+from .module import skips_weight_decay, warmup_cosine
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 VISION_FILE = "vision.safetensors"
@@ -68,7 +67,7 @@ class VisionPretrainModule(L.LightningModule):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"model.num_classes must be >= 1, got {num_classes}")
-        vision = replace(copy.deepcopy(vision), moe=None)
+        vision = replace(vision, moe=None)  # a new config: the caller's is not touched
         self.save_hyperparameters()
         self.vision_cfg, self.optim_cfg = vision, optim
         self.encoder = VisionEncoder(vision)
@@ -128,10 +127,7 @@ class VisionPretrainModule(L.LightningModule):
         cfg = self.optim_cfg
         decay, no_decay = [], []
         for name, p in self.named_parameters():
-            if p.ndim < 2 or "norm" in name or name.endswith(".bias") or "pos_embed" in name or "cls_token" in name:
-                no_decay.append(p)
-            else:
-                decay.append(p)
+            (no_decay if skips_weight_decay(name, p) else decay).append(p)
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
         total = max(1, int(self.trainer.estimated_stepping_batches))
