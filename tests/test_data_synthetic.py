@@ -334,3 +334,15 @@ def test_patch_targets_mark_the_patches_an_object_covers():
     assert t[:, :2].sum() == 0  # other classes, and an object without a box, mark nothing
     tiny = patch_targets([(1, [30.0, 30.0, 2.0, 2.0])], num_classes=3, grid=8, width=64, height=64)
     assert tiny[:, 1].nonzero().flatten().tolist() == [3 * 8 + 3]  # too small to cover 25 %: its centre's patch
+
+
+def test_patch_boxes_give_each_covered_patch_its_objects_box_and_the_smallest_where_boxes_overlap():
+    from mmoe.data.instances import patch_boxes
+
+    big, small = [8.0, 16.0, 16.0, 12.0], [16.0, 16.0, 8.0, 8.0]  # small sits inside big, over patch (2, 2)
+    b = patch_boxes([(2, big), (0, small), (1, None)], grid=8, width=64, height=64)
+    covered = {(i // 8, i % 8) for i in b[:, 4].nonzero().flatten().tolist()}
+    assert covered == {(2, 1), (2, 2), (3, 1), (3, 2)}  # the same patches patch_targets marks; none elsewhere
+    assert b[b[:, 4] == 0, :4].abs().sum() == 0
+    torch.testing.assert_close(b[2 * 8 + 1, :4], torch.tensor([16 / 64, 22 / 64, 16 / 64, 12 / 64]))
+    torch.testing.assert_close(b[2 * 8 + 2, :4], torch.tensor([20 / 64, 20 / 64, 8 / 64, 8 / 64]))  # smallest wins

@@ -265,6 +265,56 @@ def test_loss_reduction_weights_answer_turns():
            "sqrt": sum(sum(t) / len(t) ** 0.5 for t in turns) / sum(len(t) ** 0.5 for t in turns)}
     for name, value in ref.items():
         torch.testing.assert_close(lm_loss(logits, labels, name), value.float(), rtol=1e-6, atol=1e-6)
+        # the same loss from logits kept only where a label is supervised (what training computes)
+        kept = logits[:, :-1][tgt != I]
+        torch.testing.assert_close(lm_loss(kept, labels, name), value.float(), rtol=1e-6, atol=1e-6)
     assert lm_loss(logits, torch.full_like(labels, I), "turn").isnan()  # nothing supervised: nan, like the mean
+    with pytest.raises(ValueError, match="logits for 3 positions, but the labels supervise 10"):
+        lm_loss(logits[0, :3], labels)
     with pytest.raises(ValueError, match="loss_reduction"):
         lm_loss(logits, labels, "sample")
+
+
+def test_param_groups_scale_the_vision_tower_lr_and_keep_the_decay_rules():
+    """vision_lr_scale multiplies the LR of every tower parameter (router scale stacks on the tower's routers);
+    norms, biases and routers stay undecayed; nothing is left out or counted twice."""
+    import types
+
+    from mmoe.training.config import OptimConfig
+    from mmoe.training.module import skips_weight_decay
+    _, cfg = _dense_and_moe(None)
+    module = MMoEModule(arch=cfg, optim=OptimConfig(lr=1e-3, weight_decay=0.1, router_lr_scale=0.5,
+                                                    vision_lr_scale=0.1))
+    module._trainer = types.SimpleNamespace(estimated_stepping_batches=10)
+    opt = module.configure_optimizers()["optimizer"]
+    group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
+    named = dict(module.model.named_parameters())
+    assert len(group_of) == sum(len(g["params"]) for g in opt.param_groups) == len(named)
+    for name, p in named.items():
+        g = group_of[id(p)]
+        router = ".router." in name
+        expected = 1e-3 * (0.5 if router else 1.0) * (0.1 if name.startswith("vision.") else 1.0)
+        assert g["initial_lr"] == pytest.approx(expected), name
+        assert g["weight_decay"] == (0.0 if router or skips_weight_decay(name, p) else 0.1), name
+    assert any(n.startswith("vision.") and ".router." in n for n in named)  # the stacked case is exercised
+
+
+def test_logits_at_labels_are_the_full_logits_at_the_supervised_positions():
+    from mmoe.constants import IGNORE_INDEX
+    _, cfg = _dense_and_moe(None)
+    torch.manual_seed(0)
+    model = MMoEVLM(cfg).eval()
+    ids = torch.randint(5, 60, (2, 12))
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    labels = ids.clone()
+    labels[:, :7] = IGNORE_INDEX
+    labels[1, 9] = IGNORE_INDEX
+    full = model(ids, mask, labels=labels)
+    kept = model(ids, mask, labels=labels, logits_at_labels=True)
+    where = torch.zeros_like(ids, dtype=torch.bool)
+    where[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    assert kept.logits.shape == (int(where.sum()), cfg.decoder.vocab_size) == (9, cfg.decoder.vocab_size)  # 5 + 4
+    torch.testing.assert_close(kept.logits, full.logits[where])
+    torch.testing.assert_close(lm_loss(kept.logits, kept.labels), lm_loss(full.logits, full.labels))
+    with pytest.raises(ValueError, match="needs labels"):
+        model(ids, mask, logits_at_labels=True)

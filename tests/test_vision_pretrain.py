@@ -17,7 +17,10 @@ VISION = VisionConfig(image_size=32, patch_size=8, stem="conv", dim=32, depth=2,
 def _batch(n=4, classes=3, grid=4):
     torch.manual_seed(0)
     patch = (torch.rand(n, grid * grid, classes) < 0.2).float()
-    return {"pixel_values": torch.randn(n, 3, 32, 32), "targets": patch.amax(1), "patch_targets": patch}
+    boxes = torch.rand(n, grid * grid, 5)
+    boxes[..., 4] = (patch.amax(-1) > 0).float()  # a box only where an object covers the patch
+    return {"pixel_values": torch.randn(n, 3, 32, 32), "targets": patch.amax(1), "patch_targets": patch,
+            "patch_boxes": boxes}
 
 
 def test_label_and_patch_losses_fall_on_a_small_batch():
@@ -34,9 +37,34 @@ def test_label_and_patch_losses_fall_on_a_small_batch():
         loss.backward()
         opt.step()
     assert loss.item() < 0.3 * first
-    image_logits, patch_logits = module(batch["pixel_values"])
+    image_logits, patch_logits, boxes = module(batch["pixel_values"])
     assert ((patch_logits > 0) == batch["patch_targets"].bool()).float().mean() > 0.95
-    assert image_logits.shape == (4, 3) and patch_logits.shape == (4, 16, 3)
+    assert image_logits.shape == (4, 3) and patch_logits.shape == (4, 16, 3) and boxes is None
+
+
+def test_box_loss_learns_the_boxes_of_covered_patches_and_ignores_the_rest():
+    torch.manual_seed(0)
+    module = VisionPretrainModule(VISION, num_classes=3, box_loss=1.0)
+    logged = {}
+    module.log = lambda name, value, **k: logged.__setitem__(name, value.item())
+    batch = _batch()
+    mask = batch["patch_boxes"][..., 4].bool()
+    opt = torch.optim.AdamW(module.parameters(), lr=3e-3)
+    for step in range(150):
+        loss = module.training_step(batch, 0)
+        first = logged["train/box_loss"] if step == 0 else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert logged["train/box_loss"] < 0.3 * first
+    _, patch_logits, boxes = module(batch["pixel_values"])
+    assert patch_logits is None and boxes.shape == (4, 16, 4)
+    err = (boxes - batch["patch_boxes"][..., :4]).abs().mean(-1)
+    assert err[mask].mean() < 0.05
+    # changing the boxes of uncovered patches must not change the loss: they are masked out
+    moved = {**batch, "patch_boxes": batch["patch_boxes"].clone()}
+    moved["patch_boxes"][~mask] = torch.tensor([9.0, 9.0, 9.0, 9.0, 0.0])
+    assert module._dense_terms(None, boxes, moved)["box_loss"] == module._dense_terms(None, boxes, batch)["box_loss"]
 
 
 def test_patch_loss_without_patch_targets_or_with_the_wrong_grid_fails_naming_the_field():
@@ -49,6 +77,10 @@ def test_patch_loss_without_patch_targets_or_with_the_wrong_grid_fails_naming_th
         module.training_step({**batch, "patch_targets": torch.zeros(4, 9, 3)}, 0)
     with pytest.raises(ValueError, match="num_classes"):
         VisionPretrainModule(VISION, num_classes=0)
+    boxed = VisionPretrainModule(VISION, num_classes=3, box_loss=1.0)
+    boxed.log = module.log
+    with pytest.raises(ValueError, match="model.box_loss.*data.patch_grid"):
+        boxed.training_step({k: v for k, v in batch.items() if k != "patch_boxes"}, 0)
 
 
 def test_export_loads_into_the_moe_tower_with_the_dense_features(tmp_path):

@@ -70,25 +70,48 @@ def read_instances(path: str | Path) -> tuple[list[dict], list[str], dict[int, l
     return images, names, labels
 
 
-def patch_targets(objects: list[tuple[int, list[float] | None]], num_classes: int, grid: int, width: float,
-                  height: float, min_cover: float = 0.25) -> torch.Tensor:
-    """(grid * grid, num_classes) multi-hot, row-major like ViT tokens: a patch carries a class when the object's
-    box covers at least `min_cover` of the patch, and always the patch holding the box centre."""
-    out = torch.zeros(grid * grid, num_classes)
+def covered_patches(box: list[float], grid: int, width: float, height: float, min_cover: float = 0.25) -> list[int]:
+    """Row-major indices of the patches a box [x, y, w, h] covers: at least `min_cover` of the patch, and always
+    the patch holding the box centre (so a tiny object still owns one token)."""
     cw, ch = width / grid, height / grid
+    x, y, w, h = box
+    out = []
+    for r in range(grid):
+        oy = max(0.0, min(y + h, (r + 1) * ch) - max(y, r * ch))
+        for c in range(grid):
+            ox = max(0.0, min(x + w, (c + 1) * cw) - max(x, c * cw))
+            if ox * oy >= min_cover * cw * ch:
+                out.append(r * grid + c)
+    centre = min(grid - 1, max(0, int((y + h / 2) / ch))) * grid + min(grid - 1, max(0, int((x + w / 2) / cw)))
+    return out if centre in out else out + [centre]
+
+
+def patch_targets(objects: list[tuple[int, list[float] | None]], num_classes: int, grid: int, width: float,
+                  height: float) -> torch.Tensor:
+    """(grid * grid, num_classes) multi-hot, row-major like ViT tokens: a patch carries the classes of the boxes
+    that cover it (`covered_patches`)."""
+    out = torch.zeros(grid * grid, num_classes)
     for cat, box in objects:
+        if box is not None:
+            out[covered_patches(box, grid, width, height), cat] = 1.0
+    return out
+
+
+def patch_boxes(objects: list[tuple[int, list[float] | None]], grid: int, width: float,
+                height: float) -> torch.Tensor:
+    """(grid * grid, 5): per patch the box of the object covering it as (centre x, centre y, w, h) in image
+    fractions, then a mask (1 where a box covers the patch). Where boxes overlap the smallest one wins (FCOS).
+    Why: a token that also states where and how big its object is lets the LLM compare positions and sizes."""
+    out = torch.zeros(grid * grid, 5)
+    area = torch.full((grid * grid,), float("inf"))
+    for _cat, box in objects:
         if box is None:
             continue
         x, y, w, h = box
-        for r in range(grid):
-            oy = max(0.0, min(y + h, (r + 1) * ch) - max(y, r * ch))
-            for c in range(grid):
-                ox = max(0.0, min(x + w, (c + 1) * cw) - max(x, c * cw))
-                if ox * oy >= min_cover * cw * ch:
-                    out[r * grid + c, cat] = 1.0
-        cr = min(grid - 1, max(0, int((y + h / 2) / ch)))
-        cc = min(grid - 1, max(0, int((x + w / 2) / cw)))
-        out[cr * grid + cc, cat] = 1.0
+        for i in covered_patches(box, grid, width, height):
+            if w * h < area[i]:
+                area[i] = w * h
+                out[i] = torch.tensor([(x + w / 2) / width, (y + h / 2) / height, w / width, h / height, 1.0])
     return out
 
 
@@ -97,7 +120,8 @@ class ImageLabelsDataset(Dataset):
 
     def __init__(self, instances_path: str | Path, image_root: str | Path, image_transform: Callable,
                  num_classes: int | None = None, patch_grid: int = 0):
-        """`patch_grid` > 0 adds ``patch_targets`` (grid * grid, num_classes) from the boxes (`patch_targets`)."""
+        """`patch_grid` > 0 adds ``patch_targets`` (grid * grid, num_classes) and ``patch_boxes`` (grid * grid, 5)
+        from the boxes (`patch_targets`, `patch_boxes`)."""
         self.path, self.image_root, self.transform = Path(instances_path), Path(image_root), image_transform
         self.patch_grid = int(patch_grid)
         self.images, self.class_names, self.labels = read_instances(self.path)
@@ -118,6 +142,7 @@ class ImageLabelsDataset(Dataset):
         if self.patch_grid:
             width, height = im["width"] or image.width, im["height"] or image.height  # boxes are in file pixels
             item["patch_targets"] = patch_targets(objects, len(self.class_names), self.patch_grid, width, height)
+            item["patch_boxes"] = patch_boxes(objects, self.patch_grid, width, height)
         return item
 
 

@@ -274,13 +274,16 @@ class Decoder(nn.Module):
     def forward(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
                 attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
                 modality: Tensor | None = None, cache: KVCache | None = None,
-                segment_ids: Tensor | None = None) -> DecoderOutput:
+                segment_ids: Tensor | None = None, logits_mask: Tensor | None = None) -> DecoderOutput:
         """input_ids (B, T) or inputs_embeds (B, T, D); attention_mask (B, past + T), 1 = real token;
         position_ids (B, T), default cumsum(mask) - 1 (left padding works); modality (B, T) long.
 
         segment_ids (B, T) long, training without a cache: shared-prefix packing. Segment 0 is a prefix every
         token sees; each segment k > 0 sees only the prefix and itself, and its positions restart right after
-        the prefix, so it computes exactly what it would as the only continuation of the prefix."""
+        the prefix, so it computes exactly what it would as the only continuation of the prefix.
+
+        logits_mask (B, T) bool: logits only where True, as (N, V) in row-major order (training needs them only
+        where a label is supervised; the LM head and its softmax are a large share of a small model's step)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -318,6 +321,10 @@ class Decoder(nn.Module):
         if cache is not None:
             cache.advance(T)
         h = self.norm(x)
+        if logits_mask is not None:
+            if logits_mask.shape != (B, T):
+                raise ValueError(f"logits_mask must be (batch, tokens) = {(B, T)}, got {tuple(logits_mask.shape)}")
+            return DecoderOutput(logits=self.lm_head(h[logits_mask]), routing=routing, cache=cache, hidden=h)
         return DecoderOutput(logits=self.lm_head(h), routing=routing, cache=cache, hidden=h)
 
 

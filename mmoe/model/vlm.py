@@ -42,7 +42,7 @@ class VLMConfig:
 
 @dataclass
 class VLMOutput:
-    logits: Tensor  # (B, L, V)
+    logits: Tensor  # (B, L, V); (N, V) at the positions that predict a label with logits_at_labels=True
     labels: Tensor | None  # (B, L) expanded labels aligned with logits' positions (not shifted)
     attention_mask: Tensor  # (B, L) bool
     modality: Tensor  # (B, L) long
@@ -148,9 +148,11 @@ class MMoEVLM(nn.Module):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None = None,
                 labels: Tensor | None = None, padding_side: str = "right",
-                segment_ids: Tensor | None = None) -> VLMOutput:
+                segment_ids: Tensor | None = None, logits_at_labels: bool = False) -> VLMOutput:
         """`segment_ids` (B, T) long: shared-prefix packing (see `Decoder.forward`); an image takes the
-        segment of its placeholder, so questions packed after a shared image each see only that image."""
+        segment of its placeholder, so questions packed after a shared image each see only that image.
+        `logits_at_labels`: logits only at positions whose next label is supervised, (N, V) row-major, which is
+        all the training loss reads (`mmoe.training.module.lm_loss` takes either layout)."""
         routing: list[RoutingResult] = []
         image_tokens = None
         zero = None
@@ -166,8 +168,14 @@ class MMoEVLM(nn.Module):
             segment_ids = self.expand_like_splice(input_ids, segment_ids, image_tokens, padding_side)
         if zero is not None:
             embeds = embeds + zero.to(embeds.dtype)
+        logits_mask = None
+        if logits_at_labels:
+            if labels is None:
+                raise ValueError("logits_at_labels=True needs labels")
+            logits_mask = torch.zeros_like(labels, dtype=torch.bool)
+            logits_mask[:, :-1] = labels[:, 1:] != IGNORE_INDEX
         out: DecoderOutput = self.decoder(inputs_embeds=embeds, attention_mask=mask, modality=modality,
-                                          segment_ids=segment_ids)
+                                          segment_ids=segment_ids, logits_mask=logits_mask)
         return VLMOutput(out.logits, labels, mask, modality, routing + out.routing)
 
     @torch.no_grad()

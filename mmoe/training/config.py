@@ -23,6 +23,8 @@ class OptimConfig:
     """Final LR as a fraction of the peak at the end of the cosine."""
     router_lr_scale: float = 1.0
     """Multiplier on the LR of router (gate) weights."""
+    vision_lr_scale: float = 1.0
+    """Multiplier on the LR of the vision tower (a pretrained tower is usually tuned gently or frozen)."""
 
 
 @dataclass

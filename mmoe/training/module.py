@@ -58,24 +58,26 @@ def answer_spans(labels: Tensor) -> tuple[Tensor, Tensor]:
 def lm_loss(logits: Tensor, labels: Tensor, reduction: str = "token") -> Tensor:
     """Next-token cross-entropy on positions whose label is not IGNORE_INDEX (answers only).
 
+    `logits` is (B, T, V), or (N, V) holding only the N positions that predict a supervised label, in row-major
+    order (``MMoEVLM(..., logits_at_labels=True)``: the LM head and softmax skip every other position).
     `reduction` weights every token by len(its answer turn)^-p and normalises by the weights: 'token'
     (p=0, the plain mean: long answers such as captions dominate), 'turn' (p=1, every answer turn counts
     the same, so one-word VQA answers are not drowned by captions) or 'sqrt' (p=1/2, InternVL 2.5's
     square averaging, in between)."""
     if reduction not in LOSS_REDUCTIONS:
         raise ValueError(f"loss_reduction must be one of {sorted(LOSS_REDUCTIONS)}, got {reduction!r}")
-    V = logits.shape[-1]
     targets = labels[:, 1:]
-    # nothing supervised: the token mean's nan, so an all-ignored batch is not silently zero
-    if reduction == "token" or not bool((targets != IGNORE_INDEX).any()):
-        return F.cross_entropy(logits[:, :-1].reshape(-1, V).float(), targets.reshape(-1),
-                               ignore_index=IGNORE_INDEX)
+    supervised = targets != IGNORE_INDEX
+    if logits.dim() == 3:
+        logits = logits[:, :-1][supervised]
+    elif logits.shape[0] != int(supervised.sum()):
+        raise ValueError(f"logits for {logits.shape[0]} positions, but the labels supervise "
+                         f"{int(supervised.sum())}")
+    ce = F.cross_entropy(logits.float(), targets[supervised], reduction="none")
+    if reduction == "token" or ce.numel() == 0:
+        return ce.mean()  # nothing supervised: nan, so an all-ignored batch is not silently zero
     ids, lengths = answer_spans(targets)
-    ids = ids.reshape(-1)
-    valid = ids >= 0
-    ce = F.cross_entropy(logits[:, :-1].reshape(-1, V)[valid].float(), targets.reshape(-1)[valid],
-                         reduction="none")
-    w = lengths[ids[valid]].to(ce.dtype).pow(-LOSS_REDUCTIONS[reduction])
+    w = lengths[ids[supervised]].to(ce.dtype).pow(-LOSS_REDUCTIONS[reduction])
     return (w * ce).sum() / w.sum()
 
 
@@ -189,7 +191,7 @@ class MMoEModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         out = self.model(batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), batch["labels"],
-                         segment_ids=batch.get("segment_ids"))
+                         segment_ids=batch.get("segment_ids"), logits_at_labels=True)
         ce = lm_loss(out.logits, out.labels, self.loss_reduction)
         aux, parts = self.balancing_loss(out.routing)
         loss = ce + aux
@@ -278,24 +280,29 @@ class MMoEModule(L.LightningModule):
         self.log(f"{prefix}/vqa_acc", float(acc["overall"]), prog_bar=True)
         for k, v in acc.get("per_answer_type", {}).items():
             self.log(f"{prefix}/vqa_acc/{k}", float(v))
+        for k, v in acc.get("per_question_type", {}).items():
+            self.log(f"{prefix}/vqa_acc_qtype/{k}", float(v))
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
         cfg = self.optim_cfg
-        decay, no_decay, router = [], [], []
+        groups: dict[tuple[str, bool], list] = {}  # (kind, in the vision tower) -> params
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
                 continue
             if ".router." in name or name.startswith("router."):
-                router.append(p)
+                kind = "router"
             elif skips_weight_decay(name, p):
-                no_decay.append(p)
+                kind = "no_decay"
             else:
-                decay.append(p)
+                kind = "decay"
+            groups.setdefault((kind, name.startswith("vision.")), []).append(p)
         groups = [
-            {"params": decay, "weight_decay": cfg.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-            {"params": router, "weight_decay": 0.0, "lr": cfg.lr * cfg.router_lr_scale},
+            {"params": params,
+             "weight_decay": cfg.weight_decay if kind == "decay" else 0.0,
+             "lr": cfg.lr * (cfg.router_lr_scale if kind == "router" else 1.0)
+             * (cfg.vision_lr_scale if in_vision else 1.0)}
+            for (kind, in_vision), params in sorted(groups.items())
         ]
         groups = [g for g in groups if g["params"]]
         opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)

@@ -53,7 +53,8 @@ class VisionPretrainModule(L.LightningModule):
     """Dense ViT + label head trained with binary cross-entropy; logs label-set accuracy and micro F1."""
 
     def __init__(self, vision: VisionConfig = VisionConfig(), num_classes: int = 0,
-                 optim: OptimConfig = OptimConfig(), head_hidden: int = 256, patch_loss: float = 0.0):
+                 optim: OptimConfig = OptimConfig(), head_hidden: int = 256, patch_loss: float = 0.0,
+                 box_loss: float = 0.0):
         """
         Args:
             vision: the tower to pretrain (dense: `moe` is ignored; the VLM upcycles it). Use the VLM's values.
@@ -63,6 +64,9 @@ class VisionPretrainModule(L.LightningModule):
             patch_loss: weight of a per-token loss: a linear probe on every patch token must name the objects whose
                 boxes cover that patch, so each token states which object it shows (what the LLM reads); needs
                 boxes and `data.patch_grid` (linked by the CLI). 0 = image-level labels only.
+            box_loss: weight of a per-token box regression (smooth L1 on centre and size, in image fractions, on the
+                patches an object covers): tokens then also state where their object is and how big (the LLM
+                compares positions and sizes from them). Needs boxes and `data.patch_grid`, like `patch_loss`.
         """
         super().__init__()
         if num_classes < 1:
@@ -75,40 +79,56 @@ class VisionPretrainModule(L.LightningModule):
         self.patch_loss = float(patch_loss)
         self.patch_head = nn.Sequential(nn.LayerNorm(self.encoder.out_dim), nn.Linear(self.encoder.out_dim, num_classes)) \
             if patch_loss > 0 else None
+        self.box_loss = float(box_loss)
+        self.box_head = nn.Sequential(nn.LayerNorm(self.encoder.out_dim), nn.Linear(self.encoder.out_dim, 4)) \
+            if box_loss > 0 else None
         self._val: list[Tensor] = []
 
-    def forward(self, pixel_values: Tensor) -> tuple[Tensor, Tensor | None]:
-        """(image logits (B, C), patch logits (B, P, C) or None)."""
+    def forward(self, pixel_values: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """(image logits (B, C), patch logits (B, P, C) or None, patch boxes (B, P, 4) or None)."""
         feats, _ = self.encoder(pixel_values)
-        return self.head(feats), (self.patch_head(feats) if self.patch_head is not None else None)
+        patch = self.patch_head(feats) if self.patch_head is not None else None
+        boxes = self.box_head(feats) if self.box_head is not None else None
+        return self.head(feats), patch, boxes
 
-    def _patch_term(self, patch_logits: Tensor | None, batch: dict) -> Tensor | None:
-        if patch_logits is None:
-            return None
-        targets = batch.get("patch_targets")
+    @staticmethod
+    def _dense_targets(batch: dict, key: str, field: str, shape: tuple[int, ...]) -> Tensor:
+        targets = batch.get(key)
         if targets is None:
-            raise ValueError("model.patch_loss > 0 needs per-patch targets: set data.patch_grid (the CLI links it "
-                             "from model.vision) and boxes in the instances file")
-        if targets.shape != patch_logits.shape:
-            raise ValueError(f"patch targets {tuple(targets.shape)} do not match the tower's tokens "
-                             f"{tuple(patch_logits.shape)}: data.patch_grid must be image_size // patch_size")
-        return F.binary_cross_entropy_with_logits(patch_logits.float(), targets.float())
+            raise ValueError(f"{field} > 0 needs per-patch targets: set data.patch_grid (the CLI links it from "
+                             "model.vision) and boxes in the instances file")
+        if tuple(targets.shape) != shape:
+            raise ValueError(f"{key} {tuple(targets.shape)} do not match the tower's tokens {shape}: "
+                             "data.patch_grid must be image_size // patch_size")
+        return targets
+
+    def _dense_terms(self, patch_logits: Tensor | None, boxes: Tensor | None, batch: dict) -> dict[str, Tensor]:
+        """The per-token losses that are switched on, by name."""
+        terms = {}
+        if patch_logits is not None:
+            targets = self._dense_targets(batch, "patch_targets", "model.patch_loss", tuple(patch_logits.shape))
+            terms["patch_loss"] = F.binary_cross_entropy_with_logits(patch_logits.float(), targets.float())
+        if boxes is not None:
+            b, p, _ = boxes.shape
+            targets = self._dense_targets(batch, "patch_boxes", "model.box_loss", (b, p, 5)).float()
+            mask = targets[..., 4]
+            per_patch = F.smooth_l1_loss(boxes.float(), targets[..., :4], beta=0.05, reduction="none").sum(-1)
+            terms["box_loss"] = (per_patch * mask).sum() / mask.sum().clamp_min(1.0)
+        return terms
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        logits, patch_logits = self(batch["pixel_values"])
+        logits, patch_logits, boxes = self(batch["pixel_values"])
         loss = F.binary_cross_entropy_with_logits(logits.float(), batch["targets"].float())
-        patch = self._patch_term(patch_logits, batch)
-        if patch is not None:
-            self.log("train/patch_loss", patch, batch_size=logits.shape[0])
-            loss = loss + self.patch_loss * patch
+        for name, term in self._dense_terms(patch_logits, boxes, batch).items():
+            self.log(f"train/{name}", term, batch_size=logits.shape[0])
+            loss = loss + getattr(self, name) * term
         self.log("train/loss", loss, prog_bar=True, batch_size=logits.shape[0])
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        logits, patch_logits = self(batch["pixel_values"])
-        patch = self._patch_term(patch_logits, batch)
-        if patch is not None:
-            self.log("val/patch_loss", patch, batch_size=logits.shape[0])
+        logits, patch_logits, boxes = self(batch["pixel_values"])
+        for name, term in self._dense_terms(patch_logits, boxes, batch).items():
+            self.log(f"val/{name}", term, batch_size=logits.shape[0])
         self.log("val/loss", F.binary_cross_entropy_with_logits(logits.float(), batch["targets"].float()),
                  batch_size=logits.shape[0])
         self._val.append(torch.stack([logits.detach().float() > 0, batch["targets"] > 0.5]).cpu())
