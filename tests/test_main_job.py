@@ -43,3 +43,15 @@ def test_make_train_runs_stage0_then_the_vlm_on_its_tower(tiny_data, tmp_path, c
     key = "patch_embed.inner.proj.0.weight"
     fresh = torch.nn.Conv2d(3, s0[key].shape[0], 3, bias=False).weight
     assert (vlm_sd[f"vision.vit.{key}"] - s0[key]).abs().max() < (fresh - s0[key]).abs().max() / 4
+    assert saved["model"]["optim"]["vision_lr_scale"] == 0.1  # the pretrained tower is tuned gently
+
+
+def test_make_train_without_stage0_trains_the_tower_from_scratch_at_the_full_lr(tiny_data, tmp_path, capsys):
+    vlm = tmp_path / "vlm.yaml"
+    vlm.write_text(yaml.safe_dump(TINY_OVERRIDES))
+    run = tmp_path / "run"
+    main(["--config", str(REPO / "configs/default.yaml"), "--data", str(tiny_data), "--run-dir", str(run),
+          "--vision-pretrain", "none", "--eval-limit", "2", "--", "--config", str(vlm), "--trainer.max_steps=1"])
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["optim"]["vision_lr_scale"] == 1.0
+    assert saved["model"]["arch"]["vision"].get("checkpoint") is None and not (run / "stage0_vision").exists()

@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> dict:
             vision_cli_main(s0_args)
         stage0_minutes = (time.time() - t_s0) / 60
         stage0 = ["--model.arch.vision.checkpoint", str(s0_dir / "export" / VISION_FILE)]
+    else:
+        stage0 = ["--model.optim.vision_lr_scale", "1.0"]  # a tower from scratch learns at the full LR
     cli_args = ["fit", "--config", args.config, "--data.data_dir", str(data), *stage0,
                 "--trainer.default_root_dir", str(run_dir), "--export_dir", str(run_dir / "export"), *args.extra]
     print(f"[mmoe] python train.py {' '.join(cli_args)}", flush=True)
