@@ -316,6 +316,19 @@ def test_instances_files_label_every_object_and_feed_the_label_dataset(data, tmp
     want = {f"{o['color']} {o['shape']}" for o in scene["objects"]}
     assert {ds.class_names[i] for i in item["targets"].nonzero().flatten().tolist()} == want
     assert item["pixel_values"].shape == (3, 64, 64)
+    # per-patch targets of the file's boxes; computed once and cached, so a caller editing an item changes nothing
+    from mmoe.data.instances import patch_boxes, patch_targets
+    dense = ImageLabelsDataset(data / "val_instances.json", data, build_image_transform(64, (0.5,) * 3, (0.5,) * 3),
+                               patch_grid=8)
+    objects = dense.labels[dense.images[0]["id"]]
+    first = dense[0]
+    torch.testing.assert_close(first["patch_targets"], patch_targets(objects, len(dense.class_names), 8, 64, 64))
+    torch.testing.assert_close(first["patch_boxes"], patch_boxes(objects, 8, 64, 64))
+    assert first["patch_targets"].amax(0).bool().tolist() == item["targets"].bool().tolist()
+    first["patch_targets"].zero_()
+    first["patch_boxes"].zero_()
+    again = dense[0]
+    assert again["patch_targets"].sum() > 0 and again["patch_boxes"][:, 4].sum() > 0
     bad = _load(data, "val_instances.json")
     bad["annotations"][0]["category_id"] = 999
     (tmp_path / "bad.json").write_text(json.dumps(bad))

@@ -125,6 +125,7 @@ class ImageLabelsDataset(Dataset):
         self.path, self.image_root, self.transform = Path(instances_path), Path(image_root), image_transform
         self.patch_grid = int(patch_grid)
         self.images, self.class_names, self.labels = read_instances(self.path)
+        self._dense: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # index -> (patch targets, patch boxes)
         if num_classes is not None and num_classes != len(self.class_names):
             raise InstancesFormatError(f"{self.path}: {len(self.class_names)} categories, but the model has "
                                        f"{num_classes} outputs (train and val files must share categories)")
@@ -141,8 +142,10 @@ class ImageLabelsDataset(Dataset):
         item = {"pixel_values": self.transform(image), "targets": targets}
         if self.patch_grid:
             width, height = im["width"] or image.width, im["height"] or image.height  # boxes are in file pixels
-            item["patch_targets"] = patch_targets(objects, len(self.class_names), self.patch_grid, width, height)
-            item["patch_boxes"] = patch_boxes(objects, self.patch_grid, width, height)
+            if i not in self._dense:  # Python loops over patches: computed once per image, not once per epoch
+                self._dense[i] = (patch_targets(objects, len(self.class_names), self.patch_grid, width, height),
+                                  patch_boxes(objects, self.patch_grid, width, height))
+            item["patch_targets"], item["patch_boxes"] = (t.clone() for t in self._dense[i])
         return item
 
 
