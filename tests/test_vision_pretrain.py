@@ -8,6 +8,7 @@ import torch
 
 from mmoe.model.moe import MoEConfig
 from mmoe.model.vision import VisionConfig, VisionEncoder
+from mmoe.training.config import OptimConfig
 from mmoe.training.vision_pretrain import VisionPretrainModule
 
 VISION = VisionConfig(image_size=32, patch_size=8, stem="conv", dim=32, depth=2, n_heads=2, mlp_ratio=2.0,
@@ -77,6 +78,8 @@ def test_patch_loss_without_patch_targets_or_with_the_wrong_grid_fails_naming_th
         module.training_step({**batch, "patch_targets": torch.zeros(4, 9, 3)}, 0)
     with pytest.raises(ValueError, match="num_classes"):
         VisionPretrainModule(VISION, num_classes=0)
+    with pytest.raises(ValueError, match="model.optim.vision_lr_scale has no effect in stage 0"):
+        VisionPretrainModule(VISION, num_classes=3, optim=OptimConfig(vision_lr_scale=0.1))
     boxed = VisionPretrainModule(VISION, num_classes=3, box_loss=1.0)
     boxed.log = module.log
     with pytest.raises(ValueError, match="model.box_loss.*data.patch_grid"):

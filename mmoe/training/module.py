@@ -286,7 +286,7 @@ class MMoEModule(L.LightningModule):
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self):
         cfg = self.optim_cfg
-        groups: dict[tuple[str, bool], list] = {}  # (kind, in the vision tower) -> params
+        by_kind: dict[tuple[str, bool], list] = {}  # (kind, in the vision tower) -> params
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
                 continue
@@ -296,15 +296,14 @@ class MMoEModule(L.LightningModule):
                 kind = "no_decay"
             else:
                 kind = "decay"
-            groups.setdefault((kind, name.startswith("vision.")), []).append(p)
+            by_kind.setdefault((kind, name.startswith("vision.")), []).append(p)
         groups = [
             {"params": params,
              "weight_decay": cfg.weight_decay if kind == "decay" else 0.0,
              "lr": cfg.lr * (cfg.router_lr_scale if kind == "router" else 1.0)
              * (cfg.vision_lr_scale if in_vision else 1.0)}
-            for (kind, in_vision), params in sorted(groups.items())
+            for (kind, in_vision), params in sorted(by_kind.items())
         ]
-        groups = [g for g in groups if g["params"]]
         opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup_steps, total, cfg.min_lr_ratio))
