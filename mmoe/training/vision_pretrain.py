@@ -49,6 +49,11 @@ class LabelHead(nn.Module):
         return self.fc2(F.gelu(self.fc1(self.norm(pooled))))
 
 
+def token_probe(dim: int, out: int) -> nn.Module:
+    """A linear read-out of every token (kept linear so what it finds must be in the tokens themselves)."""
+    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, out))
+
+
 class VisionPretrainModule(L.LightningModule):
     """Dense ViT + label head trained with binary cross-entropy; logs label-set accuracy and micro F1."""
 
@@ -80,11 +85,9 @@ class VisionPretrainModule(L.LightningModule):
         self.encoder = VisionEncoder(vision)
         self.head = LabelHead(self.encoder.out_dim, num_classes, head_hidden)
         self.patch_loss = float(patch_loss)
-        self.patch_head = nn.Sequential(nn.LayerNorm(self.encoder.out_dim), nn.Linear(self.encoder.out_dim, num_classes)) \
-            if patch_loss > 0 else None
+        self.patch_head = token_probe(self.encoder.out_dim, num_classes) if patch_loss > 0 else None
         self.box_loss = float(box_loss)
-        self.box_head = nn.Sequential(nn.LayerNorm(self.encoder.out_dim), nn.Linear(self.encoder.out_dim, 4)) \
-            if box_loss > 0 else None
+        self.box_head = token_probe(self.encoder.out_dim, 4) if box_loss > 0 else None
         self._val: list[Tensor] = []
 
     def forward(self, pixel_values: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
