@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
 import time
 import traceback
@@ -36,13 +37,30 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, fn, args, timeo
         if init_pg:  # else the callee (e.g. Lightning, reading the torchrun-style env) initialises it
             dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout))
         result = fn(rank, world_size, *args)
-        torch.save({"ok": True, "result": result}, path)
+        torch.save({"ok": True, "result": result}, path + ".tmp")
+        os.replace(path + ".tmp", path)
     except BaseException:
         torch.save({"ok": False, "error": traceback.format_exc()}, path)
-        raise
-    finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+        raise
+    _exit_when_all_ranks_done(out_dir, world_size, timeout)
+
+
+def _exit_when_all_ranks_done(out_dir: str, world_size: int, timeout: float) -> None:
+    """Leave without interpreter or process-group teardown once every rank has written its result.
+
+    Gloo's and the TCP store's background threads occasionally abort the process at teardown ("terminate
+    called without an active exception", SIGABRT) after all the work is done, which failed CI runs whose
+    results were all correct. Waiting on the result files (not a collective: no socket I/O left) guarantees no
+    rank still needs a peer, then os._exit skips the C++ destructors where that abort happens."""
+    deadline = time.monotonic() + timeout
+    paths = [os.path.join(out_dir, f"rank{r}.pt") for r in range(world_size)]
+    while not all(os.path.exists(p) for p in paths) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_distributed(fn, world_size: int, *args, timeout: float = 90.0, init_pg: bool = True) -> list:
