@@ -27,20 +27,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _result_path(out_dir: str, rank: int) -> str:
+    return os.path.join(out_dir, f"rank{rank}.pt")
+
+
+def _save_result(path: str, record: dict) -> None:
+    """Atomically: a peer waiting for this file never sees it half written."""
+    torch.save(record, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
 def _worker(rank: int, world_size: int, port: int, out_dir: str, fn, args, timeout: float, init_pg: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size), RANK=str(rank),
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME=os.environ.get(
                           "GLOO_SOCKET_IFNAME", "lo"))
     torch.set_num_threads(1)
-    path = os.path.join(out_dir, f"rank{rank}.pt")
+    path = _result_path(out_dir, rank)
     try:
         if init_pg:  # else the callee (e.g. Lightning, reading the torchrun-style env) initialises it
             dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout))
         result = fn(rank, world_size, *args)
-        torch.save({"ok": True, "result": result}, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        _save_result(path, {"ok": True, "result": result})
     except BaseException:
-        torch.save({"ok": False, "error": traceback.format_exc()}, path)
+        _save_result(path, {"ok": False, "error": traceback.format_exc()})
         if dist.is_initialized():
             dist.destroy_process_group()
         raise
@@ -55,7 +64,7 @@ def _exit_when_all_ranks_done(out_dir: str, world_size: int, timeout: float) -> 
     results were all correct. Waiting on the result files (not a collective: no socket I/O left) guarantees no
     rank still needs a peer, then os._exit skips the C++ destructors where that abort happens."""
     deadline = time.monotonic() + timeout
-    paths = [os.path.join(out_dir, f"rank{r}.pt") for r in range(world_size)]
+    paths = [_result_path(out_dir, r) for r in range(world_size)]
     while not all(os.path.exists(p) for p in paths) and time.monotonic() < deadline:
         time.sleep(0.05)
     sys.stdout.flush()
@@ -88,7 +97,7 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 90.0, init_pg: 
                     p.join(5)
         results = []
         for r in range(world_size):
-            path = os.path.join(out_dir, f"rank{r}.pt")
+            path = _result_path(out_dir, r)
             if not os.path.exists(path):
                 raise AssertionError(f"rank {r} produced no result")
             res = torch.load(path, weights_only=False)
