@@ -38,9 +38,10 @@ def test_label_and_patch_losses_fall_on_a_small_batch():
         loss.backward()
         opt.step()
     assert loss.item() < 0.3 * first
-    image_logits, patch_logits, boxes = module(batch["pixel_values"])
+    image_logits, tokens = module(batch["pixel_values"])
+    patch_logits = tokens["patch"]
     assert ((patch_logits > 0) == batch["patch_targets"].bool()).float().mean() > 0.95
-    assert image_logits.shape == (4, 3) and patch_logits.shape == (4, 16, 3) and boxes is None
+    assert image_logits.shape == (4, 3) and patch_logits.shape == (4, 16, 3) and set(tokens) == {"patch"}
 
 
 def test_box_loss_learns_the_boxes_of_covered_patches_and_ignores_the_rest():
@@ -58,14 +59,57 @@ def test_box_loss_learns_the_boxes_of_covered_patches_and_ignores_the_rest():
         loss.backward()
         opt.step()
     assert logged["train/box_loss"] < 0.3 * first
-    _, patch_logits, boxes = module(batch["pixel_values"])
-    assert patch_logits is None and boxes.shape == (4, 16, 4)
+    _, tokens = module(batch["pixel_values"])
+    boxes = tokens["boxes"]
+    assert set(tokens) == {"boxes"} and boxes.shape == (4, 16, 4)
     err = (boxes - batch["patch_boxes"][..., :4]).abs().mean(-1)
     assert err[mask].mean() < 0.05
     # changing the boxes of uncovered patches must not change the loss: they are masked out
     moved = {**batch, "patch_boxes": batch["patch_boxes"].clone()}
     moved["patch_boxes"][~mask] = torch.tensor([9.0, 9.0, 9.0, 9.0, 0.0])
-    assert module._dense_terms(None, boxes, moved)["box_loss"] == module._dense_terms(None, boxes, batch)["box_loss"]
+    assert module._dense_terms(tokens, moved)["box_loss"] == module._dense_terms(tokens, batch)["box_loss"]
+
+
+NAMES = ["red circle", "red square", "blue circle"]
+
+
+def test_word_targets_are_the_words_class_names_share():
+    from mmoe.training.vision_pretrain import class_word_matrix, shared_name_words
+
+    assert shared_name_words(NAMES) == ["circle", "red"]  # "square" and "blue" name one class each
+    assert shared_name_words(["Red Circle", "red  circle x"]) == ["circle", "red"]  # case and spacing
+    torch.testing.assert_close(class_word_matrix(NAMES, ["circle", "red"]),
+                               torch.tensor([[1.0, 1.0], [0.0, 1.0], [1.0, 0.0]]))
+    module = VisionPretrainModule(VISION, num_classes=3, word_loss=1.0, class_names=NAMES)
+    batch = _batch()
+    # patch 0 shows a red square and a blue circle: both words; patch 1 a red square only; patch 2 nothing
+    batch["patch_targets"][0, :3] = torch.tensor([[0.0, 1.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    words = torch.zeros(4, 16, 2)
+    words[0, :3] = torch.tensor([[9.0, 9.0], [-9.0, 9.0], [-9.0, -9.0]])  # confident and right on those three
+    per_token = module._dense_terms({"words": words}, batch)["word_loss"]
+    wrong = words.clone()
+    wrong[0, 1] = torch.tensor([9.0, -9.0])  # says "circle, not red" for the red square
+    assert module._dense_terms({"words": wrong}, batch)["word_loss"] > per_token + 0.1
+
+
+def test_word_loss_falls_and_the_probe_names_the_shared_words_of_each_patch():
+    torch.manual_seed(0)
+    module = VisionPretrainModule(VISION, num_classes=3, word_loss=1.0, class_names=NAMES)
+    logged = {}
+    module.log = lambda name, value, **k: logged.__setitem__(name, value.item())
+    batch = _batch()
+    opt = torch.optim.AdamW(module.parameters(), lr=3e-3)
+    for step in range(60):
+        loss = module.training_step(batch, 0)
+        first = logged["train/word_loss"] if step == 0 else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert logged["train/word_loss"] < 0.3 * first
+    _, tokens = module(batch["pixel_values"])
+    assert set(tokens) == {"words"} and tokens["words"].shape == (4, 16, 2)
+    want = (batch["patch_targets"] @ module.class_words).clamp(max=1.0).bool()
+    assert ((tokens["words"] > 0) == want).float().mean() > 0.95
 
 
 def test_patch_loss_without_patch_targets_or_with_the_wrong_grid_fails_naming_the_field():
@@ -84,6 +128,14 @@ def test_patch_loss_without_patch_targets_or_with_the_wrong_grid_fails_naming_th
     boxed.log = module.log
     with pytest.raises(ValueError, match="model.box_loss.*data.patch_grid"):
         boxed.training_step({k: v for k, v in batch.items() if k != "patch_boxes"}, 0)
+    with pytest.raises(ValueError, match="model.word_loss > 0 needs model.class_names"):
+        VisionPretrainModule(VISION, num_classes=3, word_loss=1.0)
+    with pytest.raises(ValueError, match="no word occurs in two class names"):
+        VisionPretrainModule(VISION, num_classes=3, word_loss=1.0, class_names=["cat", "dog", "traffic light"])
+    worded = VisionPretrainModule(VISION, num_classes=3, word_loss=1.0, class_names=NAMES)
+    worded.log = module.log
+    with pytest.raises(ValueError, match="model.word_loss.*data.patch_grid"):
+        worded.training_step({k: v for k, v in batch.items() if k != "patch_targets"}, 0)
 
 
 def test_export_loads_into_the_moe_tower_with_the_dense_features(tmp_path):
@@ -96,3 +148,24 @@ def test_export_loads_into_the_moe_tower_with_the_dense_features(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(tower(x)[0], module.encoder(x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_the_stage0_cli_links_the_class_names_that_word_loss_needs(tiny_data, tmp_path):
+    import csv
+    import json
+
+    from conftest import REPO
+
+    from mmoe.training.vision_pretrain import cli_main, shared_name_words
+
+    cli = cli_main(["fit", "--config", str(REPO / "configs/stages/stage0_vision.yaml"), "--data.data_dir", str(tiny_data),
+                    "--model.word_loss", "1.0", "--model.vision.dim", "32", "--model.vision.depth", "1",
+                    "--model.vision.n_heads", "2", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+                    "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1",
+                    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+                    "--trainer.default_root_dir", str(tmp_path)])
+    names = [c["name"] for c in json.loads((tiny_data / "train_instances.json").read_text())["categories"]]
+    assert cli.model.words == shared_name_words(names) and {"red", "circle"} <= set(cli.model.words)
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert any(r.get("train/word_loss") for r in rows) and any(r.get("val/word_loss") for r in rows)
+    assert (tmp_path / "export" / "vision.safetensors").is_file()

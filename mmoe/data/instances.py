@@ -174,6 +174,12 @@ class ImageLabelsDataModule(L.LightningDataModule):
         self.setup()
         return len(self.train_dataset.class_names)
 
+    @property
+    def class_names(self) -> list[str]:
+        """Category names of the train file, in its order (stage 0's word targets are built from them)."""
+        self.setup()
+        return list(self.train_dataset.class_names)
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_dataset is None:
             grid = self.hparams.patch_grid

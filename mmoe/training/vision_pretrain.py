@@ -49,6 +49,27 @@ class LabelHead(nn.Module):
         return self.fc2(F.gelu(self.fc1(self.norm(pooled))))
 
 
+def shared_name_words(class_names: list[str]) -> list[str]:
+    """Words (lowercased, whitespace-split) that occur in at least two class names, sorted: "red circle" and
+    "red square" share "red". A word owned by one class only repeats that class's own label, so it is left out."""
+    counts: dict[str, int] = {}
+    for name in class_names:
+        for word in set(name.lower().split()):
+            counts[word] = counts.get(word, 0) + 1
+    return sorted(w for w, n in counts.items() if n >= 2)
+
+
+def class_word_matrix(class_names: list[str], words: list[str]) -> Tensor:
+    """(num_classes, num_words) 0/1: which of `words` occur in each class name."""
+    index = {w: i for i, w in enumerate(words)}
+    out = torch.zeros(len(class_names), len(words))
+    for c, name in enumerate(class_names):
+        for word in name.lower().split():
+            if word in index:
+                out[c, index[word]] = 1.0
+    return out
+
+
 def token_probe(dim: int, out: int) -> nn.Module:
     """A linear read-out of every token (kept linear so what it finds must be in the tokens themselves)."""
     return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, out))
@@ -59,7 +80,7 @@ class VisionPretrainModule(L.LightningModule):
 
     def __init__(self, vision: VisionConfig = VisionConfig(), num_classes: int = 0,
                  optim: OptimConfig = OptimConfig(), head_hidden: int = 256, patch_loss: float = 0.0,
-                 box_loss: float = 0.0):
+                 box_loss: float = 0.0, word_loss: float = 0.0, class_names: list[str] | None = None):
         """
         Args:
             vision: the tower to pretrain (dense: `moe` is ignored; the VLM upcycles it). Use the VLM's values.
@@ -72,6 +93,13 @@ class VisionPretrainModule(L.LightningModule):
             box_loss: weight of a per-token box regression (smooth L1 on centre and size, in image fractions, on the
                 patches an object covers): tokens then also state where their object is and how big (the LLM
                 compares positions and sizes from them). Needs boxes and `data.patch_grid`, like `patch_loss`.
+            word_loss: weight of a per-token loss on the words that class names share ("red", "circle" from
+                "red circle", "red square", "blue circle"...): a linear probe on every patch token must name the
+                shared words of the objects covering it. Class labels alone let a token encode "red circle" as one
+                of 30 unrelated classes; this gives every shared attribute one direction across classes, which is
+                what the LLM's attention keys on when a question names one attribute ("the circle"). Needs
+                `class_names` (linked from the data by the CLI) with at least one shared word.
+            class_names: category names in the data's order (linked from the data by the CLI).
         """
         super().__init__()
         if num_classes < 1:
@@ -88,14 +116,26 @@ class VisionPretrainModule(L.LightningModule):
         self.patch_head = token_probe(self.encoder.out_dim, num_classes) if patch_loss > 0 else None
         self.box_loss = float(box_loss)
         self.box_head = token_probe(self.encoder.out_dim, 4) if box_loss > 0 else None
+        self.word_loss = float(word_loss)
+        self.word_head = None
+        if word_loss > 0:
+            if not class_names or len(class_names) != num_classes:
+                raise ValueError(f"model.word_loss > 0 needs model.class_names with num_classes={num_classes} "
+                                 f"names (the CLI links them from the data), got {class_names!r}")
+            self.words = shared_name_words(class_names)
+            if not self.words:
+                raise ValueError("model.word_loss > 0 but no word occurs in two class names (model.class_names): "
+                                 "there is no shared attribute to learn; set model.word_loss=0")
+            self.register_buffer("class_words", class_word_matrix(class_names, self.words), persistent=False)
+            self.word_head = token_probe(self.encoder.out_dim, len(self.words))
         self._val: list[Tensor] = []
 
-    def forward(self, pixel_values: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """(image logits (B, C), patch logits (B, P, C) or None, patch boxes (B, P, 4) or None)."""
+    def forward(self, pixel_values: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """(image logits (B, C), per-token outputs of the switched-on probes by name: "patch" (B, P, C),
+        "boxes" (B, P, 4), "words" (B, P, W))."""
         feats, _ = self.encoder(pixel_values)
-        patch = self.patch_head(feats) if self.patch_head is not None else None
-        boxes = self.box_head(feats) if self.box_head is not None else None
-        return self.head(feats), patch, boxes
+        heads = {"patch": self.patch_head, "boxes": self.box_head, "words": self.word_head}
+        return self.head(feats), {k: h(feats) for k, h in heads.items() if h is not None}
 
     @staticmethod
     def _dense_targets(batch: dict, key: str, field: str, shape: tuple[int, ...]) -> Tensor:
@@ -108,13 +148,21 @@ class VisionPretrainModule(L.LightningModule):
                              "data.patch_grid must be image_size // patch_size")
         return targets
 
-    def _dense_terms(self, patch_logits: Tensor | None, boxes: Tensor | None, batch: dict) -> dict[str, Tensor]:
+    def _dense_terms(self, tokens: dict[str, Tensor], batch: dict) -> dict[str, Tensor]:
         """The per-token losses that are switched on, by name."""
         terms = {}
-        if patch_logits is not None:
+        if "patch" in tokens:
+            patch_logits = tokens["patch"]
             targets = self._dense_targets(batch, "patch_targets", "model.patch_loss", tuple(patch_logits.shape))
             terms["patch_loss"] = F.binary_cross_entropy_with_logits(patch_logits.float(), targets.float())
-        if boxes is not None:
+        if "words" in tokens:
+            words = tokens["words"]
+            b, p, _ = words.shape
+            classes = self._dense_targets(batch, "patch_targets", "model.word_loss", (b, p, self.class_words.shape[0]))
+            targets = (classes.float() @ self.class_words).clamp(max=1.0)  # a patch shows the words of its objects
+            terms["word_loss"] = F.binary_cross_entropy_with_logits(words.float(), targets)
+        if "boxes" in tokens:
+            boxes = tokens["boxes"]
             b, p, _ = boxes.shape
             targets = self._dense_targets(batch, "patch_boxes", "model.box_loss", (b, p, 5)).float()
             mask = targets[..., 4]
@@ -123,17 +171,17 @@ class VisionPretrainModule(L.LightningModule):
         return terms
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        logits, patch_logits, boxes = self(batch["pixel_values"])
+        logits, tokens = self(batch["pixel_values"])
         loss = F.binary_cross_entropy_with_logits(logits.float(), batch["targets"].float())
-        for name, term in self._dense_terms(patch_logits, boxes, batch).items():
+        for name, term in self._dense_terms(tokens, batch).items():
             self.log(f"train/{name}", term, batch_size=logits.shape[0])
             loss = loss + getattr(self, name) * term
         self.log("train/loss", loss, prog_bar=True, batch_size=logits.shape[0])
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        logits, patch_logits, boxes = self(batch["pixel_values"])
-        for name, term in self._dense_terms(patch_logits, boxes, batch).items():
+        logits, tokens = self(batch["pixel_values"])
+        for name, term in self._dense_terms(tokens, batch).items():
             self.log(f"val/{name}", term, batch_size=logits.shape[0])
         self.log("val/loss", F.binary_cross_entropy_with_logits(logits.float(), batch["targets"].float()),
                  batch_size=logits.shape[0])
@@ -182,6 +230,8 @@ class VisionPretrainCLI(MMoECLI):
                             help="Write vision.safetensors + vision_config.json here when fit ends; default: "
                                  "<default_root_dir>/export")
         parser.link_arguments("data", "model.num_classes", compute_fn=lambda dm: dm.num_classes,
+                              apply_on="instantiate")
+        parser.link_arguments("data", "model.class_names", compute_fn=lambda dm: dm.class_names,
                               apply_on="instantiate")
         parser.link_arguments(("model.vision.image_size", "model.vision.patch_size"), "data.patch_grid",
                               compute_fn=lambda size, patch: size // patch)
