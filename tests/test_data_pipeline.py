@@ -68,6 +68,31 @@ def test_tokenizer_special_ids_and_loaders(tok, tmp_path):
         assert (path / name).read_bytes() == (tmp_path / "again" / name).read_bytes(), name
 
 
+def test_a_fixed_phrase_is_one_token_wherever_it_occurs_and_its_words_stay_words(tmp_path):
+    from transformers import AutoTokenizer
+
+    from mmoe.data.template import encode_conversation as encode
+
+    train_tokenizer(CORPUS, tmp_path / "t", phrases=[SHORT_ANSWER_SUFFIX])
+    plain = train_tokenizer(CORPUS, tmp_path / "plain")
+    for loaded in (load_tokenizer(tmp_path / "t"), AutoTokenizer.from_pretrained(tmp_path / "t")):
+        q = loaded.encode("What color is the circle?" + SHORT_ANSWER_SUFFIX, add_special_tokens=False)
+        bare = loaded.encode("What color is the circle?", add_special_tokens=False)
+        assert q[:-1] == bare == plain.encode("What color is the circle?", add_special_tokens=False)
+        assert loaded.convert_ids_to_tokens(q[-1]) == SHORT_ANSWER_SUFFIX.strip().lower()
+        # any case or spacing the normaliser folds; the words on their own are still words
+        assert loaded.encode("ANSWER  the question using a single word or phrase.", add_special_tokens=False) == q[-1:]
+        assert loaded.encode("answer the question", add_special_tokens=False) == plain.encode(
+            "answer the question", add_special_tokens=False)
+    conv = [{"from": "human", "value": "<image>\nWhat color is the circle?" + SHORT_ANSWER_SUFFIX},
+            {"from": "gpt", "value": "red"}]
+    short = encode(load_tokenizer(tmp_path / "t"), conv, max_len=64)["input_ids"]
+    long_ = encode(plain, conv, max_len=64)["input_ids"]
+    assert len(long_) - len(short) == 9  # nine words and "." -> one token
+    with pytest.raises(ValueError, match="at least two words"):
+        train_tokenizer(CORPUS, tmp_path / "bad", phrases=["hello"])
+
+
 def test_tokenizer_round_trip(tok):
     for text in ["red circle", "there are two objects: a red circle, and a small blue square", "2", "yes"]:
         enc = tok.encode(text, add_special_tokens=False)

@@ -96,9 +96,15 @@ def test_loglikelihood_equals_forward_log_softmax_sum(lm):
     assert lp == pytest.approx(by_hand, rel=1e-5, abs=1e-5)
     assert greedy == greedy_by_hand
     assert lp2 < 0 and lp2 != pytest.approx(lp)
-    # the greedy flag is True for the model's own greedy answer
-    own = pipe.generate([[doc["image"]]], [Q], max_new_tokens=3)[0]
-    (_, g_own), = lm.loglikelihood([make_request("loglikelihood", (Q, own, doc_to_visual, 0, "toy", "test"), 0)])
+    # the greedy flag is True for the model's own greedy answer; an answer is only text if its 3 tokens survive
+    # decoding (this random model may emit special tokens, which decoding drops), so use the first doc where they do
+    docs = lm.task_dict["toy"]["test"]
+    owned = [(i, own) for i, d in enumerate(docs)
+             for own in pipe.generate([[d["image"]]], [Q], max_new_tokens=3)
+             if len(tok.encode(own, add_special_tokens=False)) == 3]
+    assert owned, "no doc gave a 3-token text answer"
+    i, own = owned[0]
+    (_, g_own), = lm.loglikelihood([make_request("loglikelihood", (Q, own, doc_to_visual, i, "toy", "test"), i)])
     assert g_own
     # 'loss' output (for multiple_choice tasks, which take argmin): mean NLL per continuation token
     lm.loglikelihood_output = "loss"

@@ -25,7 +25,8 @@ from PIL import Image, ImageDraw
 from mmoe.constants import IMAGE_TOKEN
 from mmoe.data.template import ASSISTANT_PREFIX, CAPTION_PROMPT, SHORT_ANSWER_SUFFIX, USER_PREFIX
 
-GENERATOR_VERSION = "1.1"  # 1.1: 6 questions per training image (was 3); COCO instances files
+GENERATOR_VERSION = "1.2"  # 1.2: the short-answer instruction is one token; 1.1: 6 questions per training image
+# (was 3); COCO instances files
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross")
 PLURALS = {
     "circle": "circles",
@@ -647,7 +648,7 @@ def generate_dataset(
             "n_captions": len(rec["captions"]),
         }
         next_id += sizes[split]
-    tokenizer = train_tokenizer(texts, out)
+    tokenizer = train_tokenizer(texts, out, phrases=[SHORT_ANSWER_SUFFIX])
     meta = {
         "generator_version": GENERATOR_VERSION,
         "seed": seed,
