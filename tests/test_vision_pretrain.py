@@ -24,6 +24,20 @@ def _batch(n=4, classes=3, grid=4):
             "patch_boxes": boxes}
 
 
+def _fit_term(module, batch: dict, term: str, steps: int) -> tuple[float, float]:
+    """Train `module` on one batch; the logged `train/<term>` at the first and the last step."""
+    logged = {}
+    module.log = lambda name, value, **k: logged.__setitem__(name, value.item())
+    opt = torch.optim.AdamW(module.parameters(), lr=3e-3)
+    for step in range(steps):
+        loss = module.training_step(batch, 0)
+        first = logged[f"train/{term}"] if step == 0 else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return first, logged[f"train/{term}"]
+
+
 def test_label_and_patch_losses_fall_on_a_small_batch():
     torch.manual_seed(0)
     module = VisionPretrainModule(VISION, num_classes=3, patch_loss=1.0)
@@ -47,18 +61,10 @@ def test_label_and_patch_losses_fall_on_a_small_batch():
 def test_box_loss_learns_the_boxes_of_covered_patches_and_ignores_the_rest():
     torch.manual_seed(0)
     module = VisionPretrainModule(VISION, num_classes=3, box_loss=1.0)
-    logged = {}
-    module.log = lambda name, value, **k: logged.__setitem__(name, value.item())
     batch = _batch()
     mask = batch["patch_boxes"][..., 4].bool()
-    opt = torch.optim.AdamW(module.parameters(), lr=3e-3)
-    for step in range(150):
-        loss = module.training_step(batch, 0)
-        first = logged["train/box_loss"] if step == 0 else first
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert logged["train/box_loss"] < 0.3 * first
+    first, last = _fit_term(module, batch, "box_loss", 150)
+    assert last < 0.3 * first
     _, tokens = module(batch["pixel_values"])
     boxes = tokens["boxes"]
     assert set(tokens) == {"boxes"} and boxes.shape == (4, 16, 4)
@@ -95,17 +101,9 @@ def test_word_targets_are_the_words_class_names_share():
 def test_word_loss_falls_and_the_probe_names_the_shared_words_of_each_patch():
     torch.manual_seed(0)
     module = VisionPretrainModule(VISION, num_classes=3, word_loss=1.0, class_names=NAMES)
-    logged = {}
-    module.log = lambda name, value, **k: logged.__setitem__(name, value.item())
     batch = _batch()
-    opt = torch.optim.AdamW(module.parameters(), lr=3e-3)
-    for step in range(60):
-        loss = module.training_step(batch, 0)
-        first = logged["train/word_loss"] if step == 0 else first
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert logged["train/word_loss"] < 0.3 * first
+    first, last = _fit_term(module, batch, "word_loss", 60)
+    assert last < 0.3 * first
     _, tokens = module(batch["pixel_values"])
     assert set(tokens) == {"words"} and tokens["words"].shape == (4, 16, 2)
     want = (batch["patch_targets"] @ module.class_words).clamp(max=1.0).bool()
