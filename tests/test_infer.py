@@ -284,14 +284,15 @@ def test_infer_answers_like_training_on_an_overfit_tiny_model(tmp_path):
     dm.setup("fit")
     batch = collate_batch([dm.train_dataset[i] for i in range(4)], pad_id=dm.pad_id)
     model = module.model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
-    for _ in range(80):
+    # lr 1e-2 for 80 steps stalled at loss ~0.4 under some summation orders (2 threads): slower and longer is robust
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    for _ in range(150):
         out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"])
         loss = lm_loss(out.logits, out.labels)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert loss.item() < 0.5
+    assert loss.item() < 0.1
     model.eval()
     export = export_model(model, tmp_path / "export", tokenizer=data)
 
