@@ -96,8 +96,8 @@ class VisionPretrainModule(L.LightningModule):
             word_loss: weight of a per-token loss on the words that class names share ("red", "circle" from
                 "red circle", "red square", "blue circle"...): a linear probe on every patch token must name the
                 shared words of the objects covering it. Class labels alone let a token encode "red circle" as one
-                of 30 unrelated classes; this gives every shared attribute one direction across classes, which is
-                what the LLM's attention keys on when a question names one attribute ("the circle"). Needs
+                of 30 unrelated classes; this gives every shared attribute one direction across classes, so a
+                question that names one attribute ("the circle") could find it with one attention key. Needs
                 `class_names` (linked from the data by the CLI) with at least one shared word.
             class_names: category names in the data's order (linked from the data by the CLI).
         """
