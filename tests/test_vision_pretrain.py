@@ -156,7 +156,8 @@ def test_the_stage0_cli_links_the_class_names_that_word_loss_needs(tiny_data, tm
 
     from mmoe.training.vision_pretrain import cli_main, shared_name_words
 
-    cli = cli_main(["fit", "--config", str(REPO / "configs/stages/stage0_vision.yaml"), "--data.data_dir", str(tiny_data),
+    cli = cli_main(["fit", "--config", str(REPO / "configs/stages/stage0_vision.yaml"),
+                    "--data.data_dir", str(tiny_data),
                     "--model.word_loss", "1.0", "--model.vision.dim", "32", "--model.vision.depth", "1",
                     "--model.vision.n_heads", "2", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
                     "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1",
