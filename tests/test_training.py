@@ -41,6 +41,25 @@ def _losses(run: Path) -> dict[int, float]:
     return out
 
 
+def _column(run: Path, name: str) -> dict[int, float]:
+    with open(run / "metrics.csv") as f:
+        return {int(r["step"]): float(r[name]) for r in csv.DictReader(f) if r.get(name)}
+
+
+def test_grad_norm_is_logged_before_clipping(tiny_data, tiny_config, tmp_path):
+    """The logged norm is the one clipping sees: equal to an unclipped run's and far above a tiny clip value."""
+    norms = {}
+    for clip in ("0.0", "1e-6"):
+        run = tmp_path / f"clip{clip}"
+        cli_main(_args([RUNNABLE[0]], tiny_data, tiny_config, run, "--trainer.log_every_n_steps", "1",
+                       "--trainer.gradient_clip_val", clip, "--trainer.max_steps", "1"))
+        norms[clip] = _column(run, "train/grad_norm")
+    assert norms["0.0"].keys() == norms["1e-6"].keys() and norms["0.0"]
+    for step, value in norms["0.0"].items():
+        assert value > 1e-3
+        assert norms["1e-6"][step] == pytest.approx(value, rel=1e-5)
+
+
 def test_every_config_parses_and_large_config_counts_on_meta():
     for cfg in CONFIGS:
         extra = [] if cfg.parent.name != "stages" else ["--config", str(REPO / cfg)]
@@ -81,6 +100,7 @@ def test_fit_runs_exports_and_validates(cfg, tiny_data, tiny_config, tmp_path):
     for site in ("vision", "connector", "attention", "ffn"):  # per-layer routing health of every MoE site
         assert f"routing/{site}." in text and "max_violation" in text
     assert "routing/ffn.1/image/load_cv" in text  # per modality
+    assert all(v > 0 for v in _column(run, "train/grad_norm").values())
     assert (run / "expert_load.png").exists() and (run / "training_curves.png").exists()
     # `train.py test` scores every test question from the checkpoint
     test_run = tmp_path / "test_run"

@@ -221,6 +221,14 @@ class MMoEModule(L.LightningModule):
             metrics.update(ep_load_metrics(self.model))
         self.log_dict(metrics, batch_size=bs)
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Log the global gradient L2 norm before clipping (Lightning clips after this hook), so a run shows how
+        often `trainer.gradient_clip_val` binds. Under expert parallelism it is this rank's norm (its experts)."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            self.log("train/grad_norm", norm, batch_size=1)
+
     # ------------------------------------------------------------------ aux-loss-free bias
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
