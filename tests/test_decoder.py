@@ -21,6 +21,8 @@ def make(kind: str = "dense", **kw) -> Decoder:
         base.update(attn_moe=MoEConfig(num_experts=4, top_k=2), attn_moe_layers="all")
     if kind in ("moe", "both"):
         base.update(ffn_moe=MoEConfig(num_experts=4, top_k=2, num_shared_experts=1), ffn_moe_layers="0,2")
+    if kind == "moa_shared":  # 3 routed head groups (top-2) + 1 shared group of 2 heads each
+        base.update(attn_moe=MoEConfig(num_experts=3, top_k=2, num_shared_experts=1), attn_moe_layers="all")
     if kind == "hier":  # hierarchical router on MoA, top-p on the FFN
         base.update(attn_moe=MoEConfig(num_experts=4, top_k=2, hierarchy="two_level", num_groups=2, top_groups=1),
                     attn_moe_layers="all", ffn_moe=MoEConfig(num_experts=4, top_k=2, router="top_p"),
@@ -43,7 +45,7 @@ def incremental_logits(m: Decoder, ids: torch.Tensor, chunks: list[int], mask: t
     return torch.cat(outs, 1)
 
 
-@pytest.mark.parametrize("kind", ["dense", "moa", "moe", "both", "hier"])
+@pytest.mark.parametrize("kind", ["dense", "moa", "moa_shared", "moe", "both", "hier"])
 def test_cached_decoding_equals_full_recompute(kind):
     m = make(kind)
     ids = torch.randint(0, 96, (2, 14))
@@ -127,11 +129,22 @@ def moa_reference(attn: MoAAttention, x: torch.Tensor, cos, sin) -> torch.Tensor
                     a = (k[b, c, :t + 1] @ qi / math.sqrt(hd)).softmax(-1)
                     outs.append(a @ v[b, c, :t + 1])
                 y[b, t] += r.weights[n, s] * (torch.cat(outs) @ attn.o_proj.weight[e])
+            for g in range(attn.num_shared):  # shared head groups: every token, weight 1
+                rows = slice(g * hpe * hd, (g + 1) * hpe * hd)
+                q = (attn.shared_q_proj.weight[rows] @ x[b, t]).view(hpe, hd)
+                outs = []
+                for i in range(hpe):
+                    qi = apply_rope(q[i].view(1, 1, 1, hd), cos[b:b + 1, t:t + 1], sin[b:b + 1, t:t + 1]).view(hd)
+                    c = i // (hpe // nkv)
+                    a = (k[b, c, :t + 1] @ qi / math.sqrt(hd)).softmax(-1)
+                    outs.append(a @ v[b, c, :t + 1])
+                y[b, t] += attn.shared_o_proj.weight[:, rows] @ torch.cat(outs)
     return y
 
 
-def test_moa_matches_loop_reference():
-    m = make("moa")
+@pytest.mark.parametrize("kind", ["moa", "moa_shared"])
+def test_moa_matches_loop_reference(kind):
+    m = make(kind)
     attn = m.layers[0].self_attn
     x = torch.randn(2, 6, 64)
     pos = torch.arange(6).expand(2, 6)
@@ -140,6 +153,7 @@ def test_moa_matches_loop_reference():
         y, r = attn(x, cos, sin, AttnMask(None, True))
         ref = moa_reference(attn, x, cos, sin)
     assert r.site == "attention" and r.layer == 0 and r.expert_idx.shape == (12, 2)
+    assert attn.hpe == 2 and (attn.shared_q_proj is None) == (kind == "moa")
     torch.testing.assert_close(y, ref, atol=ATOL, rtol=0)
 
 
@@ -151,8 +165,9 @@ def test_upcycled_moa_and_mlp_equal_dense_at_init():
     ids = torch.randint(0, 96, (2, 11))
     with torch.no_grad():
         ref = dense(ids).logits
-    for E in (2, 4):  # g = n_heads / n_kv = 4 heads per kv group
-        cfg = DecoderConfig(**{**dense.cfg.__dict__, "attn_moe": MoEConfig(num_experts=E, top_k=E, renormalize=False),
+    for E, S in ((2, 0), (4, 0), (3, 1), (2, 2)):  # g = n_heads / n_kv = 4 heads per kv group = E + S groups
+        cfg = DecoderConfig(**{**dense.cfg.__dict__, "attn_moe": MoEConfig(num_experts=E, top_k=E, renormalize=False,
+                                                                           num_shared_experts=S),
                                "attn_moe_layers": "all", "ffn_moe": MoEConfig(num_experts=3, top_k=2),
                                "ffn_moe_layers": "all"})
         up = upcycle_decoder(dense, cfg).eval()
@@ -190,6 +205,9 @@ def test_moa_upcycle_head_partition_error():
                          "attn_moe_layers": "all"}).validate()
     with pytest.raises(MoEConfigError, match="n_kv_heads=2 to divide the heads per expert"):
         MoAAttention(64, 4, 2, 16, MoEConfig(num_experts=4, top_k=1))
+    with pytest.raises(MoEConfigError, match=r"num_experts\+num_shared_experts=4\+1 must divide"):  # shared groups count
+        DecoderConfig(**{**make("dense").cfg.__dict__, "attn_moe": MoEConfig(num_experts=4, top_k=2, num_shared_experts=1),
+                         "attn_moe_layers": "all"}).validate()
 
 
 def test_config_validation_errors():

@@ -53,7 +53,8 @@ class DecoderConfig:
     ffn_moe_layers: str = "every_2"
     """Layers with a MoE FFN when ffn_moe is set: 'none', 'all', 'every_N', 'last_N', 'first_N', '0,3'."""
     attn_moe: MoEConfig | None = None
-    """Mixture-of-attention-heads config (num_experts must divide n_heads / n_kv_heads); None: dense."""
+    """Mixture-of-attention-heads config; None: dense. num_experts (+ num_shared_experts: head groups every token
+    runs at weight 1) must divide n_heads / n_kv_heads."""
     attn_moe_layers: str = "none"
     """Which layers get MoA when attn_moe is set (same syntax as ffn_moe_layers)."""
     head_dim: int = 0
@@ -92,12 +93,14 @@ class DecoderConfig:
         if self.attn_moe is not None:
             self.attn_moe.validate(causal=True, site="decoder.attn_moe")
             self.moa_layer_ids()
-            E, g = self.attn_moe.num_experts, self.n_heads // self.n_kv_heads
-            if g % E:
+            E, S = self.attn_moe.num_experts, self.attn_moe.num_shared_experts
+            g = self.n_heads // self.n_kv_heads
+            if g % (E + S):
+                what = f"num_experts={E}" if not S else f"num_experts+num_shared_experts={E}+{S}"
                 raise MoEConfigError(
-                    f"decoder.attn_moe.num_experts={E} must divide n_heads/n_kv_heads={self.n_heads}/"
-                    f"{self.n_kv_heads}={g}: each MoA expert owns n_heads/num_experts query heads and "
-                    "n_kv_heads must divide that")
+                    f"decoder.attn_moe.{what} must divide n_heads/n_kv_heads={self.n_heads}/"
+                    f"{self.n_kv_heads}={g}: each MoA expert (and shared head group) owns "
+                    "n_heads/(num_experts+num_shared_experts) query heads and n_kv_heads must divide that")
         return self
 
 

@@ -6,10 +6,15 @@ by all experts (`n_kv_heads`, GQA), so the KV cache is exactly the size of a den
 happens on the query side only, which keeps it decode-friendly (reference §1.4). A token runs
 `top_k * hpe` query heads.
 
+Shared heads (`num_shared_experts = S`, DeepSeek's shared experts applied to heads): S more head groups of
+`hpe` heads that every token runs at weight 1, beside its `top_k` routed groups, so `n_heads = (E + S) * hpe`.
+Why: a skill that every token needs at one place (e.g. finding an image patch by what a question names) is
+otherwise learnt by whichever experts the router happens to pick, each from its share of the tokens.
+
 Head layout. Expert head i (0 <= i < hpe) reads kv head `i // (hpe // n_kv)`. Upcycling keeps that map:
-with g = n_heads / n_kv dense heads per kv group, expert e takes heads [e*g/E, (e+1)*g/E) of every group,
-so each dense head lands in exactly one expert with its own kv head, and all experts at unit weight
-reproduce the dense attention exactly.
+with g = n_heads / n_kv dense heads per kv group and G = E + S groups, expert e takes heads
+[e*g/G, (e+1)*g/G) of every kv group and shared group s the ones after the experts', so each dense head lands
+in exactly one group with its own kv head, and all groups at unit weight reproduce the dense attention exactly.
 """
 
 from __future__ import annotations
@@ -75,22 +80,28 @@ class MoAAttention(nn.Module):
                  bias: bool = False, layer: int = -1):
         super().__init__()
         site = f"attention.{layer}"
-        E = cfg.num_experts
-        if n_heads % E:
-            raise MoEConfigError(f"{site}: moe.num_experts={E} must divide n_heads={n_heads} (each expert "
-                                 "owns n_heads / num_experts query heads)")
-        hpe = n_heads // E
+        E, S = cfg.num_experts, cfg.num_shared_experts
+        G = E + S
+        if n_heads % G:
+            raise MoEConfigError(f"{site}: moe.num_experts + num_shared_experts = {E} + {S} must divide "
+                                 f"n_heads={n_heads} (each expert and shared group owns n_heads / {G} query heads)")
+        hpe = n_heads // G
         if hpe % n_kv_heads:
             raise MoEConfigError(f"{site}: MoA needs n_kv_heads={n_kv_heads} to divide the heads per expert "
-                                 f"n_heads/num_experts={n_heads}/{E}={hpe}, i.e. num_experts must divide "
+                                 f"n_heads/(num_experts+num_shared_experts)={n_heads}/{G}={hpe}, i.e. "
+                                 f"num_experts+num_shared_experts must divide "
                                  f"n_heads/n_kv_heads={n_heads // max(1, n_kv_heads)}")
         self.cfg, self.layer = cfg, layer
         self.n_heads, self.n_kv_heads, self.head_dim, self.hpe = n_heads, n_kv_heads, head_dim, hpe
+        self.num_shared = S
         self.router = Router(dim, cfg, causal=True, site=site)
         self.q_proj = GroupedLinear(E, dim, hpe * head_dim, bias=bias)  # per-expert queries
         self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)  # shared
         self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)  # shared
         self.o_proj = GroupedLinear(E, hpe * head_dim, dim, bias=False)  # per-expert outputs
+        # shared head groups: every token, weight 1 (S groups of hpe heads, laid out (S, n_kv, hpe/n_kv, hd))
+        self.shared_q_proj = nn.Linear(dim, S * hpe * head_dim, bias=bias) if S else None
+        self.shared_o_proj = nn.Linear(S * hpe * head_dim, dim, bias=False) if S else None
         self.dispatcher = LocalDispatcher()
         self.force_unit_weights = False
         """Test/analysis hook: combine every kept slot with weight 1 (top_k = E: the upcycling identity)."""
@@ -113,13 +124,19 @@ class MoAAttention(nn.Module):
         q = self.q_proj(xs, counts)  # (A, hpe*hd) sorted by expert
         q = self.dispatcher.combine(q, plan, per_slot=True)  # (N*K, hpe*hd); zeros for slots not kept
         # (B, T, K, n_kv, rpk, hd) -> GQA layout (B, n_kv * K * rpk, T, hd): kv head c owns a contiguous block
-        q = q.view(B, T, K, n_kv, rpk, hd).permute(0, 3, 2, 4, 1, 5).reshape(B, n_kv * K * rpk, T, hd)
-        q = apply_rope(q, cos, sin)
+        q = q.view(B, T, K, n_kv, rpk, hd).permute(0, 3, 2, 4, 1, 5)  # (B, n_kv, K, rpk, T, hd)
+        S = self.num_shared
+        if S:  # shared groups join every kv head's block after the routed slots: one attention call
+            qs = self.shared_q_proj(x).view(B, T, S, n_kv, rpk, hd).permute(0, 3, 2, 4, 1, 5)
+            q = torch.cat([q, qs], dim=2)
+        q = apply_rope(q.reshape(B, n_kv * (K + S) * rpk, T, hd), cos, sin)
         k, v = shared_kv(self, x, cos, sin, cache, layer_idx)
-        o = sdpa(q, k, v, mask)  # (B, n_kv*K*rpk, T, hd)
-        o = o.view(B, n_kv, K, rpk, T, hd).permute(0, 4, 2, 1, 3, 5).reshape(B * T * K, hpe * hd)  # per slot
-        os_, counts = self.dispatcher.dispatch(o, plan, per_slot=True)
+        o = sdpa(q, k, v, mask).view(B, n_kv, K + S, rpk, T, hd)  # (B, n_kv*(K+S)*rpk, T, hd) before the view
+        o_routed = o[:, :, :K].permute(0, 4, 2, 1, 3, 5).reshape(B * T * K, hpe * hd)  # per slot
+        os_, counts = self.dispatcher.dispatch(o_routed, plan, per_slot=True)
         y = self.dispatcher.combine(self.o_proj(os_, counts), plan)  # weighted sum over slots -> (N, D)
+        if S:
+            y = y + self.shared_o_proj(o[:, :, K:].permute(0, 4, 2, 1, 3, 5).reshape(B * T, S * hpe * hd))
         return y.view(B, T, D), r
 
     @torch.no_grad()
@@ -129,11 +146,11 @@ class MoAAttention(nn.Module):
         K/V are copied; expert e takes dense heads [e*g/E, (e+1)*g/E) of every kv group (g = n_heads/n_kv),
         ordered by group, so its head i keeps kv head i // (hpe/n_kv). The router stays freshly initialised.
         """
-        E, hd, n_kv = self.cfg.num_experts, self.head_dim, self.n_kv_heads
+        E, S, hd, n_kv = self.cfg.num_experts, self.num_shared, self.head_dim, self.n_kv_heads
         g = self.n_heads // n_kv
-        if g % E:
-            raise MoEConfigError(f"attention.{self.layer}: upcycling needs num_experts={E} to divide the "
-                                 f"heads per kv group n_heads/n_kv_heads={g}")
+        if g % (E + S):
+            raise MoEConfigError(f"attention.{self.layer}: upcycling needs num_experts+num_shared_experts="
+                                 f"{E + S} to divide the heads per kv group n_heads/n_kv_heads={g}")
         want_q = (self.n_heads * hd, self.k_proj.in_features)
         for name, lin, shape in (("q_proj", dense.q_proj, want_q),
                                  ("k_proj", dense.k_proj, self.k_proj.weight.shape),
@@ -149,17 +166,28 @@ class MoAAttention(nn.Module):
             raise ValueError(f"attention.{self.layer}: o_proj bias is not supported by MoA upcycling")
         self.k_proj.load_state_dict(dense.k_proj.state_dict())
         self.v_proj.load_state_dict(dense.v_proj.state_dict())
-        per = g // E
+        per = g // (E + S)
+
+        def columns(group: int) -> Tensor:  # dense q rows / o columns of head group `group`, kv-group major
+            heads = torch.tensor([c * g + group * per + m for c in range(n_kv) for m in range(per)])
+            return (heads[:, None] * hd + torch.arange(hd)).flatten().to(dense.q_proj.weight.device)
+
         for e in range(E):
-            heads = torch.tensor([c * g + e * per + m for c in range(n_kv) for m in range(per)])
-            cols = (heads[:, None] * hd + torch.arange(hd)).flatten().to(dense.q_proj.weight.device)
+            cols = columns(e)
             self.q_proj.weight[e] = dense.q_proj.weight[cols].t()
             if self.q_proj.bias is not None:
                 self.q_proj.bias[e] = dense.q_proj.bias[cols]
             self.o_proj.weight[e] = dense.o_proj.weight[:, cols].t()
+        if S:
+            cols = torch.cat([columns(E + s) for s in range(S)])
+            self.shared_q_proj.weight.copy_(dense.q_proj.weight[cols])
+            if self.shared_q_proj.bias is not None:
+                self.shared_q_proj.bias.copy_(dense.q_proj.bias[cols])
+            self.shared_o_proj.weight.copy_(dense.o_proj.weight[:, cols])
 
     def extra_repr(self) -> str:
-        return (f"experts={self.cfg.num_experts}, top_k={self.cfg.top_k}, heads_per_expert={self.hpe}, "
+        return (f"experts={self.cfg.num_experts}, top_k={self.cfg.top_k}, shared={self.num_shared}, "
+                f"heads_per_expert={self.hpe}, "
                 f"n_kv_heads={self.n_kv_heads}, head_dim={self.head_dim}")
 
 
