@@ -113,6 +113,16 @@ def moa_reference(attn: MoAAttention, x: torch.Tensor, cos, sin) -> torch.Tensor
     r = attn.router(x.reshape(-1, D))
     k = apply_rope(attn.k_proj(x).view(B, T, nkv, hd).transpose(1, 2), cos, sin)
     v = attn.v_proj(x).view(B, T, nkv, hd).transpose(1, 2)
+
+    def heads(q: torch.Tensor, b: int, t: int) -> torch.Tensor:  # one group's hpe heads at token (b, t), concatenated
+        outs = []
+        for i in range(hpe):
+            qi = apply_rope(q[i].view(1, 1, 1, hd), cos[b:b + 1, t:t + 1], sin[b:b + 1, t:t + 1]).view(hd)
+            c = i // (hpe // nkv)
+            a = (k[b, c, :t + 1] @ qi / math.sqrt(hd)).softmax(-1)
+            outs.append(a @ v[b, c, :t + 1])
+        return torch.cat(outs)
+
     y = torch.zeros(B, T, D)
     for b in range(B):
         for t in range(T):
@@ -122,23 +132,11 @@ def moa_reference(attn: MoAAttention, x: torch.Tensor, cos, sin) -> torch.Tensor
                     continue
                 e = int(r.expert_idx[n, s])
                 q = (x[b, t] @ attn.q_proj.weight[e]).view(hpe, hd)
-                outs = []
-                for i in range(hpe):
-                    qi = apply_rope(q[i].view(1, 1, 1, hd), cos[b:b + 1, t:t + 1], sin[b:b + 1, t:t + 1]).view(hd)
-                    c = i // (hpe // nkv)
-                    a = (k[b, c, :t + 1] @ qi / math.sqrt(hd)).softmax(-1)
-                    outs.append(a @ v[b, c, :t + 1])
-                y[b, t] += r.weights[n, s] * (torch.cat(outs) @ attn.o_proj.weight[e])
+                y[b, t] += r.weights[n, s] * (heads(q, b, t) @ attn.o_proj.weight[e])
             for g in range(attn.num_shared):  # shared head groups: every token, weight 1
                 rows = slice(g * hpe * hd, (g + 1) * hpe * hd)
                 q = (attn.shared_q_proj.weight[rows] @ x[b, t]).view(hpe, hd)
-                outs = []
-                for i in range(hpe):
-                    qi = apply_rope(q[i].view(1, 1, 1, hd), cos[b:b + 1, t:t + 1], sin[b:b + 1, t:t + 1]).view(hd)
-                    c = i // (hpe // nkv)
-                    a = (k[b, c, :t + 1] @ qi / math.sqrt(hd)).softmax(-1)
-                    outs.append(a @ v[b, c, :t + 1])
-                y[b, t] += attn.shared_o_proj.weight[:, rows] @ torch.cat(outs)
+                y[b, t] += attn.shared_o_proj.weight[:, rows] @ heads(q, b, t)
     return y
 
 
