@@ -203,9 +203,9 @@ def test_moa_upcycle_head_partition_error():
                          "attn_moe_layers": "all"}).validate()
     with pytest.raises(MoEConfigError, match="n_kv_heads=2 to divide the heads per expert"):
         MoAAttention(64, 4, 2, 16, MoEConfig(num_experts=4, top_k=1))
-    with pytest.raises(MoEConfigError, match=r"num_experts\+num_shared_experts=4\+1 must divide"):  # shared groups count
-        DecoderConfig(**{**make("dense").cfg.__dict__, "attn_moe": MoEConfig(num_experts=4, top_k=2, num_shared_experts=1),
-                         "attn_moe_layers": "all"}).validate()
+    shared = MoEConfig(num_experts=4, top_k=2, num_shared_experts=1)  # shared head groups count too
+    with pytest.raises(MoEConfigError, match=r"num_experts\+num_shared_experts=4\+1 must divide"):
+        DecoderConfig(**{**make("dense").cfg.__dict__, "attn_moe": shared, "attn_moe_layers": "all"}).validate()
 
 
 def test_config_validation_errors():

@@ -61,7 +61,8 @@ def dense_equivalent_config(cfg: VLMConfig) -> VLMConfig:
         n = len(dec.moa_layer_ids())
         hd = dec.head_size
         moa = dec.attn_moe
-        active_heads = dec.n_heads // (moa.num_experts + moa.num_shared_experts) * (moa.top_k + moa.num_shared_experts)
+        S = moa.num_shared_experts
+        active_heads = dec.n_heads // (moa.num_experts + S) * (moa.top_k + S)
         avg = ((dec.n_layers - n) * dec.n_heads + n * active_heads) / dec.n_layers
         heads = max(dec.n_kv_heads, int(round(avg / dec.n_kv_heads)) * dec.n_kv_heads)  # GQA needs a multiple
         dec.head_dim, dec.n_heads, dec.attn_moe = hd, heads, None

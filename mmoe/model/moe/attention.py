@@ -4,7 +4,7 @@ with the dense decoder attention.
 Each expert owns `hpe = n_heads / E` query heads (its own Q and O projections); keys and values are shared
 by all experts (`n_kv_heads`, GQA), so the KV cache is exactly the size of a dense GQA layer and routing
 happens on the query side only, which keeps it decode-friendly (reference §1.4). A token runs
-`top_k * hpe` query heads.
+`(top_k + S) * hpe` query heads.
 
 Shared heads (`num_shared_experts = S`, DeepSeek's shared experts applied to heads): S more head groups of
 `hpe` heads that every token runs at weight 1, beside its `top_k` routed groups, so `n_heads = (E + S) * hpe`.
@@ -123,7 +123,7 @@ class MoAAttention(nn.Module):
         xs, counts = self.dispatcher.dispatch(flat, plan)
         q = self.q_proj(xs, counts)  # (A, hpe*hd) sorted by expert
         q = self.dispatcher.combine(q, plan, per_slot=True)  # (N*K, hpe*hd); zeros for slots not kept
-        # (B, T, K, n_kv, rpk, hd) -> GQA layout (B, n_kv * K * rpk, T, hd): kv head c owns a contiguous block
+        # (B, T, K, n_kv, rpk, hd) -> GQA layout (B, n_kv * (K + S) * rpk, T, hd): kv head c owns a contiguous block
         q = q.view(B, T, K, n_kv, rpk, hd).permute(0, 3, 2, 4, 1, 5)  # (B, n_kv, K, rpk, T, hd)
         S = self.num_shared
         if S:  # shared groups join every kv head's block after the routed slots: one attention call
@@ -143,8 +143,9 @@ class MoAAttention(nn.Module):
     def upcycle_(self, dense: nn.Module) -> None:
         """Split a dense attention (q_proj/k_proj/v_proj/o_proj linears, same head count) into experts.
 
-        K/V are copied; expert e takes dense heads [e*g/E, (e+1)*g/E) of every kv group (g = n_heads/n_kv),
-        ordered by group, so its head i keeps kv head i // (hpe/n_kv). The router stays freshly initialised.
+        K/V are copied; with g = n_heads/n_kv and G = E + S, expert e takes dense heads [e*g/G, (e+1)*g/G) of every
+        kv group, ordered by group, so its head i keeps kv head i // (hpe/n_kv); shared group s takes the block
+        of group E + s the same way. The router stays freshly initialised.
         """
         E, S, hd, n_kv = self.cfg.num_experts, self.num_shared, self.head_dim, self.n_kv_heads
         g = self.n_heads // n_kv
