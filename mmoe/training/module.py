@@ -223,11 +223,11 @@ class MMoEModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """Log the global gradient L2 norm before clipping (Lightning clips after this hook), so a run shows how
-        often `trainer.gradient_clip_val` binds. Under expert parallelism it is this rank's norm (its experts)."""
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-            self.log("train/grad_norm", norm, batch_size=1)
+        often `trainer.gradient_clip_val` binds; with sharded experts it is the norm clipping uses (all shards)."""
+        from mmoe.parallel.expert_parallel import grad_norm
+
+        if any(p.grad is not None for p in self.parameters()):
+            self.log("train/grad_norm", grad_norm(self.parameters(), module=self.model).float(), batch_size=1)
 
     # ------------------------------------------------------------------ aux-loss-free bias
     def optimizer_step(self, *args, **kwargs) -> None:
