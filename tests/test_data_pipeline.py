@@ -93,6 +93,30 @@ def test_a_fixed_phrase_is_one_token_wherever_it_occurs_and_its_words_stay_words
         train_tokenizer(CORPUS, tmp_path / "bad", phrases=["hello"])
 
 
+def test_inflections_split_into_the_stems_token_and_a_suffix_and_decode_back(tmp_path):
+    from transformers import AutoTokenizer
+
+    corpus = CORPUS + ["how many circles or crosses are there? a cross, two objects"]
+    inflections = {"circles": "circle", "crosses": "cross", "objects": "object"}
+    train_tokenizer(corpus, tmp_path / "t", inflections=inflections)
+    plain = train_tokenizer(corpus, tmp_path / "plain")
+    for loaded in (load_tokenizer(tmp_path / "t"), AutoTokenizer.from_pretrained(tmp_path / "t")):
+        for text, stem, suffix in (("circles", "▁circle", "s"), ("crosses", "▁cross", "es"),
+                                   ("objects", "▁object", "s")):
+            enc = loaded.encode(f"how many {text} are there?", add_special_tokens=False)
+            assert loaded.convert_ids_to_tokens(enc)[2:4] == [stem, suffix]
+            assert enc[2] == loaded.encode(stem.lstrip("▁"), add_special_tokens=False)[0]  # same id as the word
+            assert loaded.decode(enc) == f"how many {text} are there?"
+        # only whole inflected words: the stem alone, other words ending in "s" and a suffix inside a word stay
+        for text in ("a circle", "is yes", "crosses, circles."):
+            enc = loaded.encode(text, add_special_tokens=False)
+            assert loaded.unk_token_id not in enc and loaded.decode(enc) == text
+        assert loaded.tokenize("is yes") == plain.tokenize("is yes") == ["▁is", "▁yes"]
+    for bad in ({"circles": "square"}, {"circle": "circle"}, {"two words": "two"}):
+        with pytest.raises(ValueError, match="inflection"):
+            train_tokenizer(corpus, tmp_path / "bad", inflections=bad)
+
+
 def test_tokenizer_round_trip(tok):
     for text in ["red circle", "there are two objects: a red circle, and a small blue square", "2", "yes"]:
         enc = tok.encode(text, add_special_tokens=False)

@@ -15,7 +15,7 @@ import torch
 from mmoe.constants import IGNORE_INDEX, IMAGE_TOKEN
 from mmoe.data.dataset import LlavaJsonDataset
 from mmoe.data.images import build_image_transform, load_image
-from mmoe.data.synthetic import SPLITS, generate_dataset
+from mmoe.data.synthetic import INFLECTIONS, SPLITS, generate_dataset
 from mmoe.data.template import CAPTION_PROMPT, SHORT_ANSWER_SUFFIX
 from mmoe.data.tokenizer import load_tokenizer
 
@@ -182,6 +182,8 @@ def test_coco_captions_and_unique_ids(data):
         cap_ids += [a["id"] for a in caps["annotations"]]
         img_ids += [im["id"] for im in caps["images"]]
     assert len(cap_ids) == len(set(cap_ids)) and len(img_ids) == len(set(img_ids))
+    for plural, singular in INFLECTIONS.items():  # "circles" asks with the same token as "circle"
+        assert tok.convert_ids_to_tokens(tok.encode(plural, add_special_tokens=False))[0] == "▁" + singular
 
 
 def test_llava_json_parses_through_dataset(data):

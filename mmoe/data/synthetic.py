@@ -25,8 +25,8 @@ from PIL import Image, ImageDraw
 from mmoe.constants import IMAGE_TOKEN
 from mmoe.data.template import ASSISTANT_PREFIX, CAPTION_PROMPT, SHORT_ANSWER_SUFFIX, USER_PREFIX
 
-GENERATOR_VERSION = "1.2"  # 1.2: the short-answer instruction is one token; 1.1: 6 questions per training image
-# (was 3); COCO instances files
+GENERATOR_VERSION = "1.3"  # 1.3: plurals are stem + suffix tokens; 1.2: the short-answer instruction is one
+# token; 1.1: 6 questions per training image (was 3); COCO instances files
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross")
 PLURALS = {
     "circle": "circles",
@@ -35,6 +35,8 @@ PLURALS = {
     "diamond": "diamonds",
     "cross": "crosses",
 }
+# plural -> singular for the tokenizer: "how many circles" then asks with the "circle" token every other question uses
+INFLECTIONS = {**{plural: shape for shape, plural in PLURALS.items()}, "objects": "object", "shapes": "shape"}
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 175, 60),
@@ -648,7 +650,7 @@ def generate_dataset(
             "n_captions": len(rec["captions"]),
         }
         next_id += sizes[split]
-    tokenizer = train_tokenizer(texts, out, phrases=[SHORT_ANSWER_SUFFIX])
+    tokenizer = train_tokenizer(texts, out, phrases=[SHORT_ANSWER_SUFFIX], inflections=INFLECTIONS)
     meta = {
         "generator_version": GENERATOR_VERSION,
         "seed": seed,

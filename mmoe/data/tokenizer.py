@@ -9,6 +9,11 @@ Fixed phrases (``phrases``): a prompt that repeats word for word in every turn, 
 instruction, can be one token, as a BPE tokenizer would merge it given enough text. It carries no information, and
 as ten word tokens after each of six questions it was a third of every synthetic training sequence.
 
+Inflections (``inflections``): "circles" as its own word is a token the model must learn apart from "circle", from
+the few questions that use the plural; a from-scratch decoder has no pretraining to tie them. An inflected word
+given with its stem is split into the stem's token and a suffix token ("▁circle" + "s"), as a subword tokenizer
+would, and decodes back to "circles".
+
 Special tokens have fixed ids: ``<pad>`` 0, ``<bos>`` 1, ``<eos>`` 2, ``<unk>`` 3, ``<image>`` 4. The tokenizer adds
 no special tokens by itself (no post-processor); the chat template in :mod:`mmoe.data.template` places them.
 """
@@ -16,8 +21,9 @@ no special tokens by itself (no post-processor); the chat template in :mod:`mmoe
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
@@ -48,18 +54,32 @@ def _normalizer() -> normalizers.Normalizer:
     )
 
 
-def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
-    return pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
-            pre_tokenizers.Punctuation("isolated"),
-        ]
-    )
+def _inflection_pattern(inflections: Mapping[str, str]) -> str:
+    """A regex matching the suffix of each inflected word (after its stem), anchored to whole words."""
+    parts = []
+    for word, stem in sorted(inflections.items()):
+        word, stem = word.lower(), stem.lower()
+        if not (stem and re.fullmatch(r"[a-z]+", word) and word.startswith(stem) and len(word) > len(stem)):
+            raise ValueError(f"train_tokenizer: inflection {word!r} -> {stem!r} must be a lowercase word that "
+                             "starts with its stem and is longer")
+        parts.append(f"(?<=▁{re.escape(stem)}){re.escape(word[len(stem):])}$")
+    return "|".join(parts)
 
 
-def build_word_vocab(texts: Iterable[str], max_vocab: int = MAX_VOCAB) -> dict[str, int]:
+def _pre_tokenizer(inflections: Mapping[str, str] | None = None) -> pre_tokenizers.PreTokenizer:
+    steps = [
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
+        pre_tokenizers.Punctuation("isolated"),
+    ]
+    if inflections:
+        steps.append(pre_tokenizers.Split(Regex(_inflection_pattern(inflections)), behavior="isolated"))
+    return pre_tokenizers.Sequence(steps)
+
+
+def build_word_vocab(texts: Iterable[str], max_vocab: int = MAX_VOCAB,
+                     inflections: Mapping[str, str] | None = None) -> dict[str, int]:
     """Count pre-tokenised words and assign ids by (frequency desc, word asc) so the result is deterministic."""
-    norm, pre = _normalizer(), _pre_tokenizer()
+    norm, pre = _normalizer(), _pre_tokenizer(inflections)
     counts: Counter[str] = Counter()
     for text in texts:
         if not isinstance(text, str):
@@ -81,19 +101,21 @@ def build_word_vocab(texts: Iterable[str], max_vocab: int = MAX_VOCAB) -> dict[s
 
 
 def train_tokenizer(texts: Iterable[str], out_dir: str | Path, max_vocab: int = MAX_VOCAB,
-                    phrases: Iterable[str] = ()):
+                    phrases: Iterable[str] = (), inflections: Mapping[str, str] | None = None):
     """Build the word-level tokenizer from ``texts`` and save it (HF format) into ``out_dir``; returns it loaded.
 
     Each of ``phrases`` becomes a single token wherever it occurs (case and spacing as the normaliser sees them;
-    the words stay in the vocabulary on their own too).
+    the words stay in the vocabulary on their own too). Each of ``inflections`` (inflected word -> stem, e.g.
+    ``{"circles": "circle"}``) is split into the stem's token and a suffix token.
 
     Writes ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json`` so that both
     ``AutoTokenizer.from_pretrained(out_dir)`` and ``PreTrainedTokenizerFast.from_pretrained(out_dir)`` work.
     """
-    vocab = build_word_vocab(texts, max_vocab)
+    inflections = dict(inflections or {})
+    vocab = build_word_vocab(texts, max_vocab, inflections)
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
     tok.normalizer = _normalizer()
-    tok.pre_tokenizer = _pre_tokenizer()
+    tok.pre_tokenizer = _pre_tokenizer(inflections)
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIAL_TOKENS])
     phrases = list(phrases)
