@@ -208,6 +208,20 @@ def test_moa_upcycle_head_partition_error():
         DecoderConfig(**{**make("dense").cfg.__dict__, "attn_moe": shared, "attn_moe_layers": "all"}).validate()
 
 
+@pytest.mark.parametrize("std", [0.02, 0.056, None])
+def test_init_std_sets_the_from_scratch_weight_scale(std):
+    torch.manual_seed(0)
+    m = Decoder(DecoderConfig(vocab_size=96, dim=64, n_layers=2, n_heads=8, n_kv_heads=2, hidden=96, init_std=std,
+                              ffn_moe=MoEConfig(num_experts=4, top_k=2), ffn_moe_layers="all",
+                              attn_moe=MoEConfig(num_experts=4, top_k=2), attn_moe_layers="all"))
+    weights = [p for n, p in m.named_parameters() if p.dim() >= 2]  # linears, embedding, packed experts
+    assert len(weights) > 10
+    if std is None:  # width-aware default: sqrt(2 / (5 dim))
+        std = math.sqrt(2 / (5 * 64))
+    for w in weights:
+        assert abs(w.std().item() - std) < 0.15 * std
+
+
 def test_config_validation_errors():
     with pytest.raises(ValueError, match="n_heads=6 must be divisible by n_kv_heads=4"):
         DecoderConfig(dim=96, n_heads=6, n_kv_heads=4).validate()
@@ -217,6 +231,8 @@ def test_config_validation_errors():
         DecoderConfig(ffn_moe=MoEConfig(router="expert_choice")).validate()
     with pytest.raises(MoEConfigError, match="attn_moe_layers"):
         DecoderConfig(attn_moe=MoEConfig(num_experts=2, top_k=1), attn_moe_layers="7").validate()
+    with pytest.raises(ValueError, match="init_std must be > 0"):
+        DecoderConfig(init_std=0.0).validate()
     m = make("dense")
     with pytest.raises(ValueError, match="exceeds decoder.max_seq_len=64"):
         m(torch.zeros(1, 65, dtype=torch.long))

@@ -8,6 +8,7 @@ checkpoints load by name (see `mmoe.interop.hf`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,11 @@ class DecoderConfig:
     """RMSNorm epsilon."""
     tie_embeddings: bool = True
     """Share the LM head weight with the token embedding."""
+    init_std: float | None = None
+    """Std of the N(0, std) init of linears and embeddings trained from scratch (checkpoints overwrite it). None:
+    sqrt(2 / (5 dim)), the width-aware "small init" of litgpt and GPT-NeoX (0.056 at dim 128). GPT-2's fixed 0.02
+    is 2.8x smaller at dim 128: attention logits start near uniform and query/key gradients (each proportional
+    to the other's weights) near zero, and lookups by attribute formed late or never in the synthetic runs."""
     attn_bias: bool = False
     """Biases on the q/k/v projections (Qwen2); o_proj never has one."""
     ffn_moe: MoEConfig | None = None
@@ -64,6 +70,10 @@ class DecoderConfig:
     def head_size(self) -> int:
         return self.head_dim or self.dim // self.n_heads
 
+    @property
+    def weight_init_std(self) -> float:
+        return self.init_std if self.init_std is not None else math.sqrt(2.0 / (5.0 * self.dim))
+
     def moe_ffn_layer_ids(self) -> list[int]:
         if self.ffn_moe is None:
             return []
@@ -79,6 +89,8 @@ class DecoderConfig:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "hidden", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"decoder.{name} must be >= 1, got {getattr(self, name)}")
+        if self.init_std is not None and not self.init_std > 0:
+            raise ValueError(f"decoder.init_std must be > 0 (or None for sqrt(2 / (5 dim))), got {self.init_std}")
         if not self.head_dim and self.dim % self.n_heads:
             raise ValueError(f"decoder.dim={self.dim} must be divisible by n_heads={self.n_heads} "
                              "(or set head_dim)")
@@ -207,7 +219,7 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(DecoderBlock(cfg, i, i in moa, i in moe) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.reset_parameters()
+        self.reset_parameters(cfg.weight_init_std)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
