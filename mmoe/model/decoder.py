@@ -219,13 +219,15 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(DecoderBlock(cfg, i, i in moa, i in moe) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.reset_parameters(cfg.weight_init_std)
+        self.reset_parameters()
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
     @torch.no_grad()
-    def reset_parameters(self, std: float = 0.02) -> None:
-        """GPT-style N(0, std) for linears, embeddings and packed experts; noisy-gating weights stay zero."""
+    def reset_parameters(self, std: float | None = None) -> None:
+        """N(0, std) for linears, embeddings and packed experts (default: `cfg.weight_init_std`); noisy-gating
+        weights stay zero."""
+        std = self.cfg.weight_init_std if std is None else std
         init_linear_(self, std)
         for m in self.modules():
             if isinstance(m, GroupedLinear):
