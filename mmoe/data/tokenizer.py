@@ -111,7 +111,6 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, max_vocab: int = 
     Writes ``tokenizer.json``, ``tokenizer_config.json`` and ``special_tokens_map.json`` so that both
     ``AutoTokenizer.from_pretrained(out_dir)`` and ``PreTrainedTokenizerFast.from_pretrained(out_dir)`` work.
     """
-    inflections = dict(inflections or {})
     vocab = build_word_vocab(texts, max_vocab, inflections)
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
     tok.normalizer = _normalizer()

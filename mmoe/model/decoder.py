@@ -70,10 +70,6 @@ class DecoderConfig:
     def head_size(self) -> int:
         return self.head_dim or self.dim // self.n_heads
 
-    @property
-    def weight_init_std(self) -> float:
-        return self.init_std if self.init_std is not None else math.sqrt(2.0 / (5.0 * self.dim))
-
     def moe_ffn_layer_ids(self) -> list[int]:
         if self.ffn_moe is None:
             return []
@@ -225,9 +221,10 @@ class Decoder(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, std: float | None = None) -> None:
-        """N(0, std) for linears, embeddings and packed experts (default: `cfg.weight_init_std`); noisy-gating
-        weights stay zero."""
-        std = self.cfg.weight_init_std if std is None else std
+        """N(0, std) for linears, embeddings and packed experts (default: `cfg.init_std`, or sqrt(2 / (5 dim))
+        when that is None); noisy-gating weights stay zero."""
+        if std is None:
+            std = self.cfg.init_std if self.cfg.init_std is not None else math.sqrt(2.0 / (5.0 * self.cfg.dim))
         init_linear_(self, std)
         for m in self.modules():
             if isinstance(m, GroupedLinear):
