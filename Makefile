@@ -27,7 +27,8 @@ train: install data
 test: install
 	$(PYTHON) -m pytest -q tests
 
-BENCHES := benchmarks/moe_layer.py benchmarks/decode.py benchmarks/model_step.py benchmarks/expert_parallel.py
+BENCHES := benchmarks/moe_layer.py benchmarks/decode.py benchmarks/model_step.py benchmarks/expert_parallel.py \
+           benchmarks/data_loading.py
 
 bench: install
 	@for f in $(BENCHES); do echo "== $$f"; $(PYTHON) $$f || exit 1; done

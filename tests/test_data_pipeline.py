@@ -187,6 +187,33 @@ def test_encode_conversation_labels_by_hand(tok):
     assert tok.encode(rendered, add_special_tokens=False) == expected
 
 
+def test_template_encodes_with_the_rust_tokenizer_exactly_like_tokenizer_encode(tok):
+    """The fast path (`backend_tokenizer`) must give tokenizer.encode's ids; tokenizers without one use encode."""
+    from transformers import AutoTokenizer
+
+    from mmoe.data.template import _encode_text
+
+    texts = [c["value"] for c in CONV] + ["USER: ", " ASSISTANT:", "\n  odd   spacing ", "unknownword!", "é ü"]
+    assert tok.is_fast and tok.backend_tokenizer is not None
+    for t in texts:
+        assert _encode_text(tok, t) == tok.encode(t, add_special_tokens=False), t
+
+    class SlowOnly:  # a tokenizer with only the generic API (no Rust backend)
+        is_fast = False
+
+        def __init__(self):
+            self.calls = 0
+
+        def encode(self, text, add_special_tokens=True):
+            assert add_special_tokens is False
+            self.calls += 1
+            return tok.encode(text, add_special_tokens=False)
+
+    slow = SlowOnly()
+    assert _encode_text(slow, texts[0]) == tok.encode(texts[0], add_special_tokens=False) and slow.calls == 1
+    assert _encode_text(slow, "") == [] and slow.calls == 1
+
+
 def test_build_prompt_is_prefix_of_training_encoding(tok):
     full = encode_conversation(tok, CONV, max_len=64)["input_ids"]
     p1 = build_prompt(tok, CONV[0]["value"])
@@ -327,6 +354,36 @@ def test_image_transform_shapes_and_normalisation():
     assert torch.allclose(t(Image.new("RGB", (32, 32), (0, 0, 0))), -torch.ones(3, 32, 32))
 
 
+def test_image_transform_gives_the_pixels_of_the_torchvision_compose_it_replaces():
+    """Pinned against v2.Compose([ToImage, Resize(bicubic, antialias), CenterCrop, ToDtype, Normalize]) for images
+    already at size (the fast path skips resize and crop), wider, taller, smaller (upsampled) and odd-sized."""
+    from torchvision.transforms import v2
+
+    mean, std = (0.48, 0.45, 0.41), (0.27, 0.26, 0.28)
+    rng = np.random.default_rng(0)
+    for size, (w, h) in ((32, (32, 32)), (32, (80, 40)), (32, (40, 80)), (32, (17, 23)), (24, (33, 31))):
+        reference = v2.Compose([v2.ToImage(), v2.Resize(size, interpolation=v2.InterpolationMode.BICUBIC,
+                                                        antialias=True),
+                                v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True),
+                                v2.Normalize(mean=list(mean), std=list(std))])
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        out = build_image_transform(size, mean, std)(img)
+        want = reference(img)
+        assert out.shape == (3, size, size) and torch.equal(out, want), (size, w, h)
+
+
+def test_load_image_applies_the_exif_orientation(tmp_path):
+    arr = np.zeros((2, 4, 3), dtype=np.uint8)  # 4 wide, 2 high; one red pixel at top-left
+    arr[0, 0] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation 6: the camera was turned, display rotated 90 degrees clockwise
+    Image.fromarray(arr).save(tmp_path / "turned.png", exif=exif)
+    Image.fromarray(arr).save(tmp_path / "plain.png")
+    turned = np.asarray(load_image(tmp_path / "turned.png"))
+    assert turned.shape == (4, 2, 3) and turned[0, 1].tolist() == [255, 0, 0]  # top-left went to top-right
+    assert np.array_equal(np.asarray(load_image(tmp_path / "plain.png")), arr)
+
+
 # ----------------------------------------------------------------------------------------------- LLaVA JSON
 
 
@@ -416,3 +473,25 @@ def test_llava_dataset_images_and_text_only(tok, tmp_path):
     assert two["pixel_values"][1].max().item() == -1.0  # second image (black) second
     batch = collate_batch([ds[0], ds[1], ds[2]], pad_id=tok.pad_token_id)
     assert batch["image_counts"].tolist() == [1, 0, 2] and batch["pixel_values"].shape == (3, 3, 16, 16)
+
+
+def test_cache_tokens_encodes_each_sample_once_and_returns_the_same_items(tok, tmp_path, monkeypatch):
+    import mmoe.data.dataset as dataset_module
+
+    Image.new("RGB", (20, 20), (0, 255, 0)).save(tmp_path / "a.png")
+    records = [{"id": f"s{i}", "image": "a.png", "conversations": CONV} for i in range(3)]
+    path = _write(tmp_path, records)
+    calls = []
+    real = dataset_module.encode_conversation
+    monkeypatch.setattr(dataset_module, "encode_conversation", lambda *a, **k: calls.append(1) or real(*a, **k))
+    plain, cached = _ds(tok, path), _ds(tok, path, cache_tokens=True)
+    for _ in range(3):
+        for i in range(3):
+            want, got = plain[i], cached[i]
+            assert set(got) == set(want) and got["id"] == want["id"]
+            for key in ("input_ids", "labels", "pixel_values"):
+                assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), key
+    assert len(calls) == 3 * 3 + 3  # the uncached dataset every time, the cached one once per sample
+    got = cached[0]
+    got["input_ids"][0] = -1  # a caller writing into an item must not corrupt the cache
+    assert cached[0]["input_ids"][0] != -1

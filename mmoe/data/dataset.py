@@ -58,6 +58,8 @@ class LlavaJsonDataset(Dataset):
     text gets one ``<image>\\n`` per image prepended to its first human turn (as LLaVA does); otherwise the number of
     ``<image>`` tokens must equal the number of images. ``short_answer=True`` appends the short-answer suffix to
     every human turn that lacks it (for raw VQA-style data; the synthetic data already carries it).
+    ``cache_tokens=True`` keeps each sample's token ids (int32) after its first encoding: later epochs skip the
+    tokenizer (about 1 ms per synthetic sample, a tenth of a CPU training step) at ~12 bytes per token per worker.
     """
 
     def __init__(
@@ -69,6 +71,7 @@ class LlavaJsonDataset(Dataset):
         max_len: int,
         short_answer: bool = False,
         independent_turns: bool = False,
+        cache_tokens: bool = False,
     ) -> None:
         if max_len < 1:
             raise ValueError(f"max_len must be >= 1, got {max_len}")
@@ -76,6 +79,7 @@ class LlavaJsonDataset(Dataset):
         self.tokenizer, self.image_transform = tokenizer, image_transform
         self.max_len, self.short_answer = int(max_len), short_answer
         self.independent_turns = independent_turns
+        self._token_cache: dict[int, dict[str, torch.Tensor]] | None = {} if cache_tokens else None
         records = _read_json(self.json_path, "LLaVA JSON")
         if not isinstance(records, list):
             raise ValueError(
@@ -149,7 +153,7 @@ class LlavaJsonDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> dict:
+    def _encode(self, index: int) -> dict[str, torch.Tensor]:
         s = self.samples[index]
         try:
             enc = None
@@ -159,15 +163,20 @@ class LlavaJsonDataset(Dataset):
                 enc = encode_conversation(self.tokenizer, s["conversations"], self.max_len, sample_id=s["id"])
         except ValueError as e:
             raise ValueError(f"{self.json_path}: sample {index}: {e}") from e
+        # segment_ids only for shared-prefix packing: collate fills segment 0 (plain causal) for conversations
+        return {k: torch.tensor(v, dtype=torch.int32) for k, v in enc.items()}
+
+    def __getitem__(self, index: int) -> dict:
+        s = self.samples[index]
+        cache = self._token_cache
+        enc = cache.get(index) if cache is not None else None
+        if enc is None:
+            enc = self._encode(index)
+            if cache is not None:
+                cache[index] = enc
         pixel_values = _load_pixels([self.image_root / p for p in s["images"]], self.image_transform)
-        item = {
-            "input_ids": torch.tensor(enc["input_ids"], dtype=torch.long),
-            "labels": torch.tensor(enc["labels"], dtype=torch.long),
-            "pixel_values": pixel_values,
-            "id": s["id"],
-        }
-        if "segment_ids" in enc:  # ordinary conversations need none: collate fills segment 0 (plain causal)
-            item["segment_ids"] = torch.tensor(enc["segment_ids"], dtype=torch.long)
+        item = {k: v.long() for k, v in enc.items()}
+        item.update(pixel_values=pixel_values, id=s["id"])
         return item
 
 

@@ -32,7 +32,12 @@ def _name(sample_id: str | None) -> str:
 
 
 def _encode_text(tokenizer, text: str) -> list[int]:
-    return list(tokenizer.encode(text, add_special_tokens=False)) if text else []
+    if not text:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is not None:  # the Rust tokenizer itself: same ids, without transformers' per-call Python (2x faster)
+        return backend.encode(text, add_special_tokens=False).ids
+    return list(tokenizer.encode(text, add_special_tokens=False))
 
 
 def _encode_human(tokenizer, text: str, sample_id: str | None, turn: int) -> list[int]:
