@@ -372,6 +372,15 @@ def test_image_transform_gives_the_pixels_of_the_torchvision_compose_it_replaces
         assert out.shape == (3, size, size) and torch.equal(out, want), (size, w, h)
 
 
+def test_image_transform_takes_any_pil_mode_as_rgb_and_names_other_inputs():
+    t = build_image_transform(8, (0.5,) * 3, (0.5,) * 3)
+    rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))  # fully transparent: composited on white, as load_image does
+    assert torch.equal(t(rgba), torch.ones(3, 8, 8))
+    assert torch.equal(t(Image.new("L", (8, 8), 0)), -torch.ones(3, 8, 8))
+    with pytest.raises(TypeError, match="expects a PIL image.*Tensor"):
+        t(torch.zeros(3, 8, 8))
+
+
 def test_load_image_applies_the_exif_orientation(tmp_path):
     arr = np.zeros((2, 4, 3), dtype=np.uint8)  # 4 wide, 2 high; one red pixel at top-left
     arr[0, 0] = (255, 0, 0)

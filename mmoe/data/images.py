@@ -111,6 +111,10 @@ class ImageTransform:
         from torchvision.transforms.v2 import InterpolationMode
         from torchvision.transforms.v2 import functional as TF
 
+        if not isinstance(img, Image.Image):
+            raise TypeError(f"ImageTransform expects a PIL image (see load_image), got {type(img).__name__}")
+        if img.mode != "RGB":  # e.g. an RGBA or greyscale image a caller opened itself
+            img = to_rgb(img)
         size = self.image_size
         x = TF.pil_to_tensor(img)  # (3, H, W) uint8
         if min(x.shape[-2:]) != size:
