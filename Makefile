@@ -30,7 +30,7 @@ test: install
 BENCHES := benchmarks/moe_layer.py benchmarks/decode.py benchmarks/model_step.py benchmarks/expert_parallel.py \
            benchmarks/data_loading.py
 
-bench: install
+bench: install data   # data_loading.py reads the synthetic set
 	@for f in $(BENCHES); do echo "== $$f"; $(PYTHON) $$f || exit 1; done
 
 # The MoE-versus-dense study: 10 training runs, two at a time (~85 min on 2 CPU cores); results in

@@ -64,7 +64,7 @@ def batches(dataset, batch_size: int, n: int, collate):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", default="data/synthetic")
+    ap.add_argument("--data", default="data/synthetic", help="synthetic dataset directory (make data)")
     ap.add_argument("--batches", type=int, default=8, help="batches per timed round")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
