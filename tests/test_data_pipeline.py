@@ -187,7 +187,7 @@ def test_encode_conversation_labels_by_hand(tok):
     assert tok.encode(rendered, add_special_tokens=False) == expected
 
 
-def test_template_encodes_with_the_rust_tokenizer_exactly_like_tokenizer_encode(tok):
+def test_template_encodes_with_the_rust_tokenizer_exactly_like_tokenizer_encode(tok, tmp_path):
     """The fast path (`backend_tokenizer`) must give tokenizer.encode's ids; tokenizers without one use encode."""
     from transformers import AutoTokenizer
 
@@ -197,6 +197,13 @@ def test_template_encodes_with_the_rust_tokenizer_exactly_like_tokenizer_encode(
     assert tok.is_fast and tok.backend_tokenizer is not None
     for t in texts:
         assert _encode_text(tok, t) == tok.encode(t, add_special_tokens=False), t
+
+    # a backend left padding / truncating (as some tokenizer.json files ship) is reset by encode, never used raw
+    stateful = train_tokenizer(CORPUS, tmp_path / "stateful")
+    stateful.backend_tokenizer.enable_padding(length=40, pad_id=stateful.pad_token_id)
+    stateful.backend_tokenizer.enable_truncation(max_length=3)
+    for t in texts:
+        assert _encode_text(stateful, t) == tok.encode(t, add_special_tokens=False), t
 
     class SlowOnly:  # a tokenizer with only the generic API (no Rust backend)
         is_fast = False
