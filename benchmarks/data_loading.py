@@ -19,6 +19,7 @@ import os
 import sys
 
 import torch
+from torch.utils.data import default_collate
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -27,6 +28,7 @@ from _util import env_info, measure, print_json, print_table, setup_threads  # n
 
 from mmoe.data.collate import collate_batch  # noqa: E402
 from mmoe.data.dataset import LlavaJsonDataset  # noqa: E402
+from mmoe.data.images import build_image_transform  # noqa: E402
 from mmoe.data.instances import ImageLabelsDataModule  # noqa: E402
 from mmoe.data.tokenizer import load_tokenizer  # noqa: E402
 
@@ -76,7 +78,6 @@ def main() -> None:
         raise SystemExit(f"{data}/train_llava.json not found: run `make data` (or data_scripts/make_synthetic.py)")
     size, mean, std, max_len = 64, (0.5,) * 3, (0.5,) * 3, 192
     tok = load_tokenizer(data)
-    from mmoe.data.images import build_image_transform
 
     def llava(tokenizer, transform, cache):
         return LlavaJsonDataset(os.path.join(data, "train_llava.json"), data, tokenizer, transform, max_len,
@@ -95,18 +96,17 @@ def main() -> None:
     vlm = measure({"reference": batches(ref, bs, n, collate), "fast": batches(fast, bs, n, collate),
                    "fast_cached": batches(cached, bs, n, collate)}, repeats=args.repeats, warmup=1)
 
-    dm = ImageLabelsDataModule(data_dir=data, batch_size=bs, patch_grid=8)
-    dm.setup("fit")
-    labels_new = dm.train_dataset
-    labels_ref = ImageLabelsDataModule(data_dir=data, batch_size=bs, patch_grid=8)
-    labels_ref.setup("fit")
-    labels_ref.train_dataset.transform = compose_transform(size, mean, std)
-    for i in range(n * bs):
-        if not torch.equal(labels_ref.train_dataset[i]["pixel_values"], labels_new[i]["pixel_values"]):
-            raise SystemExit(f"stage-0 loaders disagree on image {i}")
-    from torch.utils.data import default_collate
+    def labelled_images():
+        dm = ImageLabelsDataModule(data_dir=data, batch_size=bs, patch_grid=8)
+        dm.setup("fit")
+        return dm.train_dataset
 
-    s0 = measure({"reference": batches(labels_ref.train_dataset, bs, n, default_collate),
+    labels_ref, labels_new = labelled_images(), labelled_images()
+    labels_ref.transform = compose_transform(size, mean, std)
+    for i in range(n * bs):
+        if not torch.equal(labels_ref[i]["pixel_values"], labels_new[i]["pixel_values"]):
+            raise SystemExit(f"stage-0 loaders disagree on image {i}")
+    s0 = measure({"reference": batches(labels_ref, bs, n, default_collate),
                   "fast": batches(labels_new, bs, n, default_collate)}, repeats=args.repeats, warmup=1)
 
     per_batch = lambda t: 1000 * t["median"] / n  # noqa: E731
