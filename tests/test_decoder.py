@@ -83,6 +83,37 @@ def test_left_padded_batch_equals_each_prompt_alone(kind):
         assert not r.kept[pads].any()
 
 
+@pytest.mark.parametrize("kind", ["dense", "moe", "both"])  # moe: routers read dense attention's padding rows
+def test_right_padded_batch_takes_causal_path_with_unchanged_results(kind, monkeypatch):
+    """Training batches (right padding) skip the explicit mask; real positions and every gradient stay identical."""
+    import mmoe.model.decoder as decoder_mod
+
+    m = make(kind).train()
+    lens = [12, 7, 9]
+    ids = torch.randint(1, 96, (3, 12))
+    mask = (torch.arange(12)[None] < torch.tensor(lens)[:, None]).long()
+    assert Decoder.build_mask(mask, 3, 12, 0, "cpu").is_causal
+    assert Decoder.build_mask(mask, 3, 12, 0, "cpu").mask is None
+    left = mask.flip(1)  # left padding (generation) keeps the explicit mask
+    assert Decoder.build_mask(left, 3, 12, 0, "cpu").mask is not None
+
+    def run():
+        m.zero_grad(set_to_none=True)
+        out = m(ids, attention_mask=mask)
+        real = out.logits[mask.bool()]
+        (real.square().mean() + sum(r.probs[r.token_mask, 0].sum() for r in out.routing)).backward()  # as losses do
+        return real.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    fast_logits, fast_grads = run()
+    monkeypatch.setattr(decoder_mod, "is_right_padded", lambda am: False)
+    assert Decoder.build_mask(mask, 3, 12, 0, "cpu").mask is not None
+    ref_logits, ref_grads = run()
+    assert torch.equal(fast_logits, ref_logits)
+    assert fast_grads.keys() == ref_grads.keys()
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(fast_grads[name], g, atol=1e-6, rtol=0, msg=name)
+
+
 def test_routing_results_in_layer_order_with_modality():
     m = make("both")
     ids = torch.randint(0, 96, (2, 7))

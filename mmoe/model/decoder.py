@@ -273,6 +273,11 @@ class Decoder(nn.Module):
                 return AttnMask(None, T > 1)
             if T == 1:
                 return AttnMask(None, False)
+        elif past == 0 and T > 1 and is_right_padded(attention_mask):
+            # Training batches: every padding key comes after every real query, so the causal mask alone
+            # keeps real queries off it and SDPA skips the masked blocks. Padding queries also see earlier
+            # padding (finite; their outputs reach only later padding, which MoE layers skip and no loss reads).
+            return AttnMask(None, True)
         S = past + T
         kpos = torch.arange(S, device=device)
         qpos = past + torch.arange(T, device=device)
@@ -340,6 +345,12 @@ class Decoder(nn.Module):
                 raise ValueError(f"logits_mask must be (batch, tokens) = {(B, T)}, got {tuple(logits_mask.shape)}")
             return DecoderOutput(logits=self.lm_head(h[logits_mask]), routing=routing, cache=cache, hidden=h)
         return DecoderOutput(logits=self.lm_head(h), routing=routing, cache=cache, hidden=h)
+
+
+def is_right_padded(attention_mask: Tensor) -> bool:
+    """True when no row has a real token after a padding one (B, S)."""
+    am = attention_mask.bool()
+    return not bool((am[:, 1:] & ~am[:, :-1]).any())
 
 
 def segment_positions(segment_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
