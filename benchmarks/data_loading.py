@@ -6,7 +6,8 @@ On a 2-core CPU the default run loads batches in the training process (a DataLoa
 two compute threads and measured no faster), so every millisecond here is a millisecond of the training step.
 The "reference" loader is the earlier pipeline, rebuilt here: torchvision's v2.Compose image transform and the
 tokenizer called through transformers' generic `encode`. "fast" is today's loader on its first epoch (Rust
-tokenizer, functional image kernels), "fast_cached" on later epochs (`data.cache_tokens`: no tokenizer at all).
+tokenizer, functional image kernels), "fast_cached" on later epochs (`data.cache_tokens`: no tokenizer at all),
+"cached_images" on later epochs with `data.cache_images` too (no PNG decoding: the default configs).
 Both tasks are timed: the VLM's conversations (`MMoEDataModule`) and stage 0's labelled images
 (`ImageLabelsDataModule`, whose per-patch targets are already cached per image). Loaders are timed interleaved and
 compared by medians; identical batches are checked first. Last stdout line: JSON with the ratios (reference / new).
@@ -79,35 +80,41 @@ def main() -> None:
     size, mean, std, max_len = 64, (0.5,) * 3, (0.5,) * 3, 192
     tok = load_tokenizer(data)
 
-    def llava(tokenizer, transform, cache):
+    def llava(tokenizer, transform, cache, cache_images=False):
         return LlavaJsonDataset(os.path.join(data, "train_llava.json"), data, tokenizer, transform, max_len,
-                                cache_tokens=cache)
+                                cache_tokens=cache, cache_images=cache_images)
 
     ref = llava(GenericTokenizer(tok), compose_transform(size, mean, std), False)
     fast = llava(tok, build_image_transform(size, mean, std), False)
     cached = llava(tok, build_image_transform(size, mean, std), True)
+    cached_images = llava(tok, build_image_transform(size, mean, std), True, cache_images=True)
     n, bs = args.batches, args.batch_size
-    for i in range(n * bs):  # same items from every loader (and the cached one warmed: a later epoch)
-        a, b, c = ref[i], fast[i], cached[i]
+    for i in range(n * bs):  # same items from every loader (and the cached ones warmed: a later epoch)
+        a, others = ref[i], (fast[i], cached[i], cached_images[i])
         for key in ("input_ids", "labels", "pixel_values"):
-            if not (torch.equal(a[key], b[key]) and torch.equal(a[key], c[key])):
+            if not all(torch.equal(a[key], b[key]) for b in others):
                 raise SystemExit(f"loaders disagree on item {i} field {key}")
     collate = lambda items: collate_batch(items, pad_id=tok.pad_token_id)  # noqa: E731
     vlm = measure({"reference": batches(ref, bs, n, collate), "fast": batches(fast, bs, n, collate),
-                   "fast_cached": batches(cached, bs, n, collate)}, repeats=args.repeats, warmup=1)
+                   "fast_cached": batches(cached, bs, n, collate),
+                   "cached_images": batches(cached_images, bs, n, collate)}, repeats=args.repeats, warmup=1)
 
-    def labelled_images():
-        dm = ImageLabelsDataModule(data_dir=data, batch_size=bs, patch_grid=8)
+    def labelled_images(cache_images=False):
+        dm = ImageLabelsDataModule(data_dir=data, batch_size=bs, patch_grid=8, cache_images=cache_images)
         dm.setup("fit")
         return dm.train_dataset
 
-    labels_ref, labels_new = labelled_images(), labelled_images()
+    labels_ref, labels_new, labels_cached = labelled_images(), labelled_images(), labelled_images(True)
     labels_ref.transform = compose_transform(size, mean, std)
     for i in range(n * bs):
-        if not torch.equal(labels_ref[i]["pixel_values"], labels_new[i]["pixel_values"]):
-            raise SystemExit(f"stage-0 loaders disagree on image {i}")
+        a = labels_ref[i]
+        for other in (labels_new[i], labels_cached[i]):
+            for key in ("pixel_values", "targets", "patch_targets", "patch_boxes"):
+                if not torch.equal(a[key], other[key]):
+                    raise SystemExit(f"stage-0 loaders disagree on image {i} field {key}")
     s0 = measure({"reference": batches(labels_ref, bs, n, default_collate),
-                  "fast": batches(labels_new, bs, n, default_collate)}, repeats=args.repeats, warmup=1)
+                  "fast": batches(labels_new, bs, n, default_collate),
+                  "cached_images": batches(labels_cached, bs, n, default_collate)}, repeats=args.repeats, warmup=1)
 
     per_batch = lambda t: 1000 * t["median"] / n  # noqa: E731
     rows = [{"task": "vlm", "loader": k, "ms_per_batch": per_batch(v)} for k, v in vlm.items()]
@@ -118,7 +125,9 @@ def main() -> None:
         "stage0_ms_per_batch": {k: round(per_batch(v), 2) for k, v in s0.items()},
         "vlm_first_epoch_speedup": round(vlm["reference"]["median"] / vlm["fast"]["median"], 2),
         "vlm_later_epoch_speedup": round(vlm["reference"]["median"] / vlm["fast_cached"]["median"], 2),
+        "vlm_cached_images_speedup": round(vlm["reference"]["median"] / vlm["cached_images"]["median"], 2),
         "stage0_speedup": round(s0["reference"]["median"] / s0["fast"]["median"], 2),
+        "stage0_cached_images_speedup": round(s0["reference"]["median"] / s0["cached_images"]["median"], 2),
         "batch_size": bs, **env_info(),
     }
     print_json(result)

@@ -16,9 +16,11 @@ def test_data_loading_benchmark_checks_identical_batches_and_prints_ratios(tiny_
                          capture_output=True, text=True, cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    for key in ("vlm_first_epoch_speedup", "vlm_later_epoch_speedup", "stage0_speedup"):
+    for key in ("vlm_first_epoch_speedup", "vlm_later_epoch_speedup", "vlm_cached_images_speedup", "stage0_speedup",
+                "stage0_cached_images_speedup"):
         assert result[key] > 0, key
-    assert set(result["vlm_ms_per_batch"]) == {"reference", "fast", "fast_cached"}
+    assert set(result["vlm_ms_per_batch"]) == {"reference", "fast", "fast_cached", "cached_images"}
+    assert set(result["stage0_ms_per_batch"]) == {"reference", "fast", "cached_images"}
     assert result["batch_size"] == 4
 
 

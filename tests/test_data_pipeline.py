@@ -511,3 +511,58 @@ def test_cache_tokens_encodes_each_sample_once_and_returns_the_same_items(tok, t
     got = cached[0]
     got["input_ids"][0] = -1  # a caller writing into an item must not corrupt the cache
     assert cached[0]["input_ids"][0] != -1
+
+
+def test_cache_images_decodes_each_file_once_and_returns_the_same_pixels(tok, tmp_path, monkeypatch):
+    import mmoe.data.images as images_module
+
+    Image.new("RGB", (20, 28), (0, 255, 0)).save(tmp_path / "a.png")  # resized and cropped: not at size
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "b.png")
+    records = [{"id": f"s{i}", "image": ["a.png", "b.png"][i % 2], "conversations": CONV} for i in range(4)]
+    records.append({"id": "two", "image": ["b.png", "a.png"],
+                    "conversations": [{"from": "human", "value": "<image>\n<image>\nSame?"},
+                                      {"from": "gpt", "value": "no"}]})
+    path = _write(tmp_path, records)
+    decoded = []
+    real = images_module.load_image
+    monkeypatch.setattr(images_module, "load_image", lambda p: decoded.append(Path(p).name) or real(p))
+    plain, cached = _ds(tok, path), _ds(tok, path, cache_images=True)
+    for _ in range(2):
+        for i in range(len(records)):
+            want, got = plain[i], cached[i]
+            assert got["pixel_values"].dtype == torch.float32
+            assert torch.equal(got["pixel_values"], want["pixel_values"]), i
+    assert sorted(decoded) == ["a.png", "b.png"] and len(cached.image_cache) == 2  # the uncached set reads its own
+    cached[1]["pixel_values"][0, 0, 0, 0] = 99.0  # a caller writing into an item must not corrupt the cache
+    assert torch.equal(cached[1]["pixel_values"], plain[1]["pixel_values"])
+
+
+def test_image_cache_needs_the_projects_transform():
+    from mmoe.data.images import ImageCache
+
+    with pytest.raises(TypeError, match="custom transform"):
+        ImageCache(lambda img: img)
+
+
+def test_cached_labelled_images_equal_uncached_ones_including_sizes_from_the_file(tmp_path):
+    """Stage 0's dataset: the per-patch boxes need the file's size when the instances JSON omits it."""
+    from mmoe.data.instances import ImageLabelsDataset
+
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(tmp_path / "a.png")
+    Image.new("RGB", (48, 40), (0, 0, 255)).save(tmp_path / "b.png")
+    inst = {"images": [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "b.png"}],
+            "categories": [{"id": 1, "name": "red square"}, {"id": 2, "name": "blue circle"}],
+            "annotations": [{"image_id": 1, "category_id": 1, "bbox": [0, 0, 16, 16]},
+                            {"image_id": 2, "category_id": 2, "bbox": [24, 20, 24, 20]}]}
+    (tmp_path / "inst.json").write_text(json.dumps(inst))
+    transform = build_image_transform(16, (0.5,) * 3, (0.5,) * 3)
+    plain = ImageLabelsDataset(tmp_path / "inst.json", tmp_path, transform, patch_grid=2)
+    cached = ImageLabelsDataset(tmp_path / "inst.json", tmp_path, transform, patch_grid=2, cache_images=True)
+    for _ in range(2):
+        for i in range(2):
+            want, got = plain[i], cached[i]
+            for key in ("pixel_values", "targets", "patch_targets", "patch_boxes"):
+                assert torch.equal(got[key], want[key]), (i, key)
+    # b.png: the box fills the bottom-right quarter of a 48x40 file -> centre (0.75, 0.75), size (0.5, 0.5)
+    assert cached[1]["patch_boxes"][3].tolist() == [0.75, 0.75, 0.5, 0.5, 1.0]
+    assert len(cached.image_cache) == 2

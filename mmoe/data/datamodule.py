@@ -75,13 +75,16 @@ class MMoEDataModule(L.LightningDataModule):
         seed: int = 0,
         independent_turns: bool = False,
         cache_tokens: bool = False,
+        cache_images: bool = False,
     ) -> None:
         """`independent_turns`: train each question of a one-image conversation on its own, as evaluation asks
         it (shared-prefix packing: one image encode, no answer visible to later turns, see
         `mmoe.data.template.encode_independent_turns`); False trains conversations as chats.
         `cache_tokens`: keep every training sample's token ids after its first epoch (the tokenizer then runs once
         per sample, not once per epoch: a tenth of a 2-core CPU step on the synthetic data; costs ~12 bytes per
-        token in each loader process, so leave it off for very large sets)."""
+        token in each loader process, so leave it off for very large sets).
+        `cache_images`: decode each training image once and keep its resized uint8 pixels (12 KiB per 64² image,
+        per loader process): for small image sets such as the synthetic one."""
         super().__init__()
         self.save_hyperparameters()
         if batch_size < 1 or num_workers < 0 or max_len < 1 or val_max_questions < 0:
@@ -129,7 +132,7 @@ class MMoEDataModule(L.LightningDataModule):
         if stage in (None, "fit") and self.train_dataset is None:
             self.train_dataset = LlavaJsonDataset(
                 self.data_dir / hp.train_json, self.data_dir, self.tokenizer, self.image_transform, hp.max_len,
-                independent_turns=hp.independent_turns, cache_tokens=hp.cache_tokens,
+                independent_turns=hp.independent_turns, cache_tokens=hp.cache_tokens, cache_images=hp.cache_images,
             )
         if stage in (None, "fit", "validate") and self.val_dataset is None:
             self.val_dataset = self.vqa_dataset(hp.val_split, hp.val_max_questions or None)  # 0 = all

@@ -20,7 +20,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mmoe.data.images import build_image_transform, load_image
+from mmoe.data.images import ImageCache, build_image_transform, load_image
 
 
 class InstancesFormatError(ValueError):
@@ -119,13 +119,14 @@ class ImageLabelsDataset(Dataset):
     """Items: ``pixel_values`` (3, S, S) and ``targets`` (num_classes,) multi-hot float."""
 
     def __init__(self, instances_path: str | Path, image_root: str | Path, image_transform: Callable,
-                 num_classes: int | None = None, patch_grid: int = 0):
+                 num_classes: int | None = None, patch_grid: int = 0, cache_images: bool = False):
         """`patch_grid` > 0 adds ``patch_targets`` (grid * grid, num_classes) and ``patch_boxes`` (grid * grid, 5)
-        from the boxes (`patch_targets`, `patch_boxes`)."""
+        from the boxes (`patch_targets`, `patch_boxes`). `cache_images` decodes each file once (`ImageCache`)."""
         self.path, self.image_root, self.transform = Path(instances_path), Path(image_root), image_transform
         self.patch_grid = int(patch_grid)
         self.images, self.class_names, self.labels = read_instances(self.path)
         self._dense: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # index -> (patch targets, patch boxes)
+        self.image_cache = ImageCache(image_transform) if cache_images else None
         if num_classes is not None and num_classes != len(self.class_names):
             raise InstancesFormatError(f"{self.path}: {len(self.class_names)} categories, but the model has "
                                        f"{num_classes} outputs (train and val files must share categories)")
@@ -138,10 +139,15 @@ class ImageLabelsDataset(Dataset):
         targets = torch.zeros(len(self.class_names))
         objects = self.labels[im["id"]]
         targets[[cat for cat, _ in objects]] = 1.0
-        image = load_image(self.image_root / im["file_name"])
-        item = {"pixel_values": self.transform(image), "targets": targets}
+        path = self.image_root / im["file_name"]
+        if self.image_cache is not None:
+            pixels, (file_w, file_h) = self.image_cache.load(path)
+        else:
+            image = load_image(path)
+            pixels, (file_w, file_h) = self.transform(image), image.size
+        item = {"pixel_values": pixels, "targets": targets}
         if self.patch_grid:
-            width, height = im["width"] or image.width, im["height"] or image.height  # boxes are in file pixels
+            width, height = im["width"] or file_w, im["height"] or file_h  # boxes are in file pixels
             if i not in self._dense:  # Python loops over patches: computed once per image, not once per epoch
                 self._dense[i] = (patch_targets(objects, len(self.class_names), self.patch_grid, width, height),
                                   patch_boxes(objects, self.patch_grid, width, height))
@@ -156,9 +162,10 @@ class ImageLabelsDataModule(L.LightningDataModule):
                  val_file: str = "val_instances.json", image_size: int = 64,
                  image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
                  image_std: tuple[float, float, float] = (0.5, 0.5, 0.5), batch_size: int = 32,
-                 num_workers: int = 0, patch_grid: int = 0):
+                 num_workers: int = 0, patch_grid: int = 0, cache_images: bool = False):
         """`patch_grid`: side of the ViT's token grid for per-patch targets (linked from the model by the CLI;
-        0 = image-level targets only)."""
+        0 = image-level targets only). `cache_images`: decode each training image once and keep its resized
+        uint8 pixels (12 KiB per 64² image per loader process): for small image sets such as the synthetic one."""
         super().__init__()
         if batch_size < 1 or num_workers < 0:
             raise ValueError("ImageLabelsDataModule: batch_size must be >= 1 and num_workers >= 0")
@@ -184,7 +191,8 @@ class ImageLabelsDataModule(L.LightningDataModule):
         if self.train_dataset is None:
             grid = self.hparams.patch_grid
             self.train_dataset = ImageLabelsDataset(self.data_dir / self.hparams.train_file, self.data_dir,
-                                                    self.transform, patch_grid=grid)
+                                                    self.transform, patch_grid=grid,
+                                                    cache_images=self.hparams.cache_images)
             self.val_dataset = ImageLabelsDataset(self.data_dir / self.hparams.val_file, self.data_dir,
                                                   self.transform, num_classes=len(self.train_dataset.class_names),
                                                   patch_grid=grid)
