@@ -132,7 +132,8 @@ class MMoEDataModule(L.LightningDataModule):
         if stage in (None, "fit") and self.train_dataset is None:
             self.train_dataset = LlavaJsonDataset(
                 self.data_dir / hp.train_json, self.data_dir, self.tokenizer, self.image_transform, hp.max_len,
-                independent_turns=hp.independent_turns, cache_tokens=hp.cache_tokens, cache_images=hp.cache_images,
+                independent_turns=hp.independent_turns, cache_tokens=hp.cache_tokens,
+                cache_images=hp.cache_images,
             )
         if stage in (None, "fit", "validate") and self.val_dataset is None:
             self.val_dataset = self.vqa_dataset(hp.val_split, hp.val_max_questions or None)  # 0 = all

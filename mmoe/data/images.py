@@ -139,7 +139,7 @@ class ImageTransform:
 
 
 class ImageCache:
-    """Images decoded once per process: path -> resized uint8 pixels (3 bytes a pixel) and the file's (width, height).
+    """Images decoded once per process: path -> resized uint8 pixels and the file's (width, height).
 
     Why: on a 2-core CPU batches load in the training process, so decoding the same PNGs every epoch is step time
     (stage 0 reads each synthetic image 16 times). Items equal the uncached `transform(load_image(path))` bit for
