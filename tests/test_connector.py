@@ -61,6 +61,32 @@ def test_pooling_matches_avg_pool2d(kind):
     assert conn2.num_tokens(36) == 4
 
 
+@pytest.mark.parametrize("kind", ["linear", "moe_mlp"])
+def test_concat_pooling_stacks_each_window_in_row_major_order(kind):
+    torch.manual_seed(0)
+    g, p, C = 6, 3, 5
+    cfg = ConnectorConfig(kind=kind, pool=p, pool_mode="concat", moe=MoEConfig(num_experts=4, top_k=2))
+    conn = Connector(cfg, C, 12, grid=g)
+    feats = torch.randn(2, g * g, C)
+    merged = conn.pool_tokens(feats)
+    # reference: loop over windows (row-major), each window's patches row-major, features side by side
+    ref = torch.stack([torch.cat([feats[:, (wr * p + r) * g + wc * p + c] for r in range(p) for c in range(p)], -1)
+                       for wr in range(g // p) for wc in range(g // p)], 1)
+    assert merged.shape == (2, 4, p * p * C) and conn.num_tokens(g * g) == 4
+    torch.testing.assert_close(merged, ref, rtol=0, atol=0)
+    # the projector takes the stacked width; nothing is averaged away (the patch order inside a window matters)
+    y, routing = conn(feats)
+    assert y.shape == (2, 4, 12) and len(routing) == (kind == "moe_mlp")
+    w = conn.proj.weight if kind == "linear" else conn.proj.experts.w_in.weight
+    assert p * p * C in w.shape
+    swapped = feats.clone()
+    swapped[:, [0, 1]] = feats[:, [1, 0]]  # two patches of the same window trade places
+    assert not torch.allclose(conn(swapped)[0][:, 0], y[:, 0])
+    torch.testing.assert_close(conn(swapped)[0][:, 1:], y[:, 1:])
+    with pytest.raises(ConnectorConfigError, match="pool_mode"):
+        Connector(ConnectorConfig(kind="linear", pool=2, pool_mode="max"), C, 12, grid=4)
+
+
 def test_pooling_rejects_cls_and_bad_factor():
     conn = Connector(ConnectorConfig(kind="linear", pool=2), 8, 8, grid=None)
     with pytest.raises(ConnectorConfigError, match="CLS"):

@@ -1,7 +1,9 @@
 """Vision -> LLM connector: linear, LLaVA mlp2x_gelu, or CuMo's MLP-MoE, with optional token pooling.
 
-Pooling (factor `pool`) averages the sqrt(P) x sqrt(P) patch grid *before* the projection, so the
-projector and its router see the fewer tokens. The MoE connector is upcyclable from a dense mlp
+Pooling (factor `pool`) merges each pool x pool window of the sqrt(P) x sqrt(P) patch grid into one token
+*before* the projection, so the projector and its router see the fewer tokens: 'avg' averages the window,
+'concat' stacks its features (space-to-depth, Qwen2-VL's patch merger / InternVL's pixel shuffle), which keeps
+where in the window each feature was at pool**2 times the projector's input width. The MoE connector is upcyclable from a dense mlp
 connector checkpoint: every expert a copy, router fresh (CuMo co-upcycling).
 """
 
@@ -37,7 +39,10 @@ class ConnectorConfig:
     moe: MoEConfig | None = None
     """MoE config for kind == 'moe_mlp' (CuMo: top-2 of 4)."""
     pool: int = 1
-    """Average-pool the patch grid by this factor before projecting (pool**2 fewer image tokens)."""
+    """Merge pool x pool windows of the patch grid before projecting (pool**2 fewer image tokens)."""
+    pool_mode: Literal["avg", "concat"] = "avg"
+    """How a window becomes one token: 'avg' (mean, projector input stays in_dim) or 'concat' (the window's
+    features side by side in row-major order, projector input pool**2 * in_dim: nothing is averaged away)."""
     checkpoint: str | None = None
     """Dense connector state dict (safetensors / torch) loaded at init; upcycled when kind == 'moe_mlp'."""
 
@@ -59,10 +64,14 @@ class Connector(nn.Module):
         self.cfg, self.in_dim, self.out_dim, self.grid = cfg, in_dim, out_dim, grid
         if cfg.pool < 1:
             raise ConnectorConfigError(f"connector.pool must be >= 1, got {cfg.pool}")
+        if cfg.pool_mode not in ("avg", "concat"):
+            raise ConnectorConfigError(f"connector.pool_mode must be 'avg' or 'concat', got {cfg.pool_mode!r}")
         if grid is not None and cfg.pool > 1 and grid % cfg.pool:
             raise ConnectorConfigError(f"connector.pool: {cfg.pool} does not divide the {grid}x{grid} "
                                        "patch grid")
         hidden = cfg.hidden or out_dim
+        if cfg.pool_mode == "concat":
+            in_dim = in_dim * cfg.pool**2
         self.proj: nn.Module
         if cfg.kind == "linear":
             self.proj = nn.Linear(in_dim, out_dim)
@@ -96,12 +105,16 @@ class Connector(nn.Module):
         return (self._grid_side(num_patches) // self.cfg.pool) ** 2
 
     def pool_tokens(self, feats: Tensor) -> Tensor:
-        """(N, g*g, C) -> (N, (g/pool)^2, C) by average pooling on the grid (row-major patch order)."""
+        """(N, g*g, C) -> (N, (g/pool)^2, C or pool^2 C): one token per window (row-major patch order)."""
         p = self.cfg.pool
         if p == 1:
             return feats
         N, P, C = feats.shape
         g = self._grid_side(P)
+        if self.cfg.pool_mode == "concat":
+            # (N, g/p, p, g/p, p, C) -> windows in row-major order, each window's p x p features row-major
+            x = feats.reshape(N, g // p, p, g // p, p, C).permute(0, 1, 3, 2, 4, 5)
+            return x.reshape(N, (g // p) ** 2, p * p * C)
         x = feats.transpose(1, 2).reshape(N, C, g, g)
         x = F.avg_pool2d(x, kernel_size=p, stride=p)
         return x.flatten(2).transpose(1, 2)
