@@ -239,33 +239,6 @@ def test_lightning_ddp_ep_fit_equals_single_process_and_checkpoints(tmp_path):
 
 
 # =========================================================================== train.py's CLI
-# =========================================================================== train.py's CLI
-def _val_epoch_end_gathered(self) -> None:
-    """MMoEModule.on_validation_epoch_end for several processes (proposed fix, see the EP report): the
-    module's version logs per-answer-type keys with sync_dist=True, and ranks whose questions cover different
-    answer types issue different numbers of all-reduces (gloo aborts: collective mismatch). Gather every
-    rank's answers first, score the union on every rank, log the identical values without syncing."""
-    import json
-
-    from mmoe.metrics.vqa import vqa_accuracy
-
-    results, self._val_results = self._val_results, []
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        parts = [None] * dist.get_world_size()
-        dist.all_gather_object(parts, results)
-        results = list({r["question_id"]: r for part in parts for r in part}.values())  # sampler pads repeats
-    if not results:
-        return
-    with open(self.trainer.datamodule.val_annotations_path) as f:
-        ann = json.load(f)
-    wanted = {r["question_id"] for r in results}
-    ann = dict(ann, annotations=[a for a in ann["annotations"] if a["question_id"] in wanted])
-    acc = vqa_accuracy(results, ann)
-    self.log("val/vqa_acc", float(acc["overall"]), prog_bar=True)
-    for k, v in acc.get("per_answer_type", {}).items():
-        self.log(f"val/vqa_acc/{k}", float(v))
-
-
 def _job_cli(rank: int, world: int, data_dir: str, config: str, root: str) -> dict:
     from mmoe.parallel import expert_parameters, full_state_dict
     from mmoe.training.cli import cli_main  # registers --trainer.strategy ddp_ep
