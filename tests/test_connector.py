@@ -70,11 +70,13 @@ def test_concat_pooling_stacks_each_window_in_row_major_order(kind):
     feats = torch.randn(2, g * g, C)
     merged = conn.pool_tokens(feats)
     # reference: loop over windows (row-major), each window's patches row-major, features side by side
-    ref = torch.stack([torch.cat([feats[:, (wr * p + r) * g + wc * p + c] for r in range(p) for c in range(p)], -1)
-                       for wr in range(g // p) for wc in range(g // p)], 1)
+    windows = [(wr, wc) for wr in range(g // p) for wc in range(g // p)]
+    cells = [(r, c) for r in range(p) for c in range(p)]
+    ref = torch.stack([torch.cat([feats[:, (wr * p + r) * g + wc * p + c] for r, c in cells], -1)
+                       for wr, wc in windows], 1)
     assert merged.shape == (2, 4, p * p * C) and conn.num_tokens(g * g) == 4
     torch.testing.assert_close(merged, ref, rtol=0, atol=0)
-    # the projector takes the stacked width; nothing is averaged away (the patch order inside a window matters)
+    # the projector takes the stacked width; nothing is averaged away (patch order inside a window matters)
     y, routing = conn(feats)
     assert y.shape == (2, 4, 12) and len(routing) == (kind == "moe_mlp")
     w = conn.proj.weight if kind == "linear" else conn.proj.experts.w_in.weight
@@ -134,6 +136,23 @@ def test_connector_checkpoint_mismatch(tmp_path):
     with pytest.raises(CheckpointMismatchError, match="c.pt.*fc1.weight"):
         Connector(ConnectorConfig(kind="moe_mlp", moe=MoEConfig(), checkpoint=str(tmp_path / "c.pt")),
                   16, 24, 4)
+
+
+def test_concat_moe_connector_upcycles_from_dense_concat_and_names_the_width(tmp_path):
+    dense = Connector(ConnectorConfig(kind="mlp", pool=2, pool_mode="concat"), 16, 24, grid=4)
+    _randomize_(dense)
+    torch.save(dense.state_dict(), tmp_path / "cat.pt")
+    moe = MoEConfig(num_experts=4, top_k=2)
+    conn = Connector(ConnectorConfig(kind="moe_mlp", moe=moe, pool=2, pool_mode="concat",
+                                     checkpoint=str(tmp_path / "cat.pt")), 16, 24, grid=4)
+    feats = torch.randn(3, 16, 16)
+    torch.testing.assert_close(conn(feats)[0], dense(feats)[0], atol=1e-5, rtol=1e-5)
+    # an averaging connector's weights (16 wide) do not fit the 64-wide concat projector: the error says so
+    avg = Connector(ConnectorConfig(kind="mlp", pool=2), 16, 24, grid=4)
+    torch.save(avg.state_dict(), tmp_path / "avg.pt")
+    with pytest.raises(CheckpointMismatchError, match=r"avg.pt.*\(64->24\).*fc1.weight"):
+        Connector(ConnectorConfig(kind="moe_mlp", moe=moe, pool=2, pool_mode="concat",
+                                  checkpoint=str(tmp_path / "avg.pt")), 16, 24, grid=4)
 
 
 def test_expert_choice_connector():

@@ -1,10 +1,11 @@
 """Vision -> LLM connector: linear, LLaVA mlp2x_gelu, or CuMo's MLP-MoE, with optional token pooling.
 
-Pooling (factor `pool`) merges each pool x pool window of the sqrt(P) x sqrt(P) patch grid into one token
-*before* the projection, so the projector and its router see the fewer tokens: 'avg' averages the window,
-'concat' stacks its features (space-to-depth, Qwen2-VL's patch merger / InternVL's pixel shuffle), which keeps
-where in the window each feature was at pool**2 times the projector's input width. The MoE connector is upcyclable from a dense mlp
-connector checkpoint: every expert a copy, router fresh (CuMo co-upcycling).
+Pooling (factor `pool`) merges each pool x pool window of the sqrt(P) x sqrt(P) patch grid into one
+token *before* the projection, so the projector and its router see the fewer tokens: 'avg' averages the
+window, 'concat' stacks its features (space-to-depth, Qwen2-VL's patch merger / InternVL's pixel shuffle),
+which keeps where in the window each feature was at pool**2 times the projector's input width.
+The MoE connector is upcyclable from a dense mlp connector checkpoint: every expert a copy, router fresh
+(CuMo co-upcycling).
 """
 
 from __future__ import annotations
@@ -65,13 +66,14 @@ class Connector(nn.Module):
         if cfg.pool < 1:
             raise ConnectorConfigError(f"connector.pool must be >= 1, got {cfg.pool}")
         if cfg.pool_mode not in ("avg", "concat"):
-            raise ConnectorConfigError(f"connector.pool_mode must be 'avg' or 'concat', got {cfg.pool_mode!r}")
+            raise ConnectorConfigError(
+                f"connector.pool_mode must be 'avg' or 'concat', got {cfg.pool_mode!r}")
         if grid is not None and cfg.pool > 1 and grid % cfg.pool:
             raise ConnectorConfigError(f"connector.pool: {cfg.pool} does not divide the {grid}x{grid} "
                                        "patch grid")
         hidden = cfg.hidden or out_dim
-        if cfg.pool_mode == "concat":
-            in_dim = in_dim * cfg.pool**2
+        self.proj_in_dim = in_dim * cfg.pool**2 if cfg.pool_mode == "concat" else in_dim
+        in_dim = self.proj_in_dim
         self.proj: nn.Module
         if cfg.kind == "linear":
             self.proj = nn.Linear(in_dim, out_dim)
@@ -160,7 +162,7 @@ class Connector(nn.Module):
         unexpected = [k for k in dense_sd if k not in want]
         if missing or bad or unexpected:
             raise CheckpointMismatchError(
-                f"{path} does not fit the {self.cfg.kind} connector ({self.in_dim}->{self.out_dim}): "
+                f"{path} does not fit the {self.cfg.kind} connector ({self.proj_in_dim}->{self.out_dim}): "
                 f"missing {missing}; shape mismatch {bad}; unexpected {unexpected}")
         dense.load_state_dict(dense_sd, strict=True)
         if dense is not self.proj:
