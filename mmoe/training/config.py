@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warmup then cosine decay."""
+    """AdamW with linear warmup, then cosine decay or warmup-stable-decay (WSD)."""
 
     lr: float = 1e-3
     """Peak learning rate."""
@@ -20,7 +20,12 @@ class OptimConfig:
     warmup_steps: int = 50
     """Linear warmup steps."""
     min_lr_ratio: float = 0.1
-    """Final LR as a fraction of the peak at the end of the cosine."""
+    """Final LR as a fraction of the peak at the end of the schedule."""
+    schedule: str = "cosine"
+    """"cosine": decay from the end of warmup to the last step. "wsd" (warmup-stable-decay, MiniCPM / DeepSeek-V3):
+    hold the peak, then decay linearly over the last `decay_fraction` of the steps; keeps the LR high for longer."""
+    decay_fraction: float = 0.2
+    """WSD only: fraction of all steps spent decaying to `min_lr_ratio`."""
     router_lr_scale: float = 1.0
     """Multiplier on the LR of router (gate) weights."""
     vision_lr_scale: float = 1.0

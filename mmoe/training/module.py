@@ -314,7 +314,7 @@ class MMoEModule(L.LightningModule):
         ]
         opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup_steps, total, cfg.min_lr_ratio))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(cfg, total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
@@ -323,6 +323,31 @@ def skips_weight_decay(name: str, p: Tensor) -> bool:
     shrink them towards zero without regularising anything)."""
     return (p.ndim < 2 or "norm" in name or name.endswith(".bias") or "pos_embed" in name or "cls_token" in name
             or "embed_tokens" in name)
+
+
+def lr_multiplier(cfg: OptimConfig, total: int):
+    """The LR multiplier of `cfg.schedule` over `total` optimizer steps (bad names fail naming the field)."""
+    if cfg.schedule == "cosine":
+        return warmup_cosine(cfg.warmup_steps, total, cfg.min_lr_ratio)
+    if cfg.schedule == "wsd":
+        if not 0.0 < cfg.decay_fraction <= 1.0:
+            raise ValueError(f"model.optim.decay_fraction={cfg.decay_fraction} must be in (0, 1]")
+        return warmup_stable_decay(cfg.warmup_steps, total, cfg.decay_fraction, cfg.min_lr_ratio)
+    raise ValueError(f"model.optim.schedule={cfg.schedule!r}: expected 'cosine' or 'wsd'")
+
+
+def warmup_stable_decay(warmup: int, total: int, decay_fraction: float, min_ratio: float):
+    """LR multiplier: linear warmup to 1, hold 1, then linear down to min_ratio over the last
+    `decay_fraction * total` steps (Hu et al. 2024, MiniCPM; Hägele et al. 2024 find it matches cosine)."""
+    decay_start = max(warmup, total - max(1, round(decay_fraction * total)))
+    def fn(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        if step < decay_start:
+            return 1.0
+        t = min(1.0, (step - decay_start) / max(1, total - decay_start))
+        return 1.0 - (1.0 - min_ratio) * t
+    return fn
 
 
 def warmup_cosine(warmup: int, total: int, min_ratio: float):

@@ -28,7 +28,7 @@ from mmoe.model.vision import VisionConfig, VisionEncoder
 
 from .cli import MMoECLI
 from .config import OptimConfig
-from .module import skips_weight_decay, warmup_cosine
+from .module import lr_multiplier, skips_weight_decay
 
 set_parsing_settings(docstring_parse_attribute_docstrings=True)
 VISION_FILE = "vision.safetensors"
@@ -205,7 +205,7 @@ class VisionPretrainModule(L.LightningModule):
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup_steps, total, cfg.min_lr_ratio))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(cfg, total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def export(self, out_dir: str | Path) -> Path:
