@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass
@@ -21,7 +22,7 @@ class OptimConfig:
     """Linear warmup steps."""
     min_lr_ratio: float = 0.1
     """Final LR as a fraction of the peak at the end of the schedule."""
-    schedule: str = "cosine"
+    schedule: Literal["cosine", "wsd"] = "cosine"
     """"cosine": decay from the end of warmup to the last step. "wsd" (warmup-stable-decay, MiniCPM / DeepSeek-V3):
     hold the peak, then decay linearly over the last `decay_fraction` of the steps; keeps the LR high for longer."""
     decay_fraction: float = 0.2

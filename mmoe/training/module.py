@@ -116,6 +116,7 @@ class MMoEModule(L.LightningModule):
         arch, optim, balance, stage, parallel = copy.deepcopy((arch, optim, balance, stage, parallel))
         self.save_hyperparameters()
         self.arch, self.optim_cfg, self.balance_cfg = arch, optim, balance
+        lr_multiplier(optim, 1)  # a bad schedule fails here, naming the field, not at the first optimizer step
         self.stage_cfg, self.parallel_cfg = stage, parallel
         self.activation_checkpointing, self.compile_blocks = activation_checkpointing, compile
         self.val_max_new_tokens, self.log_routing_every = val_max_new_tokens, log_routing_every
