@@ -2,9 +2,7 @@
 import math
 
 import pytest
-from conftest import REPO
 
-from mmoe.training.cli import cli_main
 from mmoe.training.config import OptimConfig
 from mmoe.training.module import MMoEModule, lr_multiplier
 
@@ -51,14 +49,6 @@ def test_bad_schedule_fields_fail_naming_the_field(field, value, msg):
     kwargs = {"schedule": "wsd", field: value}
     with pytest.raises(ValueError, match=msg.replace(".", r"\.").replace("(", r"\(")):
         lr_multiplier(OptimConfig(**kwargs), 100)
-
-
-def test_cli_refuses_an_unknown_schedule_naming_the_field(capsys):
-    with pytest.raises(SystemExit) as e:
-        cli_main(["fit", "--config", str(REPO / "configs/default.yaml"), "--model.optim.schedule", "linear",
-                  "--print_config"])
-    assert e.value.code != 0
-    assert "model.optim.schedule" in capsys.readouterr().err
 
 
 def test_module_refuses_a_bad_decay_fraction_at_construction():

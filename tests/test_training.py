@@ -233,6 +233,11 @@ def test_bad_config_key_and_value_fail_naming_the_field(tmp_path, capsys):
                   "--print_config"])
     assert e.value.code != 0
     assert "dim" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        cli_main(["fit", "--config", str(REPO / "configs/default.yaml"), "--model.optim.schedule", "linear",
+                  "--print_config"])
+    assert e.value.code != 0
+    assert "model.optim.schedule" in capsys.readouterr().err
 
 
 def test_balancing_loss_uses_site_coefficients():
