@@ -32,6 +32,13 @@ class OptimConfig:
     vision_lr_scale: float = 1.0
     """Multiplier on the LR of the vision tower (a pretrained tower is usually tuned gently or frozen)."""
 
+    def validate(self) -> None:
+        """Raise ValueError naming the field (the Python API bypasses the CLI's Literal check)."""
+        if self.schedule not in ("cosine", "wsd"):
+            raise ValueError(f"model.optim.schedule={self.schedule!r}: expected 'cosine' or 'wsd'")
+        if self.schedule == "wsd" and not 0.0 < self.decay_fraction <= 1.0:
+            raise ValueError(f"model.optim.decay_fraction={self.decay_fraction} must be in (0, 1]")
+
 
 @dataclass
 class LossCoefs:

@@ -116,7 +116,7 @@ class MMoEModule(L.LightningModule):
         arch, optim, balance, stage, parallel = copy.deepcopy((arch, optim, balance, stage, parallel))
         self.save_hyperparameters()
         self.arch, self.optim_cfg, self.balance_cfg = arch, optim, balance
-        lr_multiplier(optim, 1)  # a bad schedule fails here, naming the field, not at the first optimizer step
+        optim.validate()  # a bad schedule fails here, naming the field, not at the first optimizer step
         self.stage_cfg, self.parallel_cfg = stage, parallel
         self.activation_checkpointing, self.compile_blocks = activation_checkpointing, compile
         self.val_max_new_tokens, self.log_routing_every = val_max_new_tokens, log_routing_every
@@ -327,14 +327,11 @@ def skips_weight_decay(name: str, p: Tensor) -> bool:
 
 
 def lr_multiplier(cfg: OptimConfig, total: int):
-    """The LR multiplier of `cfg.schedule` over `total` optimizer steps (bad names fail naming the field)."""
-    if cfg.schedule == "cosine":
-        return warmup_cosine(cfg.warmup_steps, total, cfg.min_lr_ratio)
+    """The LR multiplier of `cfg.schedule` over `total` optimizer steps."""
+    cfg.validate()
     if cfg.schedule == "wsd":
-        if not 0.0 < cfg.decay_fraction <= 1.0:
-            raise ValueError(f"model.optim.decay_fraction={cfg.decay_fraction} must be in (0, 1]")
         return warmup_stable_decay(cfg.warmup_steps, total, cfg.decay_fraction, cfg.min_lr_ratio)
-    raise ValueError(f"model.optim.schedule={cfg.schedule!r}: expected 'cosine' or 'wsd'")
+    return warmup_cosine(cfg.warmup_steps, total, cfg.min_lr_ratio)
 
 
 def warmup_stable_decay(warmup: int, total: int, decay_fraction: float, min_ratio: float):

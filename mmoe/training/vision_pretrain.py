@@ -110,7 +110,7 @@ class VisionPretrainModule(L.LightningModule):
         vision = replace(vision, moe=None)  # a new config: the caller's is not touched
         self.save_hyperparameters()
         self.vision_cfg, self.optim_cfg = vision, optim
-        lr_multiplier(optim, 1)  # a bad schedule fails here, naming the field
+        optim.validate()  # a bad schedule fails here, naming the field
         self.encoder = VisionEncoder(vision)
         self.head = LabelHead(self.encoder.out_dim, num_classes, head_hidden)
         self.patch_loss = float(patch_loss)
