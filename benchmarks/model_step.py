@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/model_step.py [--config configs/default.yaml] [--repeats 8] [--batch 32]
 
-The dense twin (mmoe.model.equivalents.dense_equivalent_config) keeps every dimension and replaces each
+The dense twin (mmoe.model.active_params.dense_equivalent_config) keeps every dimension and replaces each
 MoE site by a dense layer whose width gives the same activated parameters per token. Both models train
 on the same synthetic batch shaped like the default data (one 64x64 image + ~110 tokens per sample);
 steps (forward, backward, AdamW) are timed interleaved and compared by medians. Peak memory is the
@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _util import env_info, measure, print_json, print_table, setup_threads  # noqa: E402
 
 from mmoe.config_io import from_dict  # noqa: E402
-from mmoe.model.equivalents import active_param_count, dense_equivalent_config  # noqa: E402
+from mmoe.model.active_params import active_param_count, dense_equivalent_config  # noqa: E402
 from mmoe.model.vlm import MMoEVLM, VLMConfig  # noqa: E402
 from mmoe.training.module import MMoEModule, lm_loss  # noqa: E402
 

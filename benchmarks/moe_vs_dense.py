@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mmoe.config_io import from_dict, to_dict  # noqa: E402
-from mmoe.model.equivalents import dense_equivalent_config  # noqa: E402
+from mmoe.model.active_params import dense_equivalent_config  # noqa: E402
 from mmoe.model.vlm import VLMConfig  # noqa: E402
 
 ABLATIONS = ("no_moa", "no_vision_moe", "flat_routing", "aux_free_bias")

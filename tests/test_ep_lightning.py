@@ -139,7 +139,7 @@ def _job_fit(rank: int, world: int, root: str) -> dict:
     import mmoe.parallel.strategy  # noqa: F401  registers strategy="ddp_ep"
     from mmoe.model.vlm import MMoEVLM
     from mmoe.parallel import ep_load_metrics, expert_parameters, full_state_dict
-    from mmoe.training.export import export_model
+    from mmoe.interop.export import export_model
 
     samples = _samples(STEPS * world * B)
     loader = DataLoader(samples, batch_size=B, collate_fn=_collate)  # Lightning adds a DistributedSampler

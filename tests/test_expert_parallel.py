@@ -233,7 +233,7 @@ def _train_compare(rank: int, world: int, ep: int, opt_kind: str, clip: float | 
     ref = copy.deepcopy(ep_root)
     st = enable_expert_parallel(ep_root.model, ep)
     if ac:  # as MMoEModule.configure_model: EP first, then activation checkpointing (recompute in backward)
-        from mmoe.training.scale import apply_activation_checkpointing
+        from mmoe.training.block_wrappers import apply_activation_checkpointing
         assert apply_activation_checkpointing(ep_root.model) == apply_activation_checkpointing(ref.model) > 0
     ddp = wrap_ddp(ep_root)
     opt = _make_opt(opt_kind, ep_root.parameters())

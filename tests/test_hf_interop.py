@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from mmoe.interop.hf import CheckpointError, load_decoder  # noqa: E402
 from mmoe.model.moe import MoEConfig  # noqa: E402
 from mmoe.model.moe.attention import MoAAttention  # noqa: E402
-from mmoe.model.moe.layer import MoEFFN  # noqa: E402
+from mmoe.model.moe.ffn import MoEFFN  # noqa: E402
 
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2,
             vocab_size=128, max_position_embeddings=256)

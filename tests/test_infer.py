@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from mmoe.config_io import from_dict
-from mmoe.infer import TokenStreamer, main
+from mmoe.inference.cli import TokenStreamer, main
 from mmoe.model.vlm import MMoEVLM, VLMConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,7 +38,7 @@ def make_tiny(root: Path) -> dict:
     """Synthetic data (with tokenizer) + a randomly initialised tiny model exported next to it."""
     from mmoe.data.synthetic import generate_dataset
     from mmoe.data.tokenizer import load_tokenizer
-    from mmoe.training.export import export_model
+    from mmoe.interop.export import export_model
 
     data = root / "data"
     generate_dataset(data, seed=0, n_train=8, n_val=4, n_test=4, n_heldout=4, log=lambda *a, **k: None)
@@ -244,7 +244,7 @@ def test_routing_map_png_and_json_match_direct_layer_calls(tiny, tmp_path):
 
 
 def test_capture_routing_removes_hooks_and_counts_passes(tiny):
-    from mmoe.routing_map import capture_routing
+    from mmoe.inference.routing_map import capture_routing
 
     pipe = tiny["pipe"]
     im = Image.open(tiny["images"][0]).convert("RGB")
@@ -264,7 +264,7 @@ def test_infer_answers_like_training_on_an_overfit_tiny_model(tmp_path):
     from mmoe.data.datamodule import MMoEDataModule
     from mmoe.data.tokenizer import load_tokenizer
     from mmoe.inference import load_pipeline
-    from mmoe.training.export import export_model
+    from mmoe.interop.export import export_model
     from mmoe.data.collate import collate_batch
     from mmoe.data.synthetic import generate_dataset
     from mmoe.training.module import MMoEModule, lm_loss

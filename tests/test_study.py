@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from mmoe.config_io import from_dict
-from mmoe.model.equivalents import active_param_count
+from mmoe.model.active_params import active_param_count
 from mmoe.model.moe import MoAAttention, MoEFFN
 from mmoe.model.vlm import MMoEVLM, VLMConfig
 

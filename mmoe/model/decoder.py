@@ -19,7 +19,7 @@ from .layers import RMSNorm, SwiGLU, apply_rope, init_linear_
 from .moe.attention import AttnMask, MoAAttention, sdpa, shared_kv
 from .moe.config import MoEConfig, MoEConfigError, select_layers
 from .moe.experts import GroupedLinear
-from .moe.layer import MoEFFN
+from .moe.ffn import MoEFFN
 from .moe.routing import Router, RoutingResult
 
 

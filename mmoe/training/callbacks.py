@@ -16,7 +16,7 @@ def run_dir(trainer: L.Trainer) -> Path:
 
 def export_after_fit(trainer: L.Trainer, module, datamodule, export_dir: str | None) -> Path | None:
     """Export (rank 0) and write plots beside the run; returns the export directory."""
-    from .export import export_model
+    from mmoe.interop.export import export_model
     run = run_dir(trainer)  # Trainer.log_dir broadcasts: every rank must call it
     model = module.consolidated_model() if hasattr(module, "consolidated_model") else module.model
     if not trainer.is_global_zero:

@@ -23,7 +23,7 @@ from mmoe.model.moe import balancing as B
 from mmoe.model.vlm import MMoEVLM, VLMConfig
 
 from .config import BalanceConfig, OptimConfig, ParallelConfig, StageConfig
-from .init import apply_freeze, load_hf_decoder, load_stage_weights
+from .stage_init import apply_freeze, load_hf_decoder, load_stage_weights
 
 LOSS_FNS = {
     "balance": B.load_balance_loss,
@@ -157,10 +157,10 @@ class MMoEModule(L.LightningModule):
                 require_expert_parallel_strategy(self.trainer)
             enable_expert_parallel(self.model, self.parallel_cfg.ep_size)
         if self.activation_checkpointing:
-            from .scale import apply_activation_checkpointing
+            from .block_wrappers import apply_activation_checkpointing
             apply_activation_checkpointing(self.model)
         if self.compile_blocks:
-            from .scale import compile_dense_blocks
+            from .block_wrappers import compile_dense_blocks
             compile_dense_blocks(self.model)
 
     def consolidated_model(self):

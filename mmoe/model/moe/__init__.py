@@ -5,7 +5,7 @@ from .balancing import (LOSS_KINDS, balancing_losses, device_balance_loss, exper
 from .config import MoEConfig, MoEConfigError, select_layers
 from .dispatch import DispatchPlan, LocalDispatcher
 from .experts import GroupedExperts, GroupedLinear
-from .layer import MoEFFN
+from .ffn import MoEFFN
 from .attention import MoAAttention
 from .routing import Router, RoutingResult, within_capacity
 

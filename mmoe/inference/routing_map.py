@@ -179,7 +179,7 @@ class RoutingRecorder:
 
 def _is_moe_module(m: nn.Module) -> bool:
     from mmoe.model.moe.attention import MoAAttention
-    from mmoe.model.moe.layer import MoEFFN
+    from mmoe.model.moe.ffn import MoEFFN
 
     return isinstance(m, (MoEFFN, MoAAttention)) or isinstance(getattr(m, "router", None), Router)
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from .moe.attention import MoAAttention
 from .moe.experts import GroupedLinear
-from .moe.layer import MoEFFN
+from .moe.ffn import MoEFFN
 from .vlm import VLMConfig
 
 

@@ -1,4 +1,4 @@
-"""Load an exported model and answer questions about images (used by eval/, mmoe.infer, lmms-eval)."""
+"""Load an exported model and answer questions about images (used by eval/, the CLI, lmms-eval)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from mmoe.model.vlm import MMoEVLM
-from mmoe.training.export import read_export_config
+from mmoe.interop.export import read_export_config
 
 
 def load_model(model_dir: str | Path, device: str | torch.device | None = None,

@@ -2,7 +2,7 @@
 
 Single question (tokens are printed as they are generated; the last stdout line is the answer)::
 
-    python -m mmoe.infer --model EXPORT_DIR --image cat.png --prompt "What is in the picture?"
+    python -m mmoe.inference --model EXPORT_DIR --image cat.png --prompt "What is in the picture?"
     mmoe-infer --model EXPORT_DIR --image a.png --image b.png --prompt "<image> vs <image>: which is bigger?"
 
 ``<image>`` placeholders mark where each image goes (in ``--image`` order); with none, one per image is put
@@ -12,7 +12,7 @@ the default), ``--top-p``, ``--seed``; ``--max-new-tokens`` bounds the answer.
 
 Routing maps (single question only): ``--routing-map map.png`` draws which expert each image patch took in
 every MoE ViT layer and which expert every generated token took in every MoE decoder layer;
-``--routing-json map.json`` writes the raw assignments (see :mod:`mmoe.routing_map`).
+``--routing-json map.json`` writes the raw assignments (see :mod:`mmoe.inference.routing_map`).
 
 Batch mode::
 
@@ -81,7 +81,7 @@ def open_pipeline(model_dir: str | None, device: str | None):
         raise CLIError(f"model directory not found: {p}")
     if not (p / "config.json").is_file():
         raise CLIError(f"{p} is not an exported mmoe model: config.json is missing")
-    from mmoe.inference import load_pipeline
+    from mmoe.inference.pipeline import load_pipeline
 
     try:
         return load_pipeline(p, device=device)
@@ -141,7 +141,7 @@ def run_single(pipe, images: list, prompt: str, args, out: TextIO = sys.stdout) 
               short_answer=args.short_answer, seed=args.seed, stream_callback=callback)
     try:
         if want_routing:
-            from mmoe.routing_map import capture_routing
+            from mmoe.inference.routing_map import capture_routing
 
             with capture_routing(pipe.model) as rec:
                 answer = pipe.generate([images], [prompt], **kw)[0]
@@ -155,7 +155,7 @@ def run_single(pipe, images: list, prompt: str, args, out: TextIO = sys.stdout) 
         out.write(answer + "\n")
         out.flush()
     if want_routing:
-        from mmoe.routing_map import plot_routing_map, write_routing_json
+        from mmoe.inference.routing_map import plot_routing_map, write_routing_json
 
         eos = pipe.tokenizer.eos_token_id
         gen = ids[: ids.index(eos) + 1] if eos is not None and eos in ids else ids
