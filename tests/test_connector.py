@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from mmoe.constants import MODALITY_IMAGE
-from mmoe.interop.vision_ckpt import CheckpointMismatchError
+from mmoe.interop.checkpoint import CheckpointError
+from mmoe.interop.factory import build_connector
 from mmoe.model.connector import Connector, ConnectorConfig, ConnectorConfigError
 from mmoe.model.moe import MoEConfig, MoEFFN
 
@@ -115,17 +116,17 @@ def test_moe_connector_upcycled_equals_dense(tmp_path, fmt, shared):
         save_file({f"{pre}0.weight": p.fc1.weight.contiguous(), f"{pre}0.bias": p.fc1.bias,
                    f"{pre}2.weight": p.fc2.weight.contiguous(), f"{pre}2.bias": p.fc2.bias}, str(path))
     moe = MoEConfig(num_experts=4, top_k=2, num_shared_experts=shared)
-    conn = Connector(ConnectorConfig(kind="moe_mlp", moe=moe, checkpoint=str(path)), 16, 24, grid=4)
+    conn = build_connector(ConnectorConfig(kind="moe_mlp", moe=moe, checkpoint=str(path)), 16, 24, grid=4)
     feats = torch.randn(3, 16, 16)
     y, (r,) = conn(feats)
     torch.testing.assert_close(y, dense(feats)[0], atol=1e-5, rtol=1e-5)
     assert (r.expert_counts() > 0).sum() >= 2
     # the dense kind loads the same file
-    again = Connector(ConnectorConfig(kind="mlp", checkpoint=str(path)), 16, 24, grid=4)
+    again = build_connector(ConnectorConfig(kind="mlp", checkpoint=str(path)), 16, 24, grid=4)
     torch.testing.assert_close(again(feats)[0], dense(feats)[0])
     # an MoE connector's own state dict round-trips
     torch.save(conn.state_dict(), tmp_path / "moe.pt")
-    conn2 = Connector(ConnectorConfig(kind="moe_mlp", moe=moe, checkpoint=str(tmp_path / "moe.pt")),
+    conn2 = build_connector(ConnectorConfig(kind="moe_mlp", moe=moe, checkpoint=str(tmp_path / "moe.pt")),
                       16, 24, 4)
     torch.testing.assert_close(conn2.proj.router.gate.weight, conn.proj.router.gate.weight)
 
@@ -133,8 +134,8 @@ def test_moe_connector_upcycled_equals_dense(tmp_path, fmt, shared):
 def test_connector_checkpoint_mismatch(tmp_path):
     dense = Connector(ConnectorConfig(kind="mlp"), 16, 32, grid=4)
     torch.save(dense.state_dict(), tmp_path / "c.pt")
-    with pytest.raises(CheckpointMismatchError, match="c.pt.*fc1.weight"):
-        Connector(ConnectorConfig(kind="moe_mlp", moe=MoEConfig(), checkpoint=str(tmp_path / "c.pt")),
+    with pytest.raises(CheckpointError, match="c.pt.*fc1.weight"):
+        build_connector(ConnectorConfig(kind="moe_mlp", moe=MoEConfig(), checkpoint=str(tmp_path / "c.pt")),
                   16, 24, 4)
 
 
@@ -143,15 +144,15 @@ def test_concat_moe_connector_upcycles_from_dense_concat_and_names_the_width(tmp
     _randomize_(dense)
     torch.save(dense.state_dict(), tmp_path / "cat.pt")
     moe = MoEConfig(num_experts=4, top_k=2)
-    conn = Connector(ConnectorConfig(kind="moe_mlp", moe=moe, pool=2, pool_mode="concat",
+    conn = build_connector(ConnectorConfig(kind="moe_mlp", moe=moe, pool=2, pool_mode="concat",
                                      checkpoint=str(tmp_path / "cat.pt")), 16, 24, grid=4)
     feats = torch.randn(3, 16, 16)
     torch.testing.assert_close(conn(feats)[0], dense(feats)[0], atol=1e-5, rtol=1e-5)
     # an averaging connector's weights (16 wide) do not fit the 64-wide concat projector: the error says so
     avg = Connector(ConnectorConfig(kind="mlp", pool=2), 16, 24, grid=4)
     torch.save(avg.state_dict(), tmp_path / "avg.pt")
-    with pytest.raises(CheckpointMismatchError, match=r"avg.pt.*\(64->24\).*fc1.weight"):
-        Connector(ConnectorConfig(kind="moe_mlp", moe=moe, pool=2, pool_mode="concat",
+    with pytest.raises(CheckpointError, match=r"avg.pt.*\(64->24\).*fc1.weight"):
+        build_connector(ConnectorConfig(kind="moe_mlp", moe=moe, pool=2, pool_mode="concat",
                                   checkpoint=str(tmp_path / "avg.pt")), 16, 24, grid=4)
 
 

@@ -159,7 +159,8 @@ def test_bad_configs_fail_naming_the_field(args, needle, capsys, tmp_path, tiny_
 
 # --------------------------------------------------------------------------- checkpoints
 def test_checkpoint_from_another_config_names_the_tensors(tmp_path, tiny_data):
-    from mmoe.training.stage_init import CheckpointError, load_stage_weights
+    from mmoe.interop.checkpoint import CheckpointError
+    from mmoe.training.stage_init import load_stage_weights
     export = _tiny_export(tmp_path, tiny_data)
     import yaml
     from mmoe.config_io import from_dict
@@ -176,7 +177,7 @@ def test_checkpoint_from_another_config_names_the_tensors(tmp_path, tiny_data):
 
 def test_truncated_checkpoints_are_refused(tmp_path, tiny_data):
     from mmoe.inference import load_model
-    from mmoe.training.stage_init import CheckpointError, read_state_dict
+    from mmoe.interop.checkpoint import CheckpointError, read_state_dict
     export = _tiny_export(tmp_path, tiny_data)
     st = export / "model.safetensors"
     st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
@@ -197,7 +198,7 @@ class _Evil:
 
 
 def test_pickles_with_arbitrary_objects_are_refused(tmp_path):
-    from mmoe.training.stage_init import CheckpointError, read_state_dict
+    from mmoe.interop.checkpoint import CheckpointError, read_state_dict
     p = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {"model.w": torch.ones(2)}, "payload": _Evil()}, p)
     with pytest.raises(CheckpointError, match="weights-only"):

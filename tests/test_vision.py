@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from mmoe.constants import MODALITY_IMAGE
-from mmoe.interop.vision_ckpt import CheckpointMismatchError
+from mmoe.interop.checkpoint import CheckpointError
+from mmoe.interop.factory import build_vision_encoder
 from mmoe.model.connector import Connector, ConnectorConfig
 from mmoe.model.moe import MoEConfig
 from mmoe.model.vision import VisionConfig, VisionConfigError, VisionEncoder, vision_param_count
@@ -70,7 +71,7 @@ def test_timm_upcycled_features_equal_dense(tmp_path, feature_layer, keep_cls, f
     else:
         save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, str(path))
     cfg = _tiny_cfg(feature_layer=feature_layer, keep_cls=keep_cls, checkpoint=str(path))
-    enc = VisionEncoder(cfg).eval()
+    enc = build_vision_encoder(cfg).eval()
     idx = feature_layer if feature_layer >= 0 else 5 + feature_layer
     assert len(enc.vit.blocks) == idx  # blocks after feature_layer are not built
     assert enc.moe_layers == list(range(idx))
@@ -105,7 +106,7 @@ def test_timm_registry_arch_mixed_layers(tmp_path):
     torch.save({"state_dict": dense.state_dict()}, path)
     cfg = VisionConfig(timm_model_name="vit_tiny_patch16_224", image_size=32, moe_layers="every_2",
                        moe=MoEConfig(num_experts=3, top_k=2), checkpoint=str(path))
-    enc = VisionEncoder(cfg).eval()
+    enc = build_vision_encoder(cfg).eval()
     assert enc.out_dim == 192 and len(enc.vit.blocks) == 11 and enc.num_patches == 4
     assert enc.moe_layers == [1, 3, 5, 7, 9]
     assert type(enc.vit.blocks[0].mlp).__name__ == "Mlp"
@@ -137,7 +138,7 @@ def test_open_clip_upcycled_features_equal_dense(tmp_path, feature_layer):
     name, model = _tiny_open_clip(tmp_path)
     path = tmp_path / "open_clip.pt"
     torch.save(model.state_dict(), path)
-    enc = VisionEncoder(VisionConfig(backend="open_clip", open_clip_model_name=name, image_size=32,
+    enc = build_vision_encoder(VisionConfig(backend="open_clip", open_clip_model_name=name, image_size=32,
                                      activation="quick_gelu", feature_layer=feature_layer, keep_cls=True,
                                      moe=MoEConfig(num_experts=4, top_k=2), checkpoint=str(path))).eval()
     assert enc.out_dim == 64 and enc.vit.blocks[0].attn.num_heads == 4
@@ -160,7 +161,7 @@ def test_open_clip_layout_from_fields(tmp_path):
     cfg = VisionConfig(backend="open_clip", image_size=32, patch_size=8, dim=64, depth=3, n_heads=4,
                        activation="quick_gelu", moe=MoEConfig(num_experts=2, top_k=2), moe_layers="last_1",
                        feature_layer=-1, checkpoint=str(path))
-    enc = VisionEncoder(cfg).eval()
+    enc = build_vision_encoder(cfg).eval()
     x = torch.randn(2, 3, 32, 32)
     vt = model.visual
     ref = _hidden_state(model, vt.transformer.resblocks, vt.ln_pre, 3, lambda: vt(x))[:, 1:]
@@ -177,8 +178,8 @@ def test_checkpoint_errors_name_tensors_and_file(tmp_path):
     bad["blocks.0.extra.weight"] = torch.ones(3)
     path = tmp_path / "broken.pth"
     torch.save(bad, path)
-    with pytest.raises(CheckpointMismatchError) as ei:
-        VisionEncoder(_tiny_cfg(checkpoint=str(path)))
+    with pytest.raises(CheckpointError) as ei:
+        build_vision_encoder(_tiny_cfg(checkpoint=str(path)))
     msg = str(ei.value)
     for needle in ("broken.pth", "blocks.1.attn.qkv.weight", "blocks.2.mlp.fc1.bias", "blocks.0.norm1.weight",
                    "blocks.0.extra.weight"):
@@ -186,10 +187,10 @@ def test_checkpoint_errors_name_tensors_and_file(tmp_path):
     # a wider checkpoint fails too
     wide = VisionTransformer(img_size=32, patch_size=8, embed_dim=96, depth=4, num_heads=4, num_classes=0)
     torch.save(wide.state_dict(), tmp_path / "wide.pth")
-    with pytest.raises(CheckpointMismatchError, match="wide.pth.*patch_embed.proj.weight"):
-        VisionEncoder(_tiny_cfg(checkpoint=str(tmp_path / "wide.pth")))
-    with pytest.raises(FileNotFoundError, match="nope.pth"):
-        VisionEncoder(_tiny_cfg(checkpoint=str(tmp_path / "nope.pth")))
+    with pytest.raises(CheckpointError, match="wide.pth.*patch_embed.proj.weight"):
+        build_vision_encoder(_tiny_cfg(checkpoint=str(tmp_path / "wide.pth")))
+    with pytest.raises(CheckpointError, match="nope.pth"):
+        build_vision_encoder(_tiny_cfg(checkpoint=str(tmp_path / "nope.pth")))
 
 
 # ------------------------------------------------------------ routing, shapes
@@ -317,19 +318,17 @@ def test_conv_stem_checkpoint_round_trip_upcycles_and_refuses_the_other_stem(tmp
     naming the stem."""
     from safetensors.torch import save_file
 
-    from mmoe.interop.vision_ckpt import CheckpointMismatchError
-
     torch.manual_seed(0)
     dense = VisionEncoder(_tiny_cfg(stem="conv", moe=None, feature_layer=-1)).eval()
     path = tmp_path / "vision.safetensors"
     save_file({k: v.contiguous() for k, v in dense.vit.state_dict().items()}, str(path))
-    moe = VisionEncoder(_tiny_cfg(stem="conv", feature_layer=-1, checkpoint=str(path))).eval()
+    moe = build_vision_encoder(_tiny_cfg(stem="conv", feature_layer=-1, checkpoint=str(path))).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(moe(x)[0], dense(x)[0], rtol=1e-5, atol=1e-5)
-    with pytest.raises(CheckpointMismatchError, match="conv stem but vision.stem='patch'"):
-        VisionEncoder(_tiny_cfg(feature_layer=-1, checkpoint=str(path)))
+    with pytest.raises(CheckpointError, match="conv stem but vision.stem='patch'"):
+        build_vision_encoder(_tiny_cfg(feature_layer=-1, checkpoint=str(path)))
     patch = VisionEncoder(_tiny_cfg(moe=None, feature_layer=-1))
     save_file({k: v.contiguous() for k, v in patch.vit.state_dict().items()}, str(tmp_path / "p.safetensors"))
-    with pytest.raises(CheckpointMismatchError, match="patch stem but vision.stem='conv'"):
-        VisionEncoder(_tiny_cfg(stem="conv", feature_layer=-1, checkpoint=str(tmp_path / "p.safetensors")))
+    with pytest.raises(CheckpointError, match="patch stem but vision.stem='conv'"):
+        build_vision_encoder(_tiny_cfg(stem="conv", feature_layer=-1, checkpoint=str(tmp_path / "p.safetensors")))

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from mmoe.model.moe import MoEConfig
-from mmoe.model.vision import VisionConfig, VisionEncoder
+from mmoe.interop.factory import build_vision_encoder
+from mmoe.model.vision import VisionConfig
 from mmoe.training.config import OptimConfig
 from mmoe.training.vision_pretrain import VisionPretrainModule
 
@@ -142,7 +143,7 @@ def test_export_loads_into_the_moe_tower_with_the_dense_features(tmp_path):
     assert (tmp_path / "export" / "vision_config.json").is_file()
     moe_cfg = VisionConfig(**{**VISION.__dict__, "moe": MoEConfig(num_experts=4, top_k=2), "moe_layers": "all",
                               "checkpoint": str(path)})
-    tower = VisionEncoder(moe_cfg).eval()
+    tower = build_vision_encoder(moe_cfg).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(tower(x)[0], module.encoder(x)[0], rtol=1e-5, atol=1e-5)

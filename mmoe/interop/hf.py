@@ -23,11 +23,9 @@ from safetensors import safe_open
 from mmoe.model.decoder import Decoder, DecoderConfig, upcycle_decoder
 from mmoe.model.moe import MoEConfig
 
+from .checkpoint import CheckpointError
+
 SUPPORTED = ("llama", "mistral", "qwen2", "mixtral")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message names the file, field or tensor."""
 
 
 def _rope_theta(hf: dict, where: str) -> float:

@@ -3,7 +3,7 @@
 open_clip / OpenAI-CLIP state dicts are mapped into timm's ViT layout with timm's own converter
 (``_convert_openai_clip``: conv1 -> patch_embed.proj, in_proj -> qkv, ln_1 -> norm1, c_fc -> fc1, ...).
 Each dense MLP ``blocks.{i}.mlp.fc1/fc2`` then fills every expert of MoE layer i; routers keep their
-fresh initialisation. Anything missing or of the wrong shape raises :class:`CheckpointMismatchError`
+fresh initialisation. Anything missing or of the wrong shape raises :class:`CheckpointError`
 naming the tensors and the file. Keys of blocks that are not built (after ``feature_layer``), the final
 norm and heads are ignored; any other unknown key is an error (it means a different architecture).
 """
@@ -11,43 +11,15 @@ norm and heads are ignored; any other unknown key is an error (it means a differ
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
+from .checkpoint import CheckpointError, read_state_dict
+
 if TYPE_CHECKING:  # pragma: no cover
     from mmoe.model.vision import VisionEncoder
-
-
-class CheckpointMismatchError(RuntimeError):
-    """A checkpoint does not fit the module; the message names the tensors and the file."""
-
-
-def read_state_dict(path) -> dict[str, Tensor]:
-    """Tensors of a .safetensors file or a torch-saved state dict (unwrapping 'state_dict' / 'model')."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {p}")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        sd = load_file(str(p), device="cpu")
-    else:
-        try:
-            sd = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - re-raised with the file name
-            raise CheckpointMismatchError(f"{p}: cannot read checkpoint ({type(e).__name__}: {e})") from e
-        for key in ("state_dict", "model", "module"):
-            if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-                sd = sd[key]
-    if not isinstance(sd, dict) or not sd:
-        raise CheckpointMismatchError(f"{p}: expected a non-empty state dict, got {type(sd).__name__}")
-    if all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-    sd = {k: v for k, v in sd.items() if isinstance(v, Tensor)}
-    return sd
 
 
 def to_timm_layout(sd: dict[str, Tensor], path="<state dict>") -> tuple[dict[str, Tensor], str]:
@@ -62,7 +34,7 @@ def to_timm_layout(sd: dict[str, Tensor], path="<state dict>") -> tuple[dict[str
         if len(keys) == 1:
             prefix = keys[0][: -len(stem_key)]
             return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}, "timm"
-    raise CheckpointMismatchError(
+    raise CheckpointError(
         f"{path}: not a timm ViT (no unique '*patch_embed.proj.weight', or '*patch_embed.inner.proj.0.weight' "
         f"for a conv stem) nor an open_clip ViT ('visual.class_embedding' + 'visual.conv1.weight'); "
         f"first keys: {sorted(sd)[:8]}")
@@ -107,7 +79,7 @@ def load_vision_checkpoint(encoder: "VisionEncoder", path) -> str:
     sd, fmt = to_timm_layout(raw, path)
     stem = checkpoint_stem(sd)
     if stem != encoder.cfg.stem:
-        raise CheckpointMismatchError(f"{path}: the checkpoint has a {stem} stem but vision.stem={encoder.cfg.stem!r};"
+        raise CheckpointError(f"{path}: the checkpoint has a {stem} stem but vision.stem={encoder.cfg.stem!r};"
                                       f" set vision.stem: {stem}")
     vit = encoder.vit
     target = vit.state_dict()
@@ -175,7 +147,7 @@ def load_vision_checkpoint(encoder: "VisionEncoder", path) -> str:
             parts.append(f"shape mismatch {len(mismatched)}: {_fmt(mismatched)}")
         if unexpected:
             parts.append(f"unexpected {len(unexpected)}: {_fmt(sorted(unexpected))}")
-        raise CheckpointMismatchError(f"{path} ({fmt} checkpoint) does not fit the vision encoder: "
+        raise CheckpointError(f"{path} ({fmt} checkpoint) does not fit the vision encoder: "
                                       + "; ".join(parts))
 
     vit.load_state_dict(new, strict=True)
@@ -184,4 +156,4 @@ def load_vision_checkpoint(encoder: "VisionEncoder", path) -> str:
     return fmt
 
 
-__all__ = ["CheckpointMismatchError", "read_state_dict", "to_timm_layout", "load_vision_checkpoint"]
+__all__ = ["to_timm_layout", "load_vision_checkpoint"]

@@ -5,13 +5,12 @@ token *before* the projection, so the projector and its router see the fewer tok
 window, 'concat' stacks its features (space-to-depth, Qwen2-VL's patch merger / InternVL's pixel shuffle),
 which keeps where in the window each feature was at pool**2 times the projector's input width.
 The MoE connector is upcyclable from a dense mlp connector checkpoint: every expert a copy, router fresh
-(CuMo co-upcycling).
+(CuMo co-upcycling; `mmoe.interop.connector_ckpt`, called by `mmoe.interop.factory`).
 """
 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -45,7 +44,8 @@ class ConnectorConfig:
     """How a window becomes one token: 'avg' (mean, projector input stays in_dim) or 'concat' (the window's
     features side by side in row-major order, projector input pool**2 * in_dim: nothing is averaged away)."""
     checkpoint: str | None = None
-    """Dense connector state dict (safetensors / torch) loaded at init; upcycled when kind == 'moe_mlp'."""
+    """Dense connector state dict (safetensors / torch) that `mmoe.interop.factory.build_model` loads after
+    construction; upcycled when kind == 'moe_mlp'."""
 
 
 class MoEProjector(MoEFFN):
@@ -85,8 +85,6 @@ class Connector(nn.Module):
             self.proj = MoEProjector(in_dim, hidden, out_dim, cfg.moe, activation="gelu", layer=0)
         else:
             raise ConnectorConfigError(f"connector.kind must be linear, mlp or moe_mlp, got {cfg.kind!r}")
-        if cfg.checkpoint:
-            self.load_dense_checkpoint(cfg.checkpoint)
 
     # ------------------------------------------------------------------ tokens
     def _grid_side(self, num_patches: int) -> int:
@@ -130,43 +128,6 @@ class Connector(nn.Module):
             y, r = self.proj(x, mask, modality)
             return y, [r]
         return self.proj(x), []
-
-    # ------------------------------------------------------------------ checkpoints
-    @torch.no_grad()
-    def load_dense_checkpoint(self, path) -> None:
-        """Load a dense connector; upcycle it into every expert for kind 'moe_mlp' (router stays fresh).
-
-        Accepts this class's state dict (kind linear/mlp: 'proj.*'), a bare GeluMLP ('fc1.*'/'fc2.*'),
-        LLaVA's mm_projector ('[model.]mm_projector.0/2.*' for mlp2x_gelu, '.weight/.bias' for linear),
-        or a moe_mlp connector's own state dict.
-        """
-        from mmoe.interop.vision_ckpt import CheckpointMismatchError, read_state_dict
-
-        sd = read_state_dict(path)
-        for pre in ("model.mm_projector.", "mm_projector.", "connector.", "proj."):
-            if any(k.startswith(pre) for k in sd):
-                sd = {k[len(pre):]: v for k, v in sd.items() if k.startswith(pre)}
-        sd = {re.sub(r"^0\.", "fc1.", re.sub(r"^2\.", "fc2.", k)): v for k, v in sd.items()}
-        if isinstance(self.proj, MoEFFN) and any(k.startswith("experts.") for k in sd):
-            dense_sd, dense = sd, self.proj  # an MoE connector checkpoint: plain load
-        elif isinstance(self.proj, MoEFFN):
-            e = self.proj.experts
-            dense = GeluMLP(e.w_in.in_features, e.w_in.out_features, out_dim=e.w_out.out_features)
-            dense_sd = sd
-        else:
-            dense, dense_sd = self.proj, sd
-        want = dense.state_dict()
-        missing = [k for k in want if k not in dense_sd]
-        bad = [f"{k}: checkpoint {tuple(dense_sd[k].shape)} vs model {tuple(v.shape)}"
-               for k, v in want.items() if k in dense_sd and dense_sd[k].shape != v.shape]
-        unexpected = [k for k in dense_sd if k not in want]
-        if missing or bad or unexpected:
-            raise CheckpointMismatchError(
-                f"{path} does not fit the {self.cfg.kind} connector ({self.proj_in_dim}->{self.out_dim}): "
-                f"missing {missing}; shape mismatch {bad}; unexpected {unexpected}")
-        dense.load_state_dict(dense_sd, strict=True)
-        if dense is not self.proj:
-            self.proj.upcycle_(dense)
 
 
 __all__ = ["ConnectorConfig", "ConnectorConfigError", "Connector", "MoEProjector"]

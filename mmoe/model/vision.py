@@ -6,7 +6,7 @@ timm builds the ViT; we only inject a block factory that gives the chosen layers
 ``norm_pre`` -> blocks), stops at ``feature_layer`` (blocks after it are never built, like LLaVA which
 ignores them) and collects each MoE block's :class:`RoutingResult` in layer order.
 
-Co-upcycling (CuMo sec. 3.3): :meth:`VisionEncoder.load_dense_checkpoint` loads a dense timm or
+Co-upcycling (CuMo sec. 3.3): :func:`mmoe.interop.vision_ckpt.load_vision_checkpoint` loads a dense timm or
 open_clip ViT and copies every dense MLP into all experts of its layer; routers stay freshly
 initialised. With identical experts and renormalised top-k weights the encoder reproduces the dense
 model's features exactly.
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from typing import Literal
 
@@ -72,7 +72,8 @@ class VisionConfig:
     keep_cls: bool = False
     """Keep the CLS token in the features (LLaVA drops it: 'patch' select feature)."""
     checkpoint: str | None = None
-    """Local dense timm (.safetensors / .pth) or open_clip checkpoint, loaded and upcycled at init."""
+    """Local dense timm (.safetensors / .pth) or open_clip checkpoint; `mmoe.interop.factory` loads it after
+    construction (MoE MLPs upcycled). The encoder itself never reads files."""
     timm_model_name: str | None = None
     """Take the architecture from timm's registry (pretrained=False, nothing downloaded),
     e.g. 'vit_large_patch14_clip_336'."""
@@ -320,8 +321,6 @@ class VisionEncoder(nn.Module):
         self.num_patches = gh * gw + (self.num_prefix_tokens if cfg.keep_cls else 0)
         self.out_dim = vit.embed_dim
         self.grad_checkpointing = False
-        if cfg.checkpoint:
-            self.load_dense_checkpoint(cfg.checkpoint)
 
     # ------------------------------------------------------------------ forward
     def forward(self, pixel_values: Tensor, image_mask: Tensor | None = None
@@ -359,13 +358,7 @@ class VisionEncoder(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
 
-    # ------------------------------------------------------------------ checkpoints / preprocessing
-    def load_dense_checkpoint(self, path) -> None:
-        """Load a dense timm / open_clip ViT checkpoint and upcycle its MLPs into every expert (CuMo)."""
-        from mmoe.interop.vision_ckpt import load_vision_checkpoint
-
-        load_vision_checkpoint(self, path)
-
+    # ------------------------------------------------------------------ preprocessing
     def image_transform(self):
         """PIL image -> (3, S, S) tensor normalised with this tower's mean/std."""
         from mmoe.data.images import build_image_transform
@@ -382,7 +375,7 @@ def vision_param_count(cfg: VisionConfig) -> dict[str, int]:
     experts: parameters inside routed experts; moe_layers / blocks: built MoE blocks / all built blocks.
     """
     with torch.device("meta"):
-        enc = VisionEncoder(replace(cfg, checkpoint=None))
+        enc = VisionEncoder(cfg)
     total = sum(p.numel() for p in enc.parameters())
     experts = sum(p.numel() for m in enc.moe_mlps.values() for p in m.moe.experts.parameters())
     routers = sum(p.numel() for m in enc.moe_mlps.values() for p in m.moe.router.parameters())

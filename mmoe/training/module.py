@@ -20,7 +20,8 @@ from torch import Tensor
 from mmoe.constants import IGNORE_INDEX
 from mmoe.model.moe import Router, RoutingResult, routing_metrics
 from mmoe.model.moe import balancing as B
-from mmoe.model.vlm import MMoEVLM, VLMConfig
+from mmoe.interop.factory import build_model
+from mmoe.model.vlm import VLMConfig
 
 from .config import BalanceConfig, OptimConfig, ParallelConfig, StageConfig
 from .stage_init import apply_freeze, load_hf_decoder, load_stage_weights
@@ -124,7 +125,7 @@ class MMoEModule(L.LightningModule):
             raise ValueError(f"model.loss_reduction must be one of {sorted(LOSS_REDUCTIONS)}, "
                              f"got {loss_reduction!r}")
         self.loss_reduction = loss_reduction
-        self.model = MMoEVLM(arch)
+        self.model = build_model(arch)  # + the vision / connector checkpoints the arch names
         if stage.hf_decoder:
             load_hf_decoder(self.model, stage.hf_decoder)
         if stage.init_from:

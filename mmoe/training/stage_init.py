@@ -13,42 +13,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from mmoe.interop.checkpoint import CheckpointError, read_state_dict
 from mmoe.model.layers import GeluMLP, SwiGLU
 from mmoe.model.moe import MoEFFN
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot initialise this model; the message names the file and tensors."""
-
-
-def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """Model weights from a Lightning .ckpt, a .safetensors file, or an exported model directory."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint file or directory")
-    if path.is_dir():
-        path = path / "model.safetensors"
-        if not path.exists():
-            raise CheckpointError(f"{path.parent}: not an exported mmoe model (no model.safetensors)")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
-    try:
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle errors, truncation, non-weights-only content
-        raise CheckpointError(f"{path}: cannot load as a weights-only checkpoint ({type(e).__name__}: {e}). "
-                              "Pickled checkpoints with arbitrary objects are refused.") from None
-    sd = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
-    if not isinstance(sd, dict):
-        raise CheckpointError(f"{path}: no state_dict inside")
-    prefix = "model."
-    if any(k.startswith(prefix) for k in sd):
-        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    return sd
 
 
 def _dense_at(sd: dict[str, Tensor], prefix: str, names: tuple[str, ...]) -> str | None:

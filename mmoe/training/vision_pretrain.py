@@ -24,7 +24,8 @@ from jsonargparse import set_parsing_settings
 from torch import Tensor, nn
 
 from mmoe.data.instances import ImageLabelsDataModule
-from mmoe.model.vision import VisionConfig, VisionEncoder
+from mmoe.interop.factory import build_vision_encoder
+from mmoe.model.vision import VisionConfig
 
 from .cli import MMoECLI
 from .config import OptimConfig
@@ -111,7 +112,7 @@ class VisionPretrainModule(L.LightningModule):
         self.save_hyperparameters()
         self.vision_cfg, self.optim_cfg = vision, optim
         optim.validate()  # a bad schedule fails here, naming the field
-        self.encoder = VisionEncoder(vision)
+        self.encoder = build_vision_encoder(vision)
         self.head = LabelHead(self.encoder.out_dim, num_classes, head_hidden)
         self.patch_loss = float(patch_loss)
         self.patch_head = token_probe(self.encoder.out_dim, num_classes) if patch_loss > 0 else None
