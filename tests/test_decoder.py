@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from mmoe.model.decoder import Attention, Decoder, DecoderConfig, upcycle_decoder
 from mmoe.model.moe import MoEConfig, MoEConfigError
-from mmoe.model.moe.attention import AttnMask, MoAAttention
+from mmoe.model.attention import AttnMask
+from mmoe.model.moe.attention import MoAAttention
 
 ATOL = 1e-5
 

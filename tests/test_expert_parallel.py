@@ -100,7 +100,7 @@ def _maxdiff(a, b) -> float:
 
 def _compare_layer(kind: str, rank: int, world: int, force_rank0: bool) -> dict:
     """Forward + backward of one EP layer vs the full layer on the global batch."""
-    from mmoe.model.moe.attention import AttnMask
+    from mmoe.model.attention import AttnMask
     from mmoe.parallel import enable_expert_parallel, finalize_expert_grads
     from mmoe.parallel.expert_parallel import sharded_linears
 

@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .attention import AttnMask, sdpa, shared_kv
 from .layers import RMSNorm, SwiGLU, apply_rope, init_linear_
-from .moe.attention import AttnMask, MoAAttention, sdpa, shared_kv
+from .moe.attention import MoAAttention
 from .moe.config import MoEConfig, MoEConfigError, select_layers
 from .moe.experts import GroupedLinear
 from .moe.ffn import MoEFFN
