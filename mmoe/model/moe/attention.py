@@ -2,7 +2,7 @@
 
 Each expert owns `hpe = n_heads / E` query heads (its own Q and O projections); keys and values are shared
 by all experts (`n_kv_heads`, GQA), so the KV cache is exactly the size of a dense GQA layer and routing
-happens on the query side only, which keeps it decode-friendly (reference §1.4). A token runs
+happens on the query side only, which keeps it decode-friendly. A token runs
 `(top_k + S) * hpe` query heads.
 
 Shared heads (`num_shared_experts = S`, DeepSeek's shared experts applied to heads): S more head groups of
