@@ -52,7 +52,7 @@ class DecoderConfig:
     """Std of the N(0, std) init of linears and embeddings trained from scratch (checkpoints overwrite it). None:
     sqrt(2 / (5 dim)), the width-aware "small init" of litgpt and GPT-NeoX (0.056 at dim 128). GPT-2's fixed 0.02
     is 2.8x smaller at dim 128: attention logits start near uniform and query/key gradients (each proportional
-    to the other's weights) near zero, and lookups by attribute formed late or never in the synthetic runs."""
+    to the other's weights) near zero, so attention learns to look things up late or never."""
     attn_bias: bool = False
     """Biases on the q/k/v projections (Qwen2); o_proj never has one."""
     ffn_moe: MoEConfig | None = None
