@@ -10,23 +10,12 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
-# A small but complete MoE VLM: MoE ViT block, MoE connector, MoA and hierarchical MoE FFN.
+# The "tiny" model preset (configs/model/tiny.yaml): MoE ViT block, MoE connector, MoA and hierarchical MoE FFN.
+TINY_ARCH = yaml.safe_load((REPO / "configs/model/tiny.yaml").read_text())["model"]["arch"]
 TINY_OVERRIDES = {
     "trainer": {"max_steps": 2, "val_check_interval": 2, "limit_val_batches": 1, "log_every_n_steps": 1,
                 "enable_progress_bar": False, "enable_model_summary": False},
-    "model": {
-        "arch": {
-            "vision": {"patch_size": 16, "dim": 32, "depth": 2, "n_heads": 2, "mlp_ratio": 2.0,
-                       "moe": {"num_experts": 4, "top_k": 2, "capacity_factor": 1.5}, "moe_layers": "every_2"},
-            "connector": {"kind": "moe_mlp", "pool": 2, "moe": {"num_experts": 4, "top_k": 2}},
-            "decoder": {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 1, "hidden": 64, "max_seq_len": 160,
-                        "ffn_moe": {"num_experts": 8, "top_k": 2, "expert_hidden": 32, "hierarchy": "group_limited",
-                                    "num_groups": 4, "top_groups": 2, "num_shared_experts": 1},
-                        "ffn_moe_layers": "every_2",
-                        "attn_moe": {"num_experts": 4, "top_k": 2}, "attn_moe_layers": "every_2"},
-        },
-        "log_routing_every": 1,
-    },
+    "model": {"arch": TINY_ARCH, "log_routing_every": 1},
     "data": {"batch_size": 4, "val_max_questions": 4, "max_len": 128},
 }
 

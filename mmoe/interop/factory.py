@@ -8,6 +8,9 @@ weights are upcycled into MoE layers (CuMo co-upcycling).
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from mmoe.config_io import from_dict
 from mmoe.model.connector import Connector, ConnectorConfig
 from mmoe.model.vision import VisionConfig, VisionEncoder
 from mmoe.model.vlm import MMoEVLM, VLMConfig
@@ -46,4 +49,33 @@ def build_model(cfg: VLMConfig) -> MMoEVLM:
     return load_config_weights(MMoEVLM(cfg))
 
 
-__all__ = ["build_model", "build_vision_encoder", "build_connector", "load_config_weights"]
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+MODEL_PRESETS = {
+    "tiny": "model/tiny.yaml",  # every MoE site, trains in seconds on a CPU: tests and CI
+    "default": "default.yaml",  # the `make train` model
+    "mid": "model/mid.yaml",  # GPU benchmarks
+    "cumo_large": "cumo_large.yaml",  # CLIP ViT-L/14-336 + 7B Mistral-family decoder (CuMo)
+}
+"""Named model presets: YAML files (relative to configs/) whose `model.arch` is a VLMConfig."""
+
+
+def model_preset(name: str | Path) -> VLMConfig:
+    """The VLMConfig of a named preset (MODEL_PRESETS) or of any recipe YAML with a `model.arch` section."""
+    import yaml
+
+    if str(name) in MODEL_PRESETS:
+        path = CONFIGS / MODEL_PRESETS[str(name)]
+    elif str(name).endswith((".yaml", ".yml")):
+        path = Path(name)
+    else:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(MODEL_PRESETS)} or a YAML path")
+    if not path.is_file():
+        raise FileNotFoundError(f"model preset {name!r}: {path} not found (presets live in the repository's configs/)")
+    arch = (yaml.safe_load(path.read_text()) or {}).get("model", {}).get("arch")
+    if not isinstance(arch, dict):
+        raise ValueError(f"{path}: no model.arch section")
+    return from_dict(VLMConfig, arch, "model.arch")
+
+
+__all__ = ["build_model", "build_vision_encoder", "build_connector", "load_config_weights", "model_preset",
+           "MODEL_PRESETS"]
