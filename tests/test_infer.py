@@ -308,3 +308,61 @@ def test_infer_answers_like_training_on_an_overfit_tiny_model(tmp_path):
         rc, out = run_cli(["--model", str(export), "--image", str(image), "--prompt", q, "--max-new-tokens", "8",
                            "--device", "cpu"])
         assert rc == 0 and out.splitlines()[-1] == a
+
+
+# ------------------------------------------------------------------------------- no training stack
+_BLOCKED = ("transformers", "lightning", "pytorch_lightning", "lightning_fabric", "open_clip", "jsonargparse",
+            "matplotlib", "pycocoevalcap")
+_NO_TRAINING_STACK = r"""
+import importlib.abc, json, sys
+BLOCKED = %r
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{name} is blocked: inference must not need it")
+sys.meta_path.insert(0, Block())
+from PIL import Image
+from mmoe.inference import load_pipeline
+pipe = load_pipeline(sys.argv[1], device="cpu")
+images = [Image.open(p).convert("RGB") for p in sys.argv[2:]]
+answers = pipe.generate([[im] for im in images], [%r] * len(images), max_new_tokens=8, short_answer=True)
+print(json.dumps({"answers": answers, "tokenizer": type(pipe.tokenizer).__name__,
+                  "loaded": sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)}))
+"""
+
+
+def test_inference_answers_with_torch_tokenizers_and_safetensors_only(tiny):
+    """With transformers, Lightning, open_clip, jsonargparse and matplotlib unimportable, an export still answers,
+    exactly as the transformers-tokenizer pipeline does (same prompt ids, same decoded text)."""
+    imgs = [str(p) for p in tiny["images"][:3]]
+    p = subprocess.run([sys.executable, "-c", _NO_TRAINING_STACK % (_BLOCKED, QUESTION), str(tiny["export"]), *imgs],
+                       capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got["tokenizer"] == "InferenceTokenizer" and got["loaded"] == []
+    want = tiny["pipe"].generate([[Image.open(i).convert("RGB")] for i in imgs], [QUESTION] * 3, max_new_tokens=8,
+                                 short_answer=True)
+    assert type(tiny["pipe"].tokenizer).__name__ != "InferenceTokenizer"  # the reference is transformers'
+    assert got["answers"] == want and any(want)
+
+
+def test_inference_tokenizer_matches_transformers(tiny):
+    from mmoe.data.template import build_prompt, decode_answer
+    from mmoe.inference.tokenizer import InferenceTokenizer, TokenizerLoadError
+
+    hf = tiny["pipe"].tokenizer
+    light = InferenceTokenizer.from_dir(tiny["export"])
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
+        assert getattr(light, name) == getattr(hf, name), name
+    assert len(light) == len(hf) and light.convert_tokens_to_ids("<image>") == hf.convert_tokens_to_ids("<image>")
+    for text in (QUESTION, "<image>\nHow many circles are there? Answer the question using a single word.",
+                 "an Unknown-word, and punctuation!"):
+        ids = build_prompt(light, text)
+        assert ids == build_prompt(hf, text)
+        assert light.decode(ids) == hf.decode(ids)
+        assert decode_answer(light, ids) == decode_answer(hf, ids)
+        assert light.batch_decode(torch.tensor([ids]), skip_special_tokens=True) == hf.batch_decode(
+            torch.tensor([ids]), skip_special_tokens=True)
+    (tiny["export"].parent / "notok").mkdir(exist_ok=True)
+    with pytest.raises(TokenizerLoadError, match="notok.*tokenizer.json"):
+        InferenceTokenizer.from_dir(tiny["export"].parent / "notok")

@@ -85,7 +85,11 @@ class VLMPipeline:
         return self.generate([[im] for im in images], [CAPTION_PROMPT] * len(images), max_new_tokens)
 
 
-def load_pipeline(model_dir: str | Path, device: str | torch.device | None = None) -> VLMPipeline:
-    from mmoe.data.tokenizer import load_tokenizer
+def load_pipeline(model_dir: str | Path, device: str | torch.device | None = None,
+                  tokenizer_backend: str = "auto") -> VLMPipeline:
+    """Export directory -> pipeline. `tokenizer_backend`: 'transformers', 'tokenizers' (no transformers needed),
+    or 'auto' (transformers when installed)."""
+    from .tokenizer import load_inference_tokenizer
+
     model = load_model(model_dir, device)
-    return VLMPipeline(model, load_tokenizer(model_dir))
+    return VLMPipeline(model, load_inference_tokenizer(model_dir, tokenizer_backend))
