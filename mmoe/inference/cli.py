@@ -33,7 +33,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import TextIO
 
 IMAGE_TOKEN = "<image>"
 

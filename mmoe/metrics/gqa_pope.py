@@ -1,6 +1,6 @@
 """GQA exact-match accuracy and POPE yes/no metrics.
 
-GQA (reference notes section 4): the official ``eval.py`` compares ``prediction == answer`` with no
+GQA: the official ``eval.py`` compares ``prediction == answer`` with no
 normalisation at all; LLaVA lower-cases and strips trailing periods before writing predictions
 (``convert_gqa_for_eval.py``); lmms-eval's ``exact_match`` ignores case and deletes every ASCII
 punctuation character on both sides. A generative model's raw text ("Yes.") needs one of the latter, so

@@ -1,8 +1,8 @@
 """Official VQA accuracy (VQA v1/v2, OK-VQA, VizWiz; TextVQA with ``always_normalize``).
 
 Re-implementation of the behaviour of GT-Vision-Lab/VQA ``vqaEval.py`` (commit a013f00) so that our
-numbers are the numbers the official script prints. Written from the reference notes
-(``eval_standards.md`` section 1) and a reading of the official code; nothing is copied.
+numbers are the numbers the official script prints. Written from a reading of the official code; nothing is
+copied.
 
 Metric: for a question with human answers g_1..g_n (n = 10 in VQA) and prediction p,
 ``acc = mean_j min(1, #{k != j : g_k == p} / 3)`` -- the "10 choose 9" leave-one-out average of
@@ -158,8 +158,7 @@ def clean_prediction(raw: str) -> str:
     """Turn raw model text into a VQA answer before it is written to a results file.
 
     Why: because of quirk 1, the official scorer compares the prediction *raw* to unanimous GT
-    answers, so "Yes." scores 0 against ten "yes". Following the reference notes' practical rule
-    (and LLaVA's submission converter) we keep the first non-empty line, lowercase it and apply the
+    answers, so "Yes." scores 0 against ten "yes". Following LLaVA's submission converter we keep the first non-empty line, lowercase it and apply the
     official normalisation. Side effect shared with LLaVA (LLaVA#618): a bare article such as "a"
     becomes "".
     """

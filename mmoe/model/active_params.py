@@ -8,7 +8,6 @@ count top_k/E, shared experts in full; MoA layers count top_k of E head groups).
 from __future__ import annotations
 
 import copy
-import math
 
 from torch import nn
 
@@ -69,4 +68,4 @@ def dense_equivalent_config(cfg: VLMConfig) -> VLMConfig:
     return d
 
 
-__all__ = ["active_param_count", "dense_equivalent_config", "math"]
+__all__ = ["active_param_count", "dense_equivalent_config"]

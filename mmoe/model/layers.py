@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -70,15 +68,6 @@ class GeluMLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-def rope_cache(head_dim: int, max_len: int, theta: float = 10000.0, device=None) -> tuple[Tensor, Tensor]:
-    """cos, sin tables (max_len, head_dim) in float32, HF 'rotate_half' layout."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-    t = torch.arange(max_len, device=device, dtype=torch.float32)
-    freqs = torch.outer(t, inv_freq)
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos(), emb.sin()
-
-
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """x: (B, H, T, hd); cos/sin: (B, T, hd) gathered at each token's position."""
     cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
@@ -98,9 +87,4 @@ def init_linear_(module: nn.Module, std: float = 0.02) -> None:
             nn.init.normal_(m.weight, std=std)
 
 
-def count_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-__all__ = ["RMSNorm", "SwiGLU", "GeluMLP", "rope_cache", "apply_rope", "activation_fn", "quick_gelu",
-           "init_linear_", "count_params", "math"]
+__all__ = ["RMSNorm", "SwiGLU", "GeluMLP", "apply_rope", "activation_fn", "quick_gelu", "init_linear_"]

@@ -284,7 +284,6 @@ class VisionEncoder(nn.Module):
                                     f"choose one of {sorted(_TIMM_ACT)}")
         arch = _resolve_arch(cfg)
         self.arch = arch
-        self.full_depth = arch.depth
         n_blocks = _feature_index(cfg.feature_layer, arch.depth)
         moe_layers = select_layers(cfg.moe_layers, arch.depth) if cfg.moe is not None else []
         if cfg.moe is not None:
