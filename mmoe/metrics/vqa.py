@@ -158,8 +158,8 @@ def clean_prediction(raw: str) -> str:
     """Turn raw model text into a VQA answer before it is written to a results file.
 
     Why: because of quirk 1, the official scorer compares the prediction *raw* to unanimous GT
-    answers, so "Yes." scores 0 against ten "yes". Following LLaVA's submission converter we keep the first non-empty line, lowercase it and apply the
-    official normalisation. Side effect shared with LLaVA (LLaVA#618): a bare article such as "a"
+    answers, so "Yes." scores 0 against ten "yes". Following LLaVA's submission converter we keep the
+    first non-empty line, lowercase it and apply the official normalisation. Side effect shared with LLaVA (LLaVA#618): a bare article such as "a"
     becomes "".
     """
     lines = [line.strip() for line in str(raw).splitlines() if line.strip()]
