@@ -201,3 +201,20 @@ def test_router_losses_differentiable_and_balance_gradient_pushes_towards_unifor
     loss.backward()
     # gradient step lowers the over-used expert's logits: d loss / d w_0 points along +x
     assert (r.gate.weight.grad[0] @ x.mean(0)).item() > 0
+
+
+def test_one_registry_of_balancing_loss_kinds_feeds_config_and_losses():
+    from dataclasses import fields
+
+    from mmoe.model.moe import BALANCING_LOSSES, LOSS_KINDS, balancing_loss
+    from mmoe.training.config import LossCoefs
+
+    assert tuple(f.name for f in fields(LossCoefs)) == LOSS_KINDS == tuple(BALANCING_LOSSES)
+    r = Router(8, MoEConfig(num_experts=4, top_k=2, num_groups=2, top_groups=1, hierarchy="group_limited"),
+               causal=True)(torch.randn(12, 8))
+    losses = balancing_losses(r, num_devices=2)
+    assert set(losses) == set(LOSS_KINDS)
+    assert torch.equal(losses["device"], device_balance_loss(r, 2))
+    assert torch.equal(balancing_loss("z", r), z_loss(r))
+    with pytest.raises(KeyError, match="'entropy'.*balance"):
+        balancing_loss("entropy", r)

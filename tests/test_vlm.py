@@ -98,7 +98,7 @@ def test_text_only_batch_placeholder_image_changes_nothing_but_runs_every_site()
     """With always_encode_images (set under DDP / expert parallelism) a text-only batch still runs the vision
     side, on a masked blank image: same logits, vision/connector routing with no real tokens (no loss, no
     load), and a graph into the vision parameters so backward issues their collectives too."""
-    from mmoe.model.moe import balancing as B
+    from mmoe.model.moe import balancing
 
     model = tiny_vlm()
     ids = torch.tensor([[1, 7, 8, 9, 10], [1, 11, 12, 13, 0]])
@@ -109,7 +109,7 @@ def test_text_only_batch_placeholder_image_changes_nothing_but_runs_every_site()
     torch.testing.assert_close(out.logits, plain.logits, rtol=0, atol=0)
     vis = [r for r in out.routing if r.site in ("vision", "connector")]
     assert len(vis) == 3 and all(not r.token_mask.any() for r in vis)
-    assert all(B.load_balance_loss(r).detach().item() == 0.0 and B.expert_load(r).sum() == 0 for r in vis)
+    assert all(balancing.load_balance_loss(r).detach().item() == 0.0 and balancing.expert_load(r).sum() == 0 for r in vis)
     out.logits.float().pow(2).mean().backward()
     vision_grads = [p.grad for p in model.vision.parameters()]
     assert all(g is not None and float(g.abs().sum()) == 0.0 for g in vision_grads)

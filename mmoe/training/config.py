@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
+
+from mmoe.model.moe.balancing import LOSS_KINDS
 
 
 @dataclass
@@ -56,6 +58,11 @@ class LossCoefs:
     """Device-level balance over expert-parallel shards."""
     sequence: float = 0.0
     """DeepSeek-V3 sequence-wise balance."""
+
+
+if tuple(f.name for f in fields(LossCoefs)) != LOSS_KINDS:  # one coefficient per registered kind
+    raise TypeError(f"LossCoefs fields {[f.name for f in fields(LossCoefs)]} must be the balancing-loss kinds "
+                    f"{list(LOSS_KINDS)} of mmoe.model.moe.balancing.BALANCING_LOSSES, in order")
 
 
 @dataclass

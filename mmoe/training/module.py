@@ -18,22 +18,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmoe.constants import IGNORE_INDEX
-from mmoe.model.moe import Router, RoutingResult, routing_metrics
-from mmoe.model.moe import balancing as B
+from mmoe.model.moe import Router, RoutingResult, balancing_loss, expert_load, routing_metrics
 from mmoe.interop.factory import build_model
 from mmoe.model.vlm import VLMConfig
 
 from .config import BalanceConfig, OptimConfig, ParallelConfig, StageConfig
 from .stage_init import apply_freeze, load_hf_decoder, load_stage_weights
-
-LOSS_FNS = {
-    "balance": B.load_balance_loss,
-    "z": B.z_loss,
-    "group": B.group_balance_loss,
-    "modality": B.modality_balance_loss,
-    "sequence": B.sequence_balance_loss,
-}
-
 
 LOSS_REDUCTIONS = {"token": 0.0, "sqrt": 0.5, "turn": 1.0}  # exponent p of the per-token weight len(turn)^-p
 
@@ -181,12 +171,9 @@ class MMoEModule(L.LightningModule):
             for kind, coef in asdict(coefs).items():
                 if coef == 0:
                     continue
-                if kind == "device":
-                    if self.parallel_cfg.ep_size <= 1:
-                        continue
-                    value = B.device_balance_loss(r, self.parallel_cfg.ep_size)
-                else:
-                    value = LOSS_FNS[kind](r)
+                if kind == "device" and self.parallel_cfg.ep_size <= 1:
+                    continue  # one device: nothing to balance across
+                value = balancing_loss(kind, r, self.parallel_cfg.ep_size)
                 total = total + coef * value
                 parts[f"{r.site}/{kind}"] = parts[f"{r.site}/{kind}"] + value.detach()
         return total, dict(parts)
@@ -217,7 +204,7 @@ class MMoEModule(L.LightningModule):
                 metrics[f"routing/{r.name}/{k}"] = v
             self.expert_load_history.append(
                 {"step": int(self.global_step), "layer": r.name,
-                 "load": B.expert_load(r).tolist()})
+                 "load": expert_load(r).tolist()})
         if self.parallel_cfg.ep_size > 1:  # a collective: runs at the same steps on every rank
             from mmoe.parallel import ep_load_metrics
             metrics.update(ep_load_metrics(self.model))

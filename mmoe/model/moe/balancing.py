@@ -8,6 +8,7 @@ is normalised to equal 1 at perfect balance, so coefficients mean the same thing
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -16,7 +17,6 @@ from mmoe.constants import MODALITY_NAMES
 
 from .routing import RoutingResult
 
-LOSS_KINDS = ("balance", "z", "group", "modality", "device", "sequence")
 
 
 def _mask(r: RoutingResult, extra: Tensor | None = None) -> Tensor:
@@ -102,16 +102,30 @@ def sequence_balance_loss(r: RoutingResult) -> Tensor:
     return per_seq[has].mean() if bool(has.any()) else r.probs.new_zeros(())
 
 
+BALANCING_LOSSES: dict[str, Callable[..., Tensor]] = {
+    "balance": load_balance_loss,
+    "z": z_loss,
+    "group": group_balance_loss,
+    "modality": modality_balance_loss,
+    "device": device_balance_loss,  # also takes the number of expert-parallel devices
+    "sequence": sequence_balance_loss,
+}
+"""The one registry of balancing-loss kinds: the training config has one coefficient per kind, the training module
+logs `train/balance/<site>/<kind>`."""
+LOSS_KINDS = tuple(BALANCING_LOSSES)
+
+
+def balancing_loss(kind: str, r: RoutingResult, num_devices: int = 1) -> Tensor:
+    """One layer's balancing loss of `kind` (a key of BALANCING_LOSSES)."""
+    if kind not in BALANCING_LOSSES:
+        raise KeyError(f"unknown balancing-loss kind {kind!r}; known: {list(LOSS_KINDS)}")
+    fn = BALANCING_LOSSES[kind]
+    return fn(r, num_devices) if kind == "device" else fn(r)
+
+
 def balancing_losses(r: RoutingResult, num_devices: int = 1) -> dict[str, Tensor]:
-    """All balancing losses of one layer, keyed by kind (see LOSS_KINDS)."""
-    return {
-        "balance": load_balance_loss(r),
-        "z": z_loss(r),
-        "group": group_balance_loss(r),
-        "modality": modality_balance_loss(r),
-        "device": device_balance_loss(r, num_devices),
-        "sequence": sequence_balance_loss(r),
-    }
+    """All balancing losses of one layer, keyed by kind."""
+    return {kind: balancing_loss(kind, r, num_devices) for kind in LOSS_KINDS}
 
 
 # --------------------------------------------------------------------------- health metrics
