@@ -233,7 +233,7 @@ def test_moa_upcycle_head_partition_error():
     with pytest.raises(MoEConfigError, match="num_experts=4 must divide"):
         DecoderConfig(**{**dense.cfg.__dict__, "attn_moe": MoEConfig(num_experts=4, top_k=1),
                          "attn_moe_layers": "all"}).validate()
-    with pytest.raises(MoEConfigError, match="n_kv_heads=2 to divide the heads per expert"):
+    with pytest.raises(MoEConfigError, match=r"attention.-1.num_experts=4 must divide n_heads/n_kv_heads=4/2=2"):
         MoAAttention(64, 4, 2, 16, MoEConfig(num_experts=4, top_k=1))
     shared = MoEConfig(num_experts=4, top_k=2, num_shared_experts=1)  # shared head groups count too
     with pytest.raises(MoEConfigError, match=r"num_experts\+num_shared_experts=4\+1 must divide"):

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from .attention import AttnMask, sdpa, shared_kv
 from .layers import RMSNorm, SwiGLU, apply_rope, init_linear_
-from .moe.attention import MoAAttention
+from .moe.attention import MoAAttention, moa_heads_per_group
 from .moe.config import MoEConfig, MoEConfigError, select_layers
 from .moe.experts import GroupedLinear
 from .moe.ffn import MoEFFN
@@ -102,14 +102,7 @@ class DecoderConfig:
         if self.attn_moe is not None:
             self.attn_moe.validate(causal=True, site="decoder.attn_moe")
             self.moa_layer_ids()
-            E, S = self.attn_moe.num_experts, self.attn_moe.num_shared_experts
-            g = self.n_heads // self.n_kv_heads
-            if g % (E + S):
-                what = f"num_experts={E}" if not S else f"num_experts+num_shared_experts={E}+{S}"
-                raise MoEConfigError(
-                    f"decoder.attn_moe.{what} must divide n_heads/n_kv_heads={self.n_heads}/"
-                    f"{self.n_kv_heads}={g}: each MoA expert (and shared head group) owns "
-                    "n_heads/(num_experts+num_shared_experts) query heads and n_kv_heads must divide that")
+            moa_heads_per_group(self.n_heads, self.n_kv_heads, self.attn_moe, "decoder.attn_moe")
         return self
 
 

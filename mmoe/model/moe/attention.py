@@ -30,6 +30,23 @@ from .experts import GroupedLinear
 from .routing import Router, RoutingResult
 
 
+def moa_heads_per_group(n_heads: int, n_kv_heads: int, cfg: MoEConfig, site: str) -> int:
+    """Query heads of each MoA expert / shared head group; the one check that the heads split evenly.
+
+    Every group owns n_heads / (E + S) query heads and reads whole kv heads, so E + S must divide
+    n_heads / n_kv_heads. Raises MoEConfigError naming `site` and the fields."""
+    E, S = cfg.num_experts, cfg.num_shared_experts
+    if n_kv_heads < 1 or n_heads % n_kv_heads:
+        raise MoEConfigError(f"{site}: n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads}")
+    g = n_heads // n_kv_heads
+    if g % (E + S):
+        what = f"num_experts={E}" if not S else f"num_experts+num_shared_experts={E}+{S}"
+        raise MoEConfigError(f"{site}.{what} must divide n_heads/n_kv_heads={n_heads}/{n_kv_heads}={g}: each MoA "
+                             "expert (and shared head group) owns n_heads/(num_experts+num_shared_experts) query "
+                             "heads and n_kv_heads must divide that")
+    return n_heads // (E + S)
+
+
 class MoAAttention(nn.Module):
     """Token-choice mixture of attention heads with shared GQA keys/values. Returns (y, RoutingResult)."""
 
@@ -38,16 +55,7 @@ class MoAAttention(nn.Module):
         super().__init__()
         site = f"attention.{layer}"
         E, S = cfg.num_experts, cfg.num_shared_experts
-        G = E + S
-        if n_heads % G:
-            raise MoEConfigError(f"{site}: moe.num_experts + num_shared_experts = {E} + {S} must divide "
-                                 f"n_heads={n_heads} (each expert and shared group owns n_heads / {G} query heads)")
-        hpe = n_heads // G
-        if hpe % n_kv_heads:
-            raise MoEConfigError(f"{site}: MoA needs n_kv_heads={n_kv_heads} to divide the heads per expert "
-                                 f"n_heads/(num_experts+num_shared_experts)={n_heads}/{G}={hpe}, i.e. "
-                                 f"num_experts+num_shared_experts must divide "
-                                 f"n_heads/n_kv_heads={n_heads // max(1, n_kv_heads)}")
+        hpe = moa_heads_per_group(n_heads, n_kv_heads, cfg, site)
         self.cfg, self.layer = cfg, layer
         self.n_heads, self.n_kv_heads, self.head_dim, self.hpe = n_heads, n_kv_heads, head_dim, hpe
         self.num_shared = S
