@@ -441,6 +441,7 @@ def generate_split(
     n_images: int,
     first_image_id: int,
     seed: int,
+    *,
     image_size: int,
     questions_per_image: int,
     heldout: list[tuple[str, str]],
@@ -594,6 +595,7 @@ def write_split(out_dir: Path, split: str, seed: int, rec: dict[str, list]) -> N
 def generate_dataset(
     out_dir: str | Path,
     seed: int,
+    *,
     n_train: int = 4000,
     n_val: int = 300,
     n_test: int = 500,
@@ -635,8 +637,8 @@ def generate_dataset(
     next_id, split_meta = 1, {}
     for split in SPLITS:
         rec = generate_split(
-            out, split, sizes[split], next_id, seed, image_size,
-            train_qpi if split == "train" else questions_per_image, heldout, log
+            out, split, sizes[split], next_id, seed, image_size=image_size,
+            questions_per_image=train_qpi if split == "train" else questions_per_image, heldout=heldout, log=log
         )
         write_split(out, split, seed, rec)
         texts += [q["question"] for q in rec["questions"]] + [

@@ -47,7 +47,7 @@ class VLMPipeline:
         return torch.stack([self.transform(im) for im in images]).to(self.device, dtype)
 
     @torch.no_grad()
-    def generate(self, images: list[list[Image.Image]], prompts: list[str], max_new_tokens: int = 32,
+    def generate(self, images: list[list[Image.Image]], prompts: list[str], max_new_tokens: int = 32, *,
                  temperature: float = 0.0, top_p: float = 1.0, short_answer: bool = False,
                  stream_callback: Callable[[int, torch.Tensor], None] | None = None,
                  seed: int | None = None) -> list[str]:

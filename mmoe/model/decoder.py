@@ -173,7 +173,7 @@ class DecoderBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         if moa:
             self.self_attn = MoAAttention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, hd, cfg.attn_moe,
-                                          cfg.attn_bias, layer)
+                                          bias=cfg.attn_bias, layer=layer)
         else:
             self.self_attn = Attention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, hd, cfg.attn_bias)
         if moe:
@@ -183,7 +183,8 @@ class DecoderBlock(nn.Module):
             self.mlp = SwiGLU(cfg.dim, cfg.hidden)
         self.layer = layer
 
-    def forward(self, x, cos, sin, mask, cache, token_mask, modality, routing: list):
+    def forward(self, x, cos, sin, mask, cache, *, token_mask, modality, routing: list):
+        """Appends this block's routing results (MoA, MoE FFN) to `routing`."""
         h, r = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.layer,
                               token_mask=token_mask, modality=modality)
         if r is not None:
@@ -285,7 +286,7 @@ class Decoder(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
-                attention_mask: Tensor | None = None, position_ids: Tensor | None = None,
+                attention_mask: Tensor | None = None, *, position_ids: Tensor | None = None,
                 modality: Tensor | None = None, cache: KVCache | None = None,
                 segment_ids: Tensor | None = None, logits_mask: Tensor | None = None) -> DecoderOutput:
         """input_ids (B, T) or inputs_embeds (B, T, D); attention_mask (B, past + T), 1 = real token;
@@ -330,7 +331,7 @@ class Decoder(nn.Module):
         mask = self.build_mask(attention_mask, B, T, past, x.device, segment_ids)
         routing: list[RoutingResult] = []
         for block in self.layers:
-            x = block(x, cos, sin, mask, cache, token_mask, modality, routing)
+            x = block(x, cos, sin, mask, cache, token_mask=token_mask, modality=modality, routing=routing)
         if cache is not None:
             cache.advance(T)
         h = self.norm(x)

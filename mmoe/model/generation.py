@@ -32,7 +32,7 @@ def sample_next(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0,
 
 @torch.no_grad()
 def generate(decoder: Decoder, input_ids: Tensor | None = None, inputs_embeds: Tensor | None = None,
-             attention_mask: Tensor | None = None, modality: Tensor | None = None, max_new_tokens: int = 32,
+             attention_mask: Tensor | None = None, modality: Tensor | None = None, *, max_new_tokens: int = 32,
              temperature: float = 0.0, top_p: float = 1.0, stop_token_ids: Sequence[int] = (),
              pad_token_id: int = 0, stream_callback: Callable[[int, Tensor], None] | None = None,
              generator: torch.Generator | None = None) -> Tensor:

@@ -99,8 +99,8 @@ class VisionMoEMlp(nn.Module):
     encoder to collect (the encoder clears it at the start of every forward).
     """
 
-    def __init__(self, in_features: int, hidden_features: int | None = None, out_features: int | None = None,
-                 act_layer=None, norm_layer=None, bias=True, drop=0.0, device=None, dtype=None, *,
+    def __init__(self, in_features: int, hidden_features: int | None = None, out_features: int | None = None, *,
+                 act_layer=None, norm_layer=None, bias=True, drop=0.0, device=None, dtype=None,
                  moe: MoEConfig, activation: str = "gelu", layer: int = -1, **_unused):
         super().__init__()
         if out_features not in (None, in_features):

@@ -147,7 +147,7 @@ class MMoEVLM(nn.Module):
         return out
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Tensor | None = None,
-                labels: Tensor | None = None, padding_side: str = "right",
+                labels: Tensor | None = None, *, padding_side: str = "right",
                 segment_ids: Tensor | None = None, logits_at_labels: bool = False) -> VLMOutput:
         """`segment_ids` (B, T) long: shared-prefix packing (see `Decoder.forward`); an image takes the
         segment of its placeholder, so questions packed after a shared image each see only that image.

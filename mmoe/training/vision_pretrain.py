@@ -79,7 +79,7 @@ def token_probe(dim: int, out: int) -> nn.Module:
 class VisionPretrainModule(L.LightningModule):
     """Dense ViT + label head trained with binary cross-entropy; logs label-set accuracy and micro F1."""
 
-    def __init__(self, vision: VisionConfig = VisionConfig(), num_classes: int = 0,
+    def __init__(self, vision: VisionConfig = VisionConfig(), num_classes: int = 0, *,
                  optim: OptimConfig = OptimConfig(), head_hidden: int = 256, patch_loss: float = 0.0,
                  box_loss: float = 0.0, word_loss: float = 0.0, class_names: list[str] | None = None):
         """

@@ -50,7 +50,7 @@ def moa_heads_per_group(n_heads: int, n_kv_heads: int, cfg: MoEConfig, site: str
 class MoAAttention(nn.Module):
     """Token-choice mixture of attention heads with shared GQA keys/values. Returns (y, RoutingResult)."""
 
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, cfg: MoEConfig,
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, cfg: MoEConfig, *,
                  bias: bool = False, layer: int = -1):
         super().__init__()
         site = f"attention.{layer}"
@@ -71,7 +71,7 @@ class MoAAttention(nn.Module):
         self.force_unit_weights = False
         """Test/analysis hook: combine every kept slot with weight 1 (top_k = E: the upcycling identity)."""
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttnMask, cache=None, layer_idx: int = 0,
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: AttnMask, cache=None, layer_idx: int = 0, *,
                 token_mask: Tensor | None = None,
                 modality: Tensor | None = None) -> tuple[Tensor, RoutingResult]:
         """x: (B, T, D); cos/sin: (B, T, hd); token_mask, modality: (B, T)."""

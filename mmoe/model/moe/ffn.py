@@ -18,7 +18,7 @@ class MoEFFN(nn.Module):
     `site` and `layer` label the routing result so losses and metrics stay per layer.
     """
 
-    def __init__(self, dim: int, hidden: int, cfg: MoEConfig, activation: str = "swiglu", bias: bool = False,
+    def __init__(self, dim: int, hidden: int, cfg: MoEConfig, activation: str = "swiglu", *, bias: bool = False,
                  causal: bool = True, site: str = "ffn", layer: int = -1, out_dim: int | None = None):
         super().__init__()
         self.cfg, self.site, self.layer = cfg, site, layer
