@@ -65,7 +65,7 @@ def generate(images: list[tuple[Any, str]], args: argparse.Namespace) -> tuple[l
     model_dir = require_model_dir(args.model)
     if not args.images or not Path(args.images).is_dir():
         raise CLIError(f"--images directory not found: {args.images}")
-    pipe = load_pipeline_lazily(model_dir, args.device)
+    pipe = load_pipeline_lazily(model_dir, args.device, args.quantize)
     cache = ImageCache(Path(args.images), capacity=args.batch_size)
     results: list[dict] = []
     for batch in tqdm(list(batched(images, args.batch_size)), desc="captions", unit="batch", file=sys.stderr):

@@ -89,13 +89,13 @@ def require_model_dir(path: str | None) -> Path:
     return p
 
 
-def load_pipeline_lazily(model_dir: Path, device: str | None):
+def load_pipeline_lazily(model_dir: Path, device: str | None, quantize: str | None = None):
     """Import the inference stack only for generation, so scoring works without torch/model code."""
     try:
         from mmoe.inference import load_pipeline
     except ImportError as err:
         raise CLIError(f"cannot import mmoe.inference.load_pipeline (needed for generation): {err}") from err
-    return load_pipeline(str(model_dir), device=device)
+    return load_pipeline(str(model_dir), device=device, quantize=quantize)
 
 
 def metrics_path_for(path: str | Path) -> Path:
@@ -242,7 +242,7 @@ def generate(items: list[Item], args: argparse.Namespace) -> tuple[list[dict], d
     model_dir = require_model_dir(args.model)
     if not args.images or not Path(args.images).is_dir():
         raise CLIError(f"--images directory not found: {args.images}")
-    pipe = load_pipeline_lazily(model_dir, args.device)
+    pipe = load_pipeline_lazily(model_dir, args.device, args.quantize)
     cache = ImageCache(Path(args.images))
     results: list[dict] = []
     skipped_questions = 0
@@ -321,6 +321,7 @@ def add_run_args(p: argparse.ArgumentParser, results_help: str, images_help: str
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     p.add_argument("--limit", type=int, help=f"only the first N {unit} (scored as a subset)")
     p.add_argument("--device", help="device for the pipeline (default: its choice)")
+    p.add_argument("--quantize", choices=["int8"], help="int8 weight-only linears (torchao) for generation")
 
 
 def build_parser() -> argparse.ArgumentParser:

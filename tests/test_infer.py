@@ -366,3 +366,32 @@ def test_inference_tokenizer_matches_transformers(tiny):
     (tiny["export"].parent / "notok").mkdir(exist_ok=True)
     with pytest.raises(TokenizerLoadError, match="notok.*tokenizer.json"):
         InferenceTokenizer.from_dir(tiny["export"].parent / "notok")
+
+
+def test_int8_weight_only_quantisation_keeps_the_logits(tiny):
+    """torchao int8 weight-only linears (routers kept in float): logits stay close and greedy answers run; the
+    routers' gates and the packed experts are untouched."""
+    pytest.importorskip("torchao")
+    from mmoe.inference.pipeline import load_model
+    from mmoe.inference.quantize import quantize_for_inference
+
+    ref, quant = load_model(tiny["export"], "cpu"), load_model(tiny["export"], "cpu")
+    stats = quantize_for_inference(quant, "int8")
+    assert stats["linears"] > 10
+    assert type(quant.decoder.layers[0].self_attn.k_proj.weight).__name__ == "Int8Tensor"
+    routers = [m for n, m in quant.named_modules() if n.endswith(".router")]
+    assert routers and all(type(p).__name__ in ("Parameter", "Tensor") for r in routers for p in r.parameters())
+    im = Image.open(tiny["images"][0]).convert("RGB")
+    pipe = tiny["pipe"]
+    ids = torch.tensor([[pipe.tokenizer.convert_tokens_to_ids("<image>"), 5, 6, 7]])
+    pixels = pipe._pixels([im])
+    with torch.no_grad():
+        a = ref(ids, torch.ones_like(ids, dtype=torch.bool), pixels).logits
+        b = quant(ids, torch.ones_like(ids, dtype=torch.bool), pixels).logits
+    rel = ((a - b).norm() / a.norm()).item()
+    assert 0 < rel < 0.05, rel  # changed (quantised), but only by int8 rounding
+    with pytest.raises(ValueError, match="'int4'.*int8"):
+        quantize_for_inference(ref, "int4")
+    from mmoe.inference.pipeline import load_pipeline
+    qpipe = load_pipeline(tiny["export"], device="cpu", quantize="int8")
+    assert len(qpipe.generate([[im]], [QUESTION], max_new_tokens=4)) == 1

@@ -73,7 +73,7 @@ def load_images(paths: list[str], root: Path | None = None) -> list:
     return out
 
 
-def open_pipeline(model_dir: str | None, device: str | None):
+def open_pipeline(model_dir: str | None, device: str | None, quantize: str | None = None):
     if not model_dir:
         raise CLIError("--model EXPORT_DIR is required")
     p = Path(model_dir)
@@ -84,8 +84,8 @@ def open_pipeline(model_dir: str | None, device: str | None):
     from mmoe.inference.pipeline import load_pipeline
 
     try:
-        return load_pipeline(p, device=device)
-    except (FileNotFoundError, ValueError, OSError) as e:
+        return load_pipeline(p, device=device, quantize=quantize)
+    except (FileNotFoundError, ValueError, OSError, ImportError) as e:
         raise CLIError(f"cannot load model {p}: {e}") from None
 
 
@@ -271,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--short-answer", action="store_true",
                     help="append 'Answer the question using a single word or phrase.'")
     ap.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    ap.add_argument("--quantize", choices=["int8"], default=None,
+                    help="int8 weight-only quantisation of the linears (routers excepted); needs torchao")
     ap.add_argument("--no-stream", action="store_true", help="print the answer only when it is complete")
     ap.add_argument("--routing-map", help="write a PNG of the expert chosen per image patch and per token")
     ap.add_argument("--routing-json", help="write the raw routing assignments as JSON")
@@ -305,7 +307,7 @@ def main(argv: list[str] | None = None, stdout: TextIO | None = None) -> int:
     try:
         _validate(args)
         if args.jsonl:
-            pipe = open_pipeline(args.model, args.device)
+            pipe = open_pipeline(args.model, args.device, args.quantize)
             summary = run_batch(pipe, args)
             print(f"wrote {summary['answered'] + summary['errors']} lines to {args.out}: "
                   f"{summary['answered']} answered, {summary['errors']} errors", file=sys.stderr)
@@ -317,7 +319,7 @@ def main(argv: list[str] | None = None, stdout: TextIO | None = None) -> int:
         if not model_dir or not Path(model_dir).is_dir():  # check before loading images (cheaper first)
             open_pipeline(model_dir, args.device)
         images = load_images(args.image)
-        pipe = open_pipeline(model_dir, args.device)
+        pipe = open_pipeline(model_dir, args.device, args.quantize)
         run_single(pipe, images, prompt, args, out)
         return 0
     except CLIError as e:

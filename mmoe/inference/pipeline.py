@@ -86,10 +86,14 @@ class VLMPipeline:
 
 
 def load_pipeline(model_dir: str | Path, device: str | torch.device | None = None,
-                  tokenizer_backend: str = "auto") -> VLMPipeline:
+                  tokenizer_backend: str = "auto", quantize: str | None = None) -> VLMPipeline:
     """Export directory -> pipeline. `tokenizer_backend`: 'transformers', 'tokenizers' (no transformers needed),
-    or 'auto' (transformers when installed)."""
+    or 'auto' (transformers when installed). `quantize`: None, or 'int8' weight-only (needs torchao)."""
     from .tokenizer import load_inference_tokenizer
 
     model = load_model(model_dir, device)
+    if quantize:
+        from .quantize import quantize_for_inference
+
+        quantize_for_inference(model, quantize)
     return VLMPipeline(model, load_inference_tokenizer(model_dir, tokenizer_backend))
