@@ -21,6 +21,12 @@ VARIANTS = {
     "qwen2": {"ffn_moe": None, "attn_moe": None, "attn_moe_layers": "none", "attn_bias": True},
     "mixtral": {"ffn_moe": FLAT_MOE, "ffn_moe_layers": "all", "attn_moe": None, "attn_moe_layers": "none",
                 "tie_embeddings": False},
+    # DeepSeek-V3 routing (sigmoid, group-limited, selection bias, routed scaling) + a shared expert, the first
+    # layer dense: GLM-4.5's format
+    "glm4_moe": {"ffn_moe": {**FLAT_MOE, "num_experts": 8, "top_k": 4, "score_func": "sigmoid",
+                             "hierarchy": "group_limited", "num_groups": 4, "top_groups": 2, "num_shared_experts": 1,
+                             "routed_scaling": 2.5, "aux_free_bias": True},
+                 "ffn_moe_layers": "last_1", "attn_moe": None, "attn_moe_layers": "none", "attn_bias": True},
 }
 
 
@@ -33,6 +39,9 @@ def _export(tmp_path, tiny_data, **decoder):
         for name, p in model.named_parameters():
             if name.endswith(("norm.weight", ".bias")):
                 p.uniform_(0.5, 1.5)
+        for name, b in model.named_buffers():
+            if name.endswith("router.expert_bias"):  # a trained aux-loss-free selection bias
+                b.uniform_(-0.05, 0.05)
     return model, export_model(model, tmp_path / "mmoe_export", tokenizer=tiny_data)
 
 
@@ -63,7 +72,10 @@ def test_export_hf_logits_match_and_mmoe_loads_it_back(variant, tmp_path, tiny_d
     own = model.decoder.state_dict()
     assert set(back.state_dict()) == set(own)
     for name, t in back.state_dict().items():
+        if name.endswith("router.expert_bias") and variant != "glm4_moe":
+            continue  # formats without a selection bias (mmoe's stays zero there)
         assert torch.equal(t, own[name]), name
+    assert cfg.ffn_moe == model.cfg.decoder.ffn_moe or variant in ("mixtral",)
 
 
 def test_export_hf_refuses_what_transformers_cannot_represent(tmp_path, tiny_data):
@@ -71,7 +83,7 @@ def test_export_hf_refuses_what_transformers_cannot_represent(tmp_path, tiny_dat
     out = tmp_path / "hf"
     proc = _run(export, out)
     assert proc.returncode == 2
-    for field in ("model.arch.decoder.attn_moe", "ffn_moe_layers='every_2'", "ffn_moe.hierarchy='group_limited'",
-                  "ffn_moe.num_shared_experts=1"):
+    for field in ("model.arch.decoder.attn_moe", "ffn_moe.score_func='softmax'",
+                  "ffn_moe.top_k/top_groups=2/2"):
         assert field in proc.stderr, (field, proc.stderr)
     assert not out.exists() and "Traceback" not in proc.stderr
