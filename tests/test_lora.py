@@ -142,3 +142,11 @@ def test_lora_finetune_from_export_on_converted_data_improves_loss(tmp_path):
     assert len(losses) == 30
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.7 * first, (first, last)
+
+
+def test_lora_with_expert_parallel_is_refused_naming_the_fields():
+    from mmoe.training.config import ParallelConfig
+    from mmoe.training.module import MMoEModule
+
+    with pytest.raises(ValueError, match=r"model.lora.r > 0 with model.parallel.ep_size > 1"):
+        MMoEModule(arch=tiny_arch(), parallel=ParallelConfig(ep_size=2), lora=LoraSettings(r=2))

@@ -212,3 +212,37 @@ def test_own_data_sigterm_saves_a_resumable_checkpoint(tiny_data, tiny_config, t
     assert state["global_step"] == 3
     resumed = cli_main(["fit", *base[:-1], "--trainer.max_steps=5", "--ckpt_path", str(ckpt)])
     assert resumed.trainer.global_step == 5
+
+
+def test_own_data_gqa_and_captions_share_one_manifest_and_tokenizer(tmp_path):
+    """A second source converted into the same directory joins the manifest, gets its own carved validation
+    split (none is carved twice) and the tokenizer is retrained on all training text."""
+    from mmoe.data.tokenizer import load_tokenizer
+
+    images = tmp_path / "img"
+    images.mkdir()
+    for i in range(6):
+        Image.new("RGB", (16, 16), list(COLORS.values())[i % 3]).save(images / f"n{i}.png")
+    gqa = {f"q{i}": {"imageId": f"n{i}", "question": "Which shape is it?", "answer": f"zebra{i}"} for i in range(6)}
+    (tmp_path / "g.json").write_text(json.dumps(gqa))
+    out = tmp_path / "out"
+    run = [sys.executable, str(REPO / "data_scripts/prepare_gqa.py"), "--questions", str(tmp_path / "g.json"),
+           "--images", str(images), "--out", str(out), "--split", "train", "--val-fraction", "0.34"]
+    proc = subprocess.run(run, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    coco = {"images": [{"id": i, "file_name": f"n{i}.jpg"} for i in range(6)],
+            "annotations": [{"id": i, "image_id": i, "caption": f"a quokka number {i}"} for i in range(6)]}
+    (tmp_path / "c.json").write_text(json.dumps(coco))
+    run = [sys.executable, str(REPO / "data_scripts/prepare_coco_captions.py"), "--captions", str(tmp_path / "c.json"),
+           "--images", str(images), "--out", str(out), "--split", "captions_train"]
+    proc = subprocess.run(run, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "image_extension_detected: .png" in proc.stdout
+    splits = json.loads((out / "dataset.json").read_text())["splits"]
+    assert {k: (v["role"], v["task"]) for k, v in splits.items()} == {
+        "train": ("train", "gqa"), "val": ("val", "gqa"), "captions_train": ("train", "caption")}
+    assert len(json.loads((out / "val_llava.json").read_text())) == 2
+    gqa_val = json.loads((out / "val_questions.json").read_text())
+    assert all(Path(q["file_name"]).is_file() for q in gqa_val.values())
+    vocab = load_tokenizer(out).get_vocab()
+    assert "▁quokka" in vocab and any(w.startswith("▁zebra") for w in vocab)  # both sources' training text

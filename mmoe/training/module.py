@@ -136,6 +136,9 @@ class MMoEModule(L.LightningModule):
         apply_freeze(self.model, stage.freeze)
         self.lora_cfg = copy.deepcopy(lora)
         self.lora_cfg.validate()
+        if self.lora_cfg.r and parallel.ep_size > 1:
+            raise ValueError("model.lora.r > 0 with model.parallel.ep_size > 1: LoRA on sharded experts is not "
+                             "supported; fine-tune with LoRA on one expert-parallel group (ep_size 1)")
         if self.lora_cfg.r:
             apply_lora(self.model, self.lora_cfg)  # after the weights are loaded: adapters start at zero
         self._val_results: list[dict] = []
