@@ -190,6 +190,7 @@ class SigtermAtStep(Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+@pytest.mark.slow  # two short CLI fits
 def test_own_data_sigterm_saves_a_resumable_checkpoint(tiny_data, tiny_config, tmp_path, capsys):
     import torch
 
@@ -214,6 +215,7 @@ def test_own_data_sigterm_saves_a_resumable_checkpoint(tiny_data, tiny_config, t
     assert resumed.trainer.global_step == 5
 
 
+@pytest.mark.slow  # two converter subprocesses that train tokenizers
 def test_own_data_gqa_and_captions_share_one_manifest_and_tokenizer(tmp_path):
     """A second source converted into the same directory joins the manifest, gets its own carved validation
     split (none is carved twice) and the tokenizer is retrained on all training text."""
