@@ -2,7 +2,11 @@
 PY      ?= python3
 VENV    ?= .venv
 PYTHON  := $(VENV)/bin/python
+# DATA: the synthetic set (generated on first use) or a directory converted by data_scripts/prepare_*.py,
+# e.g. `make train DATA=data/myvqa` (stage 0 is skipped when it has no object boxes); TRAIN_ARGS: extra
+# LightningCLI flags, e.g. TRAIN_ARGS="--trainer.max_steps=2000".
 DATA    ?= data/synthetic
+TRAIN_ARGS ?=
 STAMP   := $(VENV)/.installed
 
 .PHONY: install data train test bench study clean
@@ -19,10 +23,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 data: install
-	@test -f $(DATA)/tokenizer.json || $(PYTHON) data_scripts/make_synthetic.py --out $(DATA) --seed 0
+	@test -f $(DATA)/dataset.json || test -f $(DATA)/tokenizer.json || \
+		$(PYTHON) data_scripts/make_synthetic.py --out $(DATA) --seed 0
 
 train: install data
-	$(PYTHON) -m mmoe.training.main_job --config configs/default.yaml --data $(DATA)
+	$(PYTHON) -m mmoe.training.main_job --config configs/default.yaml --data $(DATA) -- $(TRAIN_ARGS)
 
 test: install
 	$(PYTHON) -m pytest -q tests

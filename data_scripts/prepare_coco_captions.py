@@ -34,10 +34,16 @@ from _convert_common import (  # noqa: E402
     fail,
     image_field,
     load_json,
-    print_summary,
+    ImageFinder,
+    SplitOutput,
+    add_common_args,
+    carve_val,
+    finish,
     require,
+    resolve_role,
     run_main,
-    write_json,
+    val_split_name,
+    wants_val_carve,
 )
 
 CAPTION_PROMPT = "Describe the image briefly."
@@ -51,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="output name prefix (default: captions file stem)")
     p.add_argument("--mode", choices=("per-caption", "per-image"), default="per-caption")
     p.add_argument("--seed", type=int, default=0, help="caption choice for --mode per-image")
-    p.add_argument("--relative", action="store_true", help="write LLaVA image paths relative to --out")
+    p.add_argument("--relative", action="store_true", help="write image paths relative to --out")
+    add_common_args(p)
     return p
 
 
@@ -87,38 +94,49 @@ def _main(argv: list[str] | None) -> None:
     for ann in anns:
         caps.setdefault(ann["image_id"], []).append(ann)
 
-    kept_images, missing, no_caption = [], [], 0
+    finder = ImageFinder(images_dir)
+    kept_images, paths, missing, no_caption = [], {}, [], 0
     for img in images:
-        if not (images_dir / img["file_name"]).is_file():
+        path = finder.find(img["file_name"])
+        if path is None:
             missing.append(img["file_name"])
         elif img["id"] not in caps:
             no_caption += 1
         else:
             kept_images.append(img)
+            paths[img["id"]] = image_field(path, out_dir, args.relative)
+    if not kept_images:
+        fail(f"no image listed in {args.captions} exists under {images_dir} with captions; nothing was written")
 
+    role = resolve_role(args.role, split)
+    val_ids = carve_val([img["id"] for img in kept_images], args.val_fraction, args.val_seed) \
+        if wants_val_carve(args, role, out_dir) else set()
+    parts = [(split, role, [img for img in kept_images if img["id"] not in val_ids])]
+    if val_ids:
+        parts.append((val_split_name(split), "val", [img for img in kept_images if img["id"] in val_ids]))
     rng = random.Random(args.seed)
-    samples = []
-    for img in kept_images:
-        path = image_field(images_dir / img["file_name"], out_dir, args.relative)
-        chosen = caps[img["id"]] if args.mode == "per-caption" else [rng.choice(caps[img["id"]])]
-        for ann in chosen:
-            samples.append({
-                "id": f"{split}_{img['id']}_{ann.get('id', len(samples))}", "image": path, "image_id": img["id"],
-                "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\n{CAPTION_PROMPT}"},
-                                  {"from": "gpt", "value": ann["caption"].strip()}],
-            })
-    kept_ids = {img["id"] for img in kept_images}
-    gt = {**{k: v for k, v in data.items() if k not in ("images", "annotations")},
-          "images": kept_images, "annotations": [a for a in anns if a["image_id"] in kept_ids]}
-    write_json(out_dir / f"{split}_llava.json", samples)
-    write_json(out_dir / f"{split}_captions.json", gt)
-    print_summary(f"captions -> {out_dir}", [
+    outputs, n_samples, n_captions = [], 0, 0
+    for name, part_role, part_images in parts:
+        samples = []
+        for img in part_images:
+            chosen = caps[img["id"]] if args.mode == "per-caption" else [rng.choice(caps[img["id"]])]
+            for ann in chosen:
+                samples.append({
+                    "id": f"{name}_{img['id']}_{ann.get('id', len(samples))}", "image": paths[img["id"]],
+                    "image_id": img["id"],
+                    "conversations": [{"from": "human", "value": f"{IMAGE_TOKEN}\n{CAPTION_PROMPT}"},
+                                      {"from": "gpt", "value": ann["caption"].strip()}],
+                })
+        kept_ids = {img["id"] for img in part_images}
+        gt = {**{k: v for k, v in data.items() if k not in ("images", "annotations")},
+              "images": part_images, "annotations": [a for a in anns if a["image_id"] in kept_ids]}
+        outputs.append(SplitOutput(name, part_role, "caption", {"llava": samples, "captions": gt}))
+        n_samples, n_captions = n_samples + len(samples), n_captions + len(gt["annotations"])
+    finish(args, out_dir, outputs, [
         ("split", split), ("mode", args.mode), ("images_in", len(images)), ("images_kept", len(kept_images)),
         ("missing_images", len(missing)), ("images_without_captions", no_caption),
-        ("captions_kept", len(gt["annotations"])), ("llava_samples", len(samples)),
-    ], missing)
-    if not kept_images:
-        fail(f"no image listed in {args.captions} exists under {images_dir} with captions")
+        ("captions_kept", n_captions), ("llava_samples", n_samples), *finder.summary(),
+    ], missing, f"captions -> {out_dir}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ GQA questions JSON: ``{question_id: {"imageId", "question", "answer", "fullAnswe
 Writes ``OUT/<split>_llava.json`` (one sample per image, multi-turn, short answer ``answer`` after the
 lmms-eval suffix; ``fullAnswer`` is not used because GQA is scored on the short answer) and
 ``OUT/<split>_questions.json`` (same dict restricted to questions whose image exists, each entry with an
-added ``file_name`` relative to --images, for ``eval/vqa.py --format gqa``). Missing images are skipped
+added ``file_name`` (the image path as in the LLaVA JSON), for ``eval/vqa.py --format gqa``). Missing images are skipped
 and counted.
 """
 
@@ -27,10 +27,17 @@ from _convert_common import (  # noqa: E402
     format_image_name,
     image_field,
     load_json,
-    print_summary,
+    ImageFinder,
+    SplitOutput,
+    add_common_args,
+    carve_val,
+    finish,
+    image_index,
     require,
+    resolve_role,
     run_main,
-    write_json,
+    val_split_name,
+    wants_val_carve,
 )
 
 
@@ -41,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--split", default="gqa", help="output name prefix (default: gqa)")
     p.add_argument("--image-pattern", default="{image_id}.jpg", help="image file name pattern ({image_id})")
-    p.add_argument("--relative", action="store_true", help="write LLaVA image paths relative to --out")
+    p.add_argument("--relative", action="store_true", help="write image paths relative to --out")
+    add_common_args(p)
     return p
 
 
@@ -54,7 +62,7 @@ def _main(argv: list[str] | None) -> None:
         fail(f"{args.questions}: expected a JSON object mapping question id -> question, "
              f"got {type(questions).__name__}")
 
-    kept: dict[str, dict] = {}
+    finder = ImageFinder(images_dir)
     per_image: dict[str, list[tuple[str, dict]]] = {}
     missing: dict[str, str] = {}
     found: dict[str, Path] = {}
@@ -65,34 +73,47 @@ def _main(argv: list[str] | None) -> None:
         require(q, "answer", str, where)
         if image_id not in found and image_id not in missing:
             name = format_image_name(args.image_pattern, image_id=image_id, subtype=None, where=where)
-            if (images_dir / name).is_file():
-                found[image_id] = images_dir / name
+            path = finder.find(name)
+            if path is not None:
+                found[image_id] = path
             else:
                 missing[image_id] = name
         if image_id in missing:
             continue
-        kept[qid] = {**q, "file_name": str(found[image_id].relative_to(images_dir))}
         per_image.setdefault(image_id, []).append((qid, q))
+    n_kept = sum(len(v) for v in per_image.values())
+    if not n_kept:
+        fail(f"no question has an existing image under {images_dir} (pattern {args.image_pattern!r}, e.g. "
+             f"{list(missing.values())[:3]}); nothing was written")
 
-    samples = []
-    for image_id, items in per_image.items():
-        conversations = []
-        for k, (_, q) in enumerate(items):
-            prefix = IMAGE_TOKEN + "\n" if k == 0 else ""
-            conversations.append({"from": "human", "value": prefix + q["question"] + SHORT_ANSWER_SUFFIX})
-            conversations.append({"from": "gpt", "value": q["answer"]})
-        image = image_field(found[image_id], out_dir, args.relative)
-        samples.append({"id": f"{args.split}_{image_id}", "image": image,
-                        "question_ids": [qid for qid, _ in items], "conversations": conversations})
-    write_json(out_dir / f"{args.split}_llava.json", samples)
-    write_json(out_dir / f"{args.split}_questions.json", kept)
-    print_summary(f"gqa -> {out_dir}", [
-        ("split", args.split), ("questions_in", len(questions)), ("questions_kept", len(kept)),
-        ("images_kept", len(samples)), ("missing_images", len(missing)),
-        ("questions_skipped_missing_image", len(questions) - len(kept)),
-    ], list(missing.values()))
-    if not kept:
-        fail(f"no question has an existing image under {images_dir} (pattern {args.image_pattern!r})")
+    role = resolve_role(args.role, args.split)
+    val_ids = carve_val(list(per_image), args.val_fraction, args.val_seed) \
+        if wants_val_carve(args, role, out_dir) else set()
+    parts = [(args.split, role, [i for i in per_image if i not in val_ids])]
+    if val_ids:
+        parts.append((val_split_name(args.split), "val", [i for i in per_image if i in val_ids]))
+    outputs = []
+    for name, part_role, image_ids in parts:
+        samples, kept, index = [], {}, {}
+        for image_id in image_ids:
+            items = per_image[image_id]
+            image = image_field(found[image_id], out_dir, args.relative)
+            index[image_id] = image
+            conversations = []
+            for k, (qid, q) in enumerate(items):
+                prefix = IMAGE_TOKEN + "\n" if k == 0 else ""
+                conversations.append({"from": "human", "value": prefix + q["question"] + SHORT_ANSWER_SUFFIX})
+                conversations.append({"from": "gpt", "value": q["answer"]})
+                kept[qid] = {**q, "file_name": image}
+            samples.append({"id": f"{name}_{image_id}", "image": image,
+                            "question_ids": [qid for qid, _ in items], "conversations": conversations})
+        outputs.append(SplitOutput(name, part_role, "gqa",
+                                   {"llava": samples, "questions": kept, "images": image_index(index)}))
+    finish(args, out_dir, outputs, [
+        ("split", args.split), ("questions_in", len(questions)), ("questions_kept", n_kept),
+        ("images_kept", len(per_image)), ("missing_images", len(missing)),
+        ("questions_skipped_missing_image", len(questions) - n_kept), *finder.summary(),
+    ], list(missing.values()), f"gqa -> {out_dir}")
 
 
 def main(argv: list[str] | None = None) -> int:

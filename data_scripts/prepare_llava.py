@@ -33,9 +33,14 @@ from _convert_common import (  # noqa: E402
     fail,
     image_field,
     load_json,
-    print_summary,
+    SplitOutput,
+    add_common_args,
+    carve_val,
+    finish,
+    resolve_role,
     run_main,
-    write_json,
+    val_split_name,
+    wants_val_carve,
 )
 
 ROLES = ("human", "gpt")
@@ -49,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train", help="output name prefix (default: train)")
     p.add_argument("--strict", action="store_true", help="fail (exit 2) if any sample is malformed")
     p.add_argument("--relative", action="store_true", help="write image paths relative to --out")
+    add_common_args(p)
     return p
 
 
@@ -120,20 +126,27 @@ def _main(argv: list[str] | None) -> None:
         cleaned.append(out)
 
     n_malformed = sum(problems.values())
-    print_summary(f"llava -> {out_dir}", [
+    summary = [
         ("samples_in", len(data)), ("samples_kept", len(cleaned)), ("malformed", n_malformed),
         ("samples_missing_image", samples_missing_image), ("missing_images", len(set(missing_files))),
         ("ids_added", ids_added),
-    ], sorted(set(missing_files)))
+    ]
     for reason, count in problems.most_common():
-        print(f"  malformed ({count}): {reason}")
-    for line in examples:
-        print(f"  e.g. {line}")
+        summary.append((f"malformed ({count})", reason))
+    summary += [("e.g.", line) for line in examples]
     if args.strict and n_malformed:
-        fail(f"{args.json}: {n_malformed} malformed samples (--strict); first: {examples[0]}")
+        fail(f"{args.json}: {n_malformed} malformed samples (--strict); first: {examples[0]}; nothing was written")
     if not cleaned:
-        fail(f"{args.json}: no valid sample with existing images remains")
-    write_json(out_dir / f"{args.split}_llava.json", cleaned)
+        fail(f"{args.json}: no valid sample with existing images remains; nothing was written")
+    role = resolve_role(args.role, args.split)
+    val_idx = carve_val(list(range(len(cleaned))), args.val_fraction, args.val_seed) \
+        if wants_val_carve(args, role, out_dir) else set()
+    outputs = [SplitOutput(args.split, role, "chat",
+                           {"llava": [s for i, s in enumerate(cleaned) if i not in val_idx]})]
+    if val_idx:
+        outputs.append(SplitOutput(val_split_name(args.split), "val", "chat",
+                                   {"llava": [s for i, s in enumerate(cleaned) if i in val_idx]}))
+    finish(args, out_dir, outputs, summary, sorted(set(missing_files)), f"llava -> {out_dir}")
 
 
 def main(argv: list[str] | None = None) -> int:

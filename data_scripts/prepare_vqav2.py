@@ -9,9 +9,12 @@ Writes into OUT:
                             human turn starts with "<image>\\n" (LLaVA convention), every question ends with
                             the lmms-eval short-answer suffix, the answer is ``multiple_choice_answer``.
   <split>_questions.json    official VQA questions JSON restricted to questions whose image exists; each
-                            question also gets ``file_name`` (image path relative to --images) so
-                            ``eval/vqa.py`` needs no file-name pattern.
+                            question also gets ``file_name`` (the image path, as in the LLaVA JSON) so
+                            ``eval/vqa.py --images OUT`` and the training DataModule need no file-name pattern.
   <split>_annotations.json  official VQA annotations JSON restricted the same way.
+  <split>_images.json       image index {"images": [{"id", "file_name"}]} (eval/vqa.py --image-index).
+  dataset.json, tokenizer*  manifest of the splits in OUT and a tokenizer trained on its training text
+                            (see data_scripts/_convert_common.py: validation carve-out, lengths, atomicity).
 
 OK-VQA uses the VQAv2 file format (``--format okvqa`` behaves exactly like vqav2). TextVQA
 (``{"data": [{"question", "question_id", "image_id", "answers": [10 strings]}]}``, one file, no
@@ -39,15 +42,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _convert_common import (  # noqa: E402
     IMAGE_TOKEN,
     SHORT_ANSWER_SUFFIX,
+    ImageFinder,
+    SplitOutput,
+    add_common_args,
+    carve_val,
     check_images_dir,
     fail,
+    finish,
     format_image_name,
     image_field,
+    image_index,
     load_json,
-    print_summary,
     require,
+    resolve_role,
     run_main,
-    write_json,
+    val_split_name,
+    wants_val_carve,
 )
 
 DEFAULT_PATTERNS = {"vqav2": "COCO_{subtype}_{image_id:012d}.jpg", "okvqa": "COCO_{subtype}_{image_id:012d}.jpg",
@@ -67,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=sorted(DEFAULT_PATTERNS), default="vqav2")
     p.add_argument("--subtype", help="value for {subtype} in --image-pattern (default: data_subtype)")
     p.add_argument("--image-pattern", help="image file name pattern, relative to --images")
-    p.add_argument("--relative", action="store_true", help="write LLaVA image paths relative to --out")
+    p.add_argument("--relative", action="store_true", help="write image paths relative to --out")
+    add_common_args(p)
     return p
 
 
@@ -124,12 +135,12 @@ def validate_vqa(questions: Any, annotations: Any, qpath: str, apath: str) -> di
 
 
 def convert(questions: dict, ann_by_qid: dict[Any, dict], annotations: dict, args: argparse.Namespace,
-            images_dir: Path, out_dir: Path) -> dict[str, Any]:
+            images_dir: Path, out_dir: Path) -> tuple[list[SplitOutput], dict[str, Any], ImageFinder]:
     subtype = args.subtype if args.subtype is not None else str(questions.get("data_subtype", ""))
     split = args.split or subtype or "vqa"
     pattern = args.image_pattern or DEFAULT_PATTERNS[args.format]
+    finder = ImageFinder(images_dir)
 
-    kept_questions: list[dict] = []
     per_image: dict[Any, list[dict]] = {}
     image_paths: dict[Any, Path] = {}
     missing_images: dict[Any, str] = {}
@@ -138,43 +149,55 @@ def convert(questions: dict, ann_by_qid: dict[Any, dict], annotations: dict, arg
         if image_id not in image_paths and image_id not in missing_images:
             name = format_image_name(pattern, image_id=image_id, subtype=subtype,
                                      where=f"{args.questions}: questions[{i}]")
-            if (images_dir / name).is_file():
-                image_paths[image_id] = images_dir / name
+            found = finder.find(name)
+            if found is not None:
+                image_paths[image_id] = found
             else:
                 missing_images[image_id] = name
         if image_id in missing_images:
             continue
-        kept_questions.append({**q, "file_name": str(image_paths[image_id].relative_to(images_dir))})
         per_image.setdefault(image_id, []).append(q)
 
-    samples = []
-    for image_id, qs in per_image.items():
-        conversations = []
-        for k, q in enumerate(qs):
-            prefix = IMAGE_TOKEN + "\n" if k == 0 else ""
-            conversations.append({"from": "human", "value": prefix + q["question"] + SHORT_ANSWER_SUFFIX})
-            conversations.append({"from": "gpt", "value": ann_by_qid[q["question_id"]]["multiple_choice_answer"]})
-        image = image_field(image_paths[image_id], out_dir, args.relative)
-        samples.append({"id": f"{split}_{image_id}", "image": image,
-                        "question_ids": [q["question_id"] for q in qs], "conversations": conversations})
+    role = resolve_role(args.role, split)
+    val_ids = carve_val(list(per_image), args.val_fraction, args.val_seed) \
+        if wants_val_carve(args, role, out_dir) else set()
+    parts = [(split, role, [i for i in per_image if i not in val_ids])]
+    if val_ids:
+        parts.append((val_split_name(split), "val", [i for i in per_image if i in val_ids]))
 
-    kept_ids = {q["question_id"] for q in kept_questions}
-    q_out = {**_QUESTION_HEADER_DEFAULTS, **{k: v for k, v in questions.items() if k != "questions"},
-             "questions": kept_questions}
-    a_out = {**{k: v for k, v in annotations.items() if k != "annotations"},
-             "annotations": [a for a in annotations["annotations"] if a["question_id"] in kept_ids]}
-    write_json(out_dir / f"{split}_llava.json", samples)
-    write_json(out_dir / f"{split}_questions.json", q_out)
-    write_json(out_dir / f"{split}_annotations.json", a_out)
-    return {
+    outputs = []
+    for name, part_role, image_ids in parts:
+        samples, kept_questions, index = [], [], {}
+        for image_id in image_ids:
+            qs = per_image[image_id]
+            image = image_field(image_paths[image_id], out_dir, args.relative)
+            index[image_id] = image
+            conversations = []
+            for k, q in enumerate(qs):
+                prefix = IMAGE_TOKEN + "\n" if k == 0 else ""
+                conversations.append({"from": "human", "value": prefix + q["question"] + SHORT_ANSWER_SUFFIX})
+                conversations.append({"from": "gpt",
+                                      "value": ann_by_qid[q["question_id"]]["multiple_choice_answer"]})
+                kept_questions.append({**q, "file_name": image})
+            samples.append({"id": f"{name}_{image_id}", "image": image,
+                            "question_ids": [q["question_id"] for q in qs], "conversations": conversations})
+        kept_ids = {q["question_id"] for q in kept_questions}
+        q_out = {**_QUESTION_HEADER_DEFAULTS, **{k: v for k, v in questions.items() if k != "questions"},
+                 "questions": kept_questions}
+        a_out = {**{k: v for k, v in annotations.items() if k != "annotations"},
+                 "annotations": [a for a in annotations["annotations"] if a["question_id"] in kept_ids]}
+        outputs.append(SplitOutput(name, part_role, "vqa", {"llava": samples, "questions": q_out,
+                                                             "annotations": a_out, "images": image_index(index)}))
+    n_kept = sum(len(qs) for qs in per_image.values())
+    return outputs, {
         "split": split,
         "questions_in": len(questions["questions"]),
-        "questions_kept": len(kept_questions),
-        "images_kept": len(samples),
+        "questions_kept": n_kept,
+        "images_kept": len(per_image),
         "missing_images": len(missing_images),
-        "questions_skipped_missing_image": len(questions["questions"]) - len(kept_questions),
+        "questions_skipped_missing_image": len(questions["questions"]) - n_kept,
         "missing_examples": list(missing_images.values())[:5],
-    }
+    }, finder
 
 
 def _main(argv: list[str] | None) -> None:
@@ -191,12 +214,13 @@ def _main(argv: list[str] | None) -> None:
         annotations = load_json(args.annotations, "annotations")
         apath = args.annotations
     ann_by_qid = validate_vqa(questions, annotations, args.questions, apath)
-    summary = convert(questions, ann_by_qid, annotations, args, images_dir, out_dir)
+    outputs, summary, finder = convert(questions, ann_by_qid, annotations, args, images_dir, out_dir)
     examples = summary.pop("missing_examples")
-    print_summary(f"{args.format} -> {out_dir}", summary.items(), examples)
     if summary["questions_kept"] == 0:
         fail(f"no question has an existing image under {images_dir} (pattern "
-             f"{args.image_pattern or DEFAULT_PATTERNS[args.format]!r}); check --images / --image-pattern")
+             f"{args.image_pattern or DEFAULT_PATTERNS[args.format]!r}, e.g. {examples[:3]}); check --images / "
+             "--image-pattern; nothing was written")
+    finish(args, out_dir, outputs, [*summary.items(), *finder.summary()], examples, f"{args.format} -> {out_dir}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -86,7 +86,7 @@ def test_prepare_vqav2_round_trip(vqa_files: dict[str, Path]) -> None:
     qs = json.loads((f["out"] / "val2014_questions.json").read_text())
     original_anns = {a["question_id"]: a for a in json.loads(f["annotations"].read_text())["annotations"]}
     assert [q["question_id"] for q in qs["questions"]] == [11, 12, 21]
-    assert qs["data_subtype"] == "val2014" and qs["questions"][2]["file_name"] == "COCO_val2014_000000000002.jpg"
+    assert qs["data_subtype"] == "val2014" and qs["questions"][2]["file_name"] == str((f["images"] / "COCO_val2014_000000000002.jpg").resolve())
     anns = json.loads((f["out"] / "val2014_annotations.json").read_text())["annotations"]
     assert anns == [original_anns[q] for q in (11, 12, 21)]
 
@@ -119,7 +119,8 @@ def test_prepare_textvqa(tmp_path: Path) -> None:
     assert [a["answer_id"] for a in anns[0]["answers"]] == list(range(1, 11))
     assert anns[0]["multiple_choice_answer"] == "nike" and anns[1]["multiple_choice_answer"] == "12"
     qs = json.loads((tmp_path / "out" / "val_questions.json").read_text())
-    assert qs["questions"][0] == {"question_id": 5, "image_id": "abc", "question": "What brand?", "file_name": "abc.jpg"}
+    assert qs["questions"][0] == {"question_id": 5, "image_id": "abc", "question": "What brand?",
+                               "file_name": str((tmp_path / "img" / "abc.jpg").resolve())}
 
     del data["data"][1]["answers"]
     proc = run("data_scripts/prepare_vqav2.py", "--format", "textvqa", "--questions", write(tmp_path / "t2.json", data),
@@ -189,7 +190,8 @@ def test_prepare_llava(tmp_path: Path) -> None:
         {"id": "tokens", "image": "coco/a.jpg", "conversations": [{"from": "human", "value": "no token"}, conv[1]]},
     ]
     jpath = write(tmp_path / "llava.json", samples)
-    proc = run("data_scripts/prepare_llava.py", "--json", jpath, "--images", tmp_path / "img", "--out", tmp_path / "out")
+    proc = run("data_scripts/prepare_llava.py", "--json", jpath, "--images", tmp_path / "img", "--out", tmp_path / "out",
+               "--val-fraction", "0")
     assert proc.returncode == 0, proc.stderr
     assert "malformed: 2" in proc.stdout and "samples_missing_image: 1" in proc.stdout
     assert "conversations[k]: field 'from'" in proc.stdout

@@ -28,12 +28,31 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Sampler
 
 from mmoe.data.collate import collate_batch, collate_vqa_generation
 from mmoe.data.dataset import LlavaJsonDataset, VqaGenerationDataset, image_files_from_coco
 from mmoe.data.images import build_image_transform
-from mmoe.data.tokenizer import image_token_id, load_tokenizer
+from mmoe.data.tokenizer import check_template_tokens, image_token_id, load_tokenizer
+
+
+def split_image_index(data_dir: Path, split: str) -> Path | None:
+    """The image index of a split: ``<split>_images.json`` (converters), else ``<split>_captions.json``."""
+    for name in (f"{split}_images.json", f"{split}_captions.json"):
+        if (Path(data_dir) / name).is_file():
+            return Path(data_dir) / name
+    return None
+
+
+@rank_zero_only
+def _report_truncation(report: dict, path: Path) -> None:
+    msg = (f"[mmoe] data: {report['truncated']} of {report['checked']} training samples checked "
+           f"({report['percent']} %) exceed data.max_len={report['max_len']} tokens and are truncated "
+           f"(longest {report['longest']}) in {path}")
+    if report["truncated"]:
+        msg += "; raise data.max_len (and model.arch.decoder.max_seq_len) to keep them whole"
+    print(msg, flush=True)
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -76,20 +95,45 @@ class MMoEDataModule(L.LightningDataModule):
         independent_turns: bool = False,
         cache_tokens: bool = False,
         cache_images: bool = False,
+        truncation_check: int = 2000,
     ) -> None:
-        """`independent_turns`: train each question of a one-image conversation on its own, as evaluation asks
-        it (shared-prefix packing: one image encode, no answer visible to later turns, see
-        `mmoe.data.template.encode_independent_turns`); False trains conversations as chats.
-        `cache_tokens`: keep every training sample's token ids after its first epoch (the tokenizer then runs once
-        per sample, not once per epoch: a tenth of a 2-core CPU step on the synthetic data; costs ~12 bytes per
-        token in each loader process, so leave it off for very large sets).
-        `cache_images`: decode each training image once and keep its resized uint8 pixels (12 KiB per 64² image,
-        per loader process): for small image sets such as the synthetic one."""
+        """
+        Args:
+            data_dir: dataset directory: the synthetic set (data_scripts/make_synthetic.py) or a converted one
+                (data_scripts/prepare_*.py); image paths in its JSON files resolve against it.
+            train_json: LLaVA-format training conversations, relative to data_dir.
+            val_split: prefix of the VQAv2-format validation files `<val_split>_questions.json` and
+                `_annotations.json` (images from each question's file_name, else `<val_split>_images.json` or
+                `_captions.json`); validation generates answers and logs val/vqa_acc.
+            test_split: prefix of the test files, used by `train.py test` the same way.
+            tokenizer_path: tokenizer directory (default: data_dir, where the converters and the synthetic
+                generator write tokenizer.json).
+            image_size: image side in pixels (linked to model.arch.vision.image_size).
+            image_mean: per-channel normalisation mean (linked to the vision config).
+            image_std: per-channel normalisation std (linked to the vision config).
+            max_len: text tokens per training sample (<image> counts as one); longer conversations are cut, and
+                setup reports how many are (see truncation_check).
+            batch_size: samples per training and validation batch (per device).
+            num_workers: DataLoader worker processes (0: load in the training process).
+            val_max_questions: validation questions per validation run, a seeded subset (0: all).
+            seed: seed of the shuffling (per epoch) and of the validation subset.
+            independent_turns: train each question of a one-image conversation on its own, as evaluation asks it
+                (shared-prefix packing: one image encode, no answer visible to later turns, see
+                `mmoe.data.template.encode_independent_turns`); False trains conversations as chats.
+            cache_tokens: keep every training sample's token ids after its first epoch (the tokenizer then runs
+                once per sample, not once per epoch: a tenth of a 2-core CPU step on the synthetic data; costs ~12
+                bytes per token in each loader process, so leave it off for very large sets).
+            cache_images: decode each training image once and keep its resized uint8 pixels (12 KiB per 64²
+                image, per loader process): for small image sets such as the synthetic one.
+            truncation_check: at setup, tokenize up to this many training samples (seeded) and report how many
+                exceed max_len (0: skip the check).
+        """
         super().__init__()
         self.save_hyperparameters()
-        if batch_size < 1 or num_workers < 0 or max_len < 1 or val_max_questions < 0:
+        if batch_size < 1 or num_workers < 0 or max_len < 1 or val_max_questions < 0 or truncation_check < 0:
             raise ValueError(
-                "MMoEDataModule: batch_size and max_len must be >= 1, num_workers and val_max_questions >= 0"
+                "MMoEDataModule: batch_size and max_len must be >= 1, num_workers, val_max_questions and "
+                "truncation_check >= 0"
             )
         self.data_dir = Path(data_dir)
         self.tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else self.data_dir
@@ -100,6 +144,7 @@ class MMoEDataModule(L.LightningDataModule):
         self.train_dataset: LlavaJsonDataset | None = None
         self.val_dataset: VqaGenerationDataset | None = None
         self._tokenizer = None
+        self.truncation: dict | None = None  # filled at setup("fit"): see LlavaJsonDataset.truncation_report
         if (self.tokenizer_path / "tokenizer_config.json").exists() or (
             self.tokenizer_path / "tokenizer.json"
         ).exists():
@@ -130,18 +175,24 @@ class MMoEDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
         if stage in (None, "fit") and self.train_dataset is None:
+            check_template_tokens(self.tokenizer, where=f"tokenizer {self.tokenizer_path}")
             self.train_dataset = LlavaJsonDataset(
                 self.data_dir / hp.train_json, self.data_dir, self.tokenizer, self.image_transform, hp.max_len,
                 independent_turns=hp.independent_turns, cache_tokens=hp.cache_tokens,
                 cache_images=hp.cache_images,
             )
+            if hp.truncation_check:
+                self.truncation = self.train_dataset.truncation_report(hp.truncation_check, hp.seed)
+                _report_truncation(self.truncation, self.data_dir / hp.train_json)
         if stage in (None, "fit", "validate") and self.val_dataset is None:
             self.val_dataset = self.vqa_dataset(hp.val_split, hp.val_max_questions or None)  # 0 = all
 
     def vqa_dataset(self, split: str, max_questions: int | None = None) -> VqaGenerationDataset:
-        """Generation dataset for ``<split>_questions.json`` (images from ``<split>_captions.json`` if present)."""
-        captions = self.data_dir / f"{split}_captions.json"
-        files = image_files_from_coco(captions) if captions.is_file() else None
+        """Generation dataset for ``<split>_questions.json``: each question's image from its ``file_name``, else
+        from the image index ``<split>_images.json`` (written by the converters), else ``<split>_captions.json``
+        (the synthetic data), the same files eval/vqa.py reads (``--image-index``)."""
+        index = split_image_index(self.data_dir, split)
+        files = image_files_from_coco(index) if index is not None else None
         return VqaGenerationDataset(
             self.data_dir / f"{split}_questions.json",
             self.data_dir,

@@ -171,6 +171,30 @@ class LlavaJsonDataset(Dataset):
         # segment_ids only for shared-prefix packing: collate fills segment 0 (plain causal) for conversations
         return {k: torch.tensor(v, dtype=torch.int32) for k, v in enc.items()}
 
+    def truncation_report(self, limit: int = 2000, seed: int = 0) -> dict:
+        """How many training samples ``max_len`` cuts (checked on a seeded subset of at most ``limit`` samples):
+        ``{"checked", "truncated", "percent", "longest", "max_len"}``. Truncation drops answer tokens (or whole
+        packed questions) silently otherwise."""
+        n = len(self.samples)
+        picked = range(n) if n <= limit else np.sort(np.random.default_rng(seed).permutation(n)[:limit]).tolist()
+        truncated, longest = 0, 0
+        for i in picked:
+            s = self.samples[i]
+            try:
+                enc = None
+                if self.independent_turns:
+                    enc = encode_independent_turns(self.tokenizer, s["conversations"], 10 ** 9, sample_id=s["id"])
+                if enc is None:
+                    enc = encode_conversation(self.tokenizer, s["conversations"], 10 ** 9, sample_id=s["id"])
+            except ValueError as e:
+                raise ValueError(f"{self.json_path}: sample {i}: {e}") from e
+            length = len(enc["input_ids"])
+            longest = max(longest, length)
+            truncated += length > self.max_len
+        checked = len(picked)
+        return {"checked": checked, "truncated": truncated, "max_len": self.max_len, "longest": longest,
+                "percent": round(100.0 * truncated / max(1, checked), 2)}
+
     def __getitem__(self, index: int) -> dict:
         s = self.samples[index]
         cache = self._token_cache
@@ -189,8 +213,9 @@ class LlavaJsonDataset(Dataset):
 class VqaGenerationDataset(Dataset):
     """VQAv2-format questions -> generation prompts ``<bos>USER: <image>\\n{q}{suffix} ASSISTANT:`` plus the image.
 
-    Image files come from ``image_files`` (image_id -> path relative to ``image_root``, e.g. from a COCO captions
-    file) or else from ``image_pattern`` formatted with ``split`` (the file's ``data_subtype``) and ``image_id``.
+    Image files come from the question's own ``file_name`` (written by the converters in data_scripts/), else
+    ``image_files`` (image_id -> path relative to ``image_root``, e.g. from an image index or a COCO captions
+    file), else ``image_pattern`` formatted with ``split`` (the file's ``data_subtype``) and ``image_id``.
     ``max_questions`` keeps a seeded random subset (in file order) for quick validation. Items:
     ``prompt_ids`` list[int], ``pixel_values`` [1, 3, S, S], ``question_id``, ``image_id``, ``question``.
     """
@@ -223,6 +248,8 @@ class VqaGenerationDataset(Dataset):
                     raise ValueError(
                         f"{self.questions_path}: questions[{i}]: field {field!r} missing or not {typ.__name__}"
                     )
+            if "file_name" in q and not isinstance(q["file_name"], str):
+                raise ValueError(f"{self.questions_path}: questions[{i}]: field 'file_name' must be a string")
             if not q["question"].strip():
                 raise ValueError(
                     f"{self.questions_path}: questions[{i}] (question_id={q['question_id']}): empty question"
@@ -235,7 +262,9 @@ class VqaGenerationDataset(Dataset):
         self._files = {int(qid): p for qid, p in image_files.items()} if image_files is not None else None
         self._pattern, self._split = image_pattern, split
 
-    def image_path(self, image_id: int) -> Path:
+    def image_path(self, image_id: int, file_name: str | None = None) -> Path:
+        if file_name is not None:
+            return self.image_root / file_name  # an absolute file_name stays absolute
         if self._files is not None:
             if image_id not in self._files:
                 raise KeyError(f"{self.questions_path}: no image file known for image_id {image_id}")
@@ -255,7 +284,8 @@ class VqaGenerationDataset(Dataset):
         prompt = build_prompt(self.tokenizer, with_short_answer(text) if self.short_answer else text)
         return {
             "prompt_ids": prompt,
-            "pixel_values": _load_pixels([self.image_path(q["image_id"])], self.image_transform),
+            "pixel_values": _load_pixels([self.image_path(q["image_id"], q.get("file_name"))],
+                                         self.image_transform),
             "question_id": int(q["question_id"]),
             "image_id": int(q["image_id"]),
             "question": q["question"],

@@ -124,6 +124,11 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, max_vocab: int = 
     # matched on normalised text; lstrip takes the space before the phrase into it (no lone "▁" token)
     tok.add_tokens([AddedToken(p, normalized=True, lstrip=True) for p in fixed])
 
+    return _save_tokenizer(tok, out_dir)
+
+
+def _save_tokenizer(tok: Tokenizer, out_dir: str | Path):
+    """Write ``tokenizer.json`` + the transformers config files into ``out_dir``; return it loaded."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"), pretty=True)
@@ -145,6 +150,75 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, max_vocab: int = 
     _write_json(out / "tokenizer_config.json", config)
     _write_json(out / "special_tokens_map.json", {**specials, "additional_special_tokens": [IMAGE_TOKEN]})
     return load_tokenizer(out)
+
+
+def template_strings() -> tuple[str, ...]:
+    """The fixed strings of the chat template and the prompts inference uses; every tokenizer mmoe trains
+    must encode them without ``<unk>`` (a template marker read as ``<unk>`` silently breaks every sample)."""
+    from mmoe.data.template import ASSISTANT_PREFIX, CAPTION_PROMPT, SHORT_ANSWER_SUFFIX, USER_PREFIX
+
+    return (USER_PREFIX, ASSISTANT_PREFIX, SHORT_ANSWER_SUFFIX, CAPTION_PROMPT)
+
+
+def check_template_tokens(tokenizer, strings: Iterable[str] | None = None, where: str = "tokenizer") -> None:
+    """Raise ValueError naming the string when a template string encodes to (or through) ``<unk>``."""
+    unk = tokenizer.unk_token_id
+    if unk is None:
+        return
+    for text in strings if strings is not None else template_strings():
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        if unk in ids:
+            pieces = tokenizer.convert_ids_to_tokens(ids)
+            raise ValueError(f"{where}: the chat-template string {text!r} tokenizes to {pieces} with "
+                             f"{UNK_TOKEN}; train the tokenizer with the template strings (data_scripts "
+                             "converters and mmoe.data.tokenizer.train_dataset_tokenizer add them)")
+
+
+def count_words(texts: Iterable[str]) -> Counter[str]:
+    """Pre-tokenised (normalised) word counts of ``texts``, special tokens removed."""
+    norm, pre = _normalizer(), _pre_tokenizer()
+    counts: Counter[str] = Counter()
+    for text in texts:
+        for special in SPECIAL_TOKENS:
+            text = text.replace(special, " ")
+        counts.update(word for word, _ in pre.pre_tokenize_str(norm.normalize_str(text)))
+    return counts
+
+
+def train_dataset_tokenizer(texts: Iterable[str], out_dir: str | Path, kind: str = "auto",
+                            vocab_size: int = 8192):
+    """A tokenizer for a user's dataset: the chat template's strings are always part of its training text,
+    and it is checked to encode them without ``<unk>``.
+
+    ``kind``: "word" (one token per word, like the synthetic tokenizer: exact and short, when the text has
+    at most ``vocab_size`` distinct words), "bpe" (byte-pair merges of the same normalised words up to
+    ``vocab_size`` tokens: rare answer words become pieces instead of ``<unk>``), or "auto" (word when it
+    fits, else bpe). The short-answer instruction is one token in the word-level kind (see
+    :func:`train_tokenizer`)."""
+    from tokenizers import trainers
+
+    from mmoe.data.template import SHORT_ANSWER_SUFFIX
+
+    if kind not in ("auto", "word", "bpe"):
+        raise ValueError(f"tokenizer kind must be auto, word or bpe, got {kind!r}")
+    texts = [*template_strings(), *texts]
+    n_words = len(count_words(texts))
+    if kind == "auto":
+        kind = "word" if n_words + len(SPECIAL_TOKENS) + 1 <= vocab_size else "bpe"
+    if kind == "word":
+        tok = train_tokenizer(texts, out_dir, max_vocab=vocab_size, phrases=[SHORT_ANSWER_SUFFIX])
+    else:
+        bpe = Tokenizer(models.BPE(unk_token=UNK_TOKEN))
+        bpe.normalizer = _normalizer()
+        bpe.pre_tokenizer = _pre_tokenizer()
+        bpe.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                      show_progress=False)
+        bpe.train_from_iterator(texts, trainer)
+        bpe.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIAL_TOKENS])
+        tok = _save_tokenizer(bpe, out_dir)
+    check_template_tokens(tok, where=f"tokenizer trained into {out_dir}")
+    return tok
 
 
 def _write_json(path: Path, obj: object) -> None:

@@ -1,7 +1,9 @@
 """Load Hugging Face causal-LM checkpoints (a local `save_pretrained` directory) into `Decoder`.
 
 Supported: Llama, Mistral, Qwen2 (q/k/v biases) dense, loaded exactly by name; Mixtral, whose experts and
-router go straight into `MoEFFN` (softmax top-k, renormalised, like `MixtralSparseMoeBlock`). `moe=` upcycles
+router go straight into `MoEFFN` (softmax top-k, renormalised, like `MixtralSparseMoeBlock`); Glm4-MoE
+(GLM-4.5: sigmoid routing, flat or DeepSeek-V3 group-limited, shared experts, selection bias, routed scaling,
+first layers dense; full rotary and no q/k norm only), what `python -m mmoe.export_hf` writes for such MoEs. `moe=` upcycles
 the dense model: each dense MLP into a `MoEFFN` (every expert a copy) and each dense attention into
 `MoAAttention` (heads split across experts), routers fresh.
 
@@ -25,7 +27,7 @@ from mmoe.model.moe import MoEConfig
 
 from .checkpoint import CheckpointError
 
-SUPPORTED = ("llama", "mistral", "qwen2", "mixtral")
+SUPPORTED = ("llama", "mistral", "qwen2", "mixtral", "glm4_moe")
 
 
 def _rope_theta(hf: dict, where: str) -> float:
@@ -51,6 +53,11 @@ def decoder_config_from_hf(hf: dict, where: str = "config.json") -> DecoderConfi
 
     if hf.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{where}: hidden_act={hf['hidden_act']!r} is not supported (only 'silu')")
+    if mt == "glm4_moe":
+        rotary = (hf.get("rope_parameters") or {}).get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5))
+        if float(rotary) != 1.0 or hf.get("use_qk_norm"):
+            raise CheckpointError(f"{where}: glm4_moe with partial_rotary_factor={rotary} / use_qk_norm="
+                                  f"{hf.get('use_qk_norm')} is not supported (only full rotary, no q/k norm)")
     if mt == "llama" and (hf.get("attention_bias") or hf.get("mlp_bias")):
         raise CheckpointError(f"{where}: attention_bias/mlp_bias=True Llama variants are not supported")
     n_heads = need("num_attention_heads")
@@ -61,13 +68,24 @@ def decoder_config_from_hf(hf: dict, where: str = "config.json") -> DecoderConfi
         max_seq_len=hf.get("max_position_embeddings", 4096), rope_theta=_rope_theta(hf, where),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        attn_bias=(mt == "qwen2"), ffn_moe=None, attn_moe=None, attn_moe_layers="none",
+        attn_bias=(mt == "qwen2") or (mt == "glm4_moe" and bool(hf.get("attention_bias"))), ffn_moe=None, attn_moe=None, attn_moe_layers="none",
         head_dim=(hf.get("head_dim") or 0) if (hf.get("head_dim") or 0) != dim // n_heads else 0,
     )
     if mt == "mixtral":
         cfg.ffn_moe = MoEConfig(num_experts=need("num_local_experts"), top_k=need("num_experts_per_tok"),
                                 router="token_choice", score_func="softmax", renormalize=True)
         cfg.ffn_moe_layers = "all"
+    if mt == "glm4_moe":
+        groups = int(hf.get("n_group") or 1)
+        cfg.ffn_moe = MoEConfig(num_experts=need("n_routed_experts"), top_k=need("num_experts_per_tok"),
+                                router="token_choice", score_func="sigmoid",
+                                renormalize=bool(hf.get("norm_topk_prob", True)),
+                                hierarchy="group_limited" if groups > 1 else "flat", num_groups=groups,
+                                top_groups=int(hf.get("topk_group") or 1) if groups > 1 else 1,
+                                num_shared_experts=int(hf.get("n_shared_experts") or 0),
+                                expert_hidden=need("moe_intermediate_size"),
+                                routed_scaling=float(hf.get("routed_scaling_factor", 1.0)))
+        cfg.ffn_moe_layers = f"last_{cfg.n_layers - int(hf.get('first_k_dense_replace', 0))}"
     return cfg
 
 
@@ -114,7 +132,20 @@ def _prefix(t: _Tensors) -> str:
     return "model." if any(k.startswith("model.") for k in t.where) else ""
 
 
-def _load_into(model: Decoder, t: _Tensors, mixtral: bool) -> None:
+def _glm_name(name: str) -> str | None:
+    """Glm4-MoE checkpoint name (without the model. prefix) of an mmoe MoE-FFN tensor, else None."""
+    m = re.fullmatch(r"layers\.(\d+)\.mlp\.(router\.gate\.weight|router\.expert_bias|shared\.(.+))", name)
+    if not m:
+        return None
+    base = f"layers.{m.group(1)}.mlp"
+    if m.group(2) == "router.gate.weight":
+        return f"{base}.gate.weight"
+    if m.group(2) == "router.expert_bias":
+        return f"{base}.gate.e_score_correction_bias"
+    return f"{base}.shared_experts.{m.group(3)}"
+
+
+def _load_into(model: Decoder, t: _Tensors, mixtral: bool, glm: bool = False) -> None:
     """Fill every tensor of `model` from the checkpoint (names, shapes and leftovers checked)."""
     p = _prefix(t)
     state = model.state_dict()
@@ -122,11 +153,14 @@ def _load_into(model: Decoder, t: _Tensors, mixtral: bool) -> None:
     for name, ref in state.items():
         if name == "lm_head.weight" and model.cfg.tie_embeddings:
             continue  # tied to embed_tokens
+        if glm and _glm_name(name) is not None:
+            new[name] = t.get(p + _glm_name(name), tuple(ref.shape))
+            continue
         if name.endswith("router.expert_bias"):
             new[name] = ref  # aux-loss-free bias: not part of HF checkpoints
             continue
         m = re.fullmatch(r"layers\.(\d+)\.mlp\.(router\.gate|experts\.w_in|experts\.w_out)\.weight", name)
-        if mixtral and m:
+        if (mixtral or glm) and m:
             new[name] = _mixtral_tensor(t, p, int(m.group(1)), m.group(2) + ".weight", tuple(ref.shape))
             continue
         src = name if name == "lm_head.weight" else p + name
@@ -154,6 +188,13 @@ def _mixtral_tensor(t: _Tensors, p: str, i: int, what: str, shape: tuple) -> tor
         if what == "experts.w_in.weight":
             return t.get(f"{blk}.experts.gate_up_proj", (E, b, a)).transpose(1, 2)
         return t.get(f"{blk}.experts.down_proj", (E, b, a)).transpose(1, 2)
+    if f"{blk}.experts.0.gate_proj.weight" in t:  # per-expert gate/up/down (DeepSeek, GLM-4.5 checkpoints)
+        if what == "experts.w_in.weight":
+            hid = b // 2
+            return torch.stack([torch.cat([t.get(f"{blk}.experts.{e}.gate_proj.weight", (hid, a)).t(),
+                                           t.get(f"{blk}.experts.{e}.up_proj.weight", (hid, a)).t()], dim=1)
+                                for e in range(E)])
+        return torch.stack([t.get(f"{blk}.experts.{e}.down_proj.weight", (b, a)).t() for e in range(E)])
     if what == "experts.w_in.weight":
         hid = b // 2
         return torch.stack([torch.cat([t.get(f"{blk}.experts.{e}.w1.weight", (hid, a)).t(),
@@ -176,6 +217,7 @@ def load_decoder(path: str | Path, moe: dict | None = None,
     hf = json.loads(cfg_file.read_text())
     cfg = decoder_config_from_hf(hf, str(cfg_file))
     mixtral = hf["model_type"] == "mixtral"
+    glm = hf["model_type"] == "glm4_moe"
     moe = dict(moe or {})
     allowed = {"ffn_moe", "ffn_moe_layers", "attn_moe", "attn_moe_layers"}
     if set(moe) - allowed:
@@ -185,9 +227,12 @@ def load_decoder(path: str | Path, moe: dict | None = None,
                               "apply")
     dtype = dtype or torch.float32
     tensors = _Tensors(_checkpoint_files(path))
+    if glm:  # a nonzero selection bias is DeepSeek-V3's aux-loss-free balancing: keep it on
+        biases = [k for k in tensors.where if k.endswith("e_score_correction_bias")]
+        cfg.ffn_moe.aux_free_bias = any(bool(tensors.handles[tensors.where[k]].get_tensor(k).any()) for k in biases)
     with torch.device("cpu"):
         model = Decoder(cfg).to(dtype)
-    _load_into(model, tensors, mixtral)
+    _load_into(model, tensors, mixtral, glm)
     if moe:
         target = replace(cfg, **moe)
         if target.ffn_moe is not None and not target.moe_ffn_layer_ids() and not mixtral:

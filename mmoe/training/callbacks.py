@@ -21,6 +21,9 @@ def export_after_fit(trainer: L.Trainer, module, datamodule, export_dir: str | N
     model = module.consolidated_model() if hasattr(module, "consolidated_model") else module.model
     if not trainer.is_global_zero:
         return None
+    from .lora import has_lora, merge_lora
+    if has_lora(model):  # LoRA: fold the adapters into a copy, so the export is the plain format
+        model = merge_lora(model)
     out = Path(export_dir) if export_dir else run / "export"
     tok = getattr(datamodule, "tokenizer", None)
     export_model(model, out, tokenizer=tok, extra={"global_step": int(trainer.global_step)})

@@ -52,13 +52,39 @@ class MMoECLI(LightningCLI):
             kwargs["plugins"] = [AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
 
+    def _instantiate_trainer(self, config, callbacks):
+        """Adds the progress display fit for the output (bar on a terminal, lines in a log) unless the config
+        names a progress bar or disables it, and the SIGTERM checkpoint callback."""
+        from lightning.pytorch.callbacks import ProgressBar
+
+        from .progress import choose_progress_bar
+        from .reliability import CheckpointOnSigterm
+
+        configured = config.get("callbacks") or []
+        listed = (configured if isinstance(configured, list) else [configured]) + list(callbacks)
+        extra = []
+        if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar)
+                                                                             for c in listed):
+            extra.append(choose_progress_bar())
+        if not any(isinstance(c, CheckpointOnSigterm) for c in listed):
+            extra.append(CheckpointOnSigterm())
+        return super()._instantiate_trainer(config, list(callbacks) + extra)
+
     def after_fit(self) -> None:
         from .callbacks import export_after_fit
         export_after_fit(self.trainer, self.model, self.datamodule, self.config.get(self.subcommand, {}).get("export_dir"))
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> MMoECLI:
+    """Runs the CLI; a SIGTERM during fit (checkpoint saved by `CheckpointOnSigterm`) exits with code 143."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from .reliability import SIGTERM_EXIT_CODE
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # no abbreviated flags: a typo such as --model.arch.decoder.n_layer must fail, not set n_layers
-    return MMoECLI(MMoEModule, MMoEDataModule, args=args, run=run, seed_everything_default=0,
-                   save_config_kwargs={"overwrite": True}, parser_kwargs={"allow_abbrev": False})
+    try:
+        return MMoECLI(MMoEModule, MMoEDataModule, args=args, run=run, seed_everything_default=0,
+                       save_config_kwargs={"overwrite": True}, parser_kwargs={"allow_abbrev": False})
+    except SIGTERMException as e:
+        raise SystemExit(SIGTERM_EXIT_CODE) from e

@@ -1,9 +1,17 @@
 """`make train`: generate the embedded default data if missing, train, export, evaluate, summarise.
 
     python -m mmoe.training.main_job --config configs/default.yaml --data data/synthetic [-- extra CLI args]
+    python -m mmoe.training.main_job --data data/myvqa      # a dataset converted by data_scripts/prepare_*.py
 
-The last line of output is one JSON object: VQA accuracy (test and held-out combinations), CIDEr and
-the other caption metrics on test, the export path, the run directory, timings and peak memory.
+On the synthetic data: stage 0 (the vision tower pretrained on object boxes), the VLM, then VQA on the test
+and held-out splits and captioning on test. On a converted dataset (``DIR/dataset.json``, written by the
+converters): stage 0 when DIR has object boxes (``train_instances.json``), else it is skipped with a message
+saying which tower the VLM uses; the VLM trains on the training split(s) with the tokenizer of DIR (the
+decoder's vocabulary sized to it), validates on the VQA validation split if there is one, and is evaluated
+on every evaluation split the data has (VQA, GQA, captions; test splits, else validation splits).
+
+The last line of output is one JSON object: the metrics, the export path, the run directory, timings and
+peak memory.
 """
 
 from __future__ import annotations
@@ -61,10 +69,74 @@ def _run_eval(args: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _own_data_plan(data: Path, run_dir: Path) -> dict:
+    """Training and evaluation inputs of a converted dataset, from its manifest (``dataset.json``)."""
+    manifest = json.loads((data / "dataset.json").read_text())
+    splits = manifest.get("splits", {})
+    train = [name for name, s in splits.items() if s.get("role") == "train" and s.get("llava")]
+    if not train:
+        raise SystemExit(f"{data}/dataset.json lists no training split; convert one with data_scripts/prepare_*.py "
+                         "(--role train)")
+    if not (data / "tokenizer.json").exists():
+        raise SystemExit(f"{data} has no tokenizer.json; re-run a converter without --tokenizer none")
+    if len(train) == 1:
+        train_json = splits[train[0]]["llava"]
+    else:  # several converted sources train together: one file with all their samples
+        mixed: list = []
+        for name in train:
+            mixed += json.loads((data / splits[name]["llava"]).read_text())
+        run_dir.mkdir(parents=True, exist_ok=True)
+        train_json = str((run_dir / "train_mix_llava.json").resolve())
+        (run_dir / "train_mix_llava.json").write_text(json.dumps(mixed))
+    evals = [name for name, s in splits.items() if s.get("role") == "test"]
+    evals = evals or [name for name, s in splits.items() if s.get("role") == "val"]
+    vqa_val = [name for name, s in splits.items() if s.get("role") == "val" and s.get("task") == "vqa"]
+    return {"manifest": manifest, "train": train, "train_json": train_json, "val": vqa_val[0] if vqa_val else None,
+            "evals": [(name, splits[name]) for name in evals]}
+
+
+def _vision_tower(extra: list[str], config: str) -> str:
+    for i, a in enumerate(extra):
+        if a.startswith("--model.arch.vision.checkpoint"):
+            value = a.split("=", 1)[1] if "=" in a else (extra[i + 1] if i + 1 < len(extra) else "?")
+            return f"the tower in {value} (model.arch.vision.checkpoint), upcycled into the VLM"
+    return (f"a tower trained from scratch inside the VLM (model.arch.vision of {config}) at the full learning "
+            "rate; pass --model.arch.vision.checkpoint=FILE to start from a pretrained one")
+
+
+def _evaluate_own_data(plan: dict, data: Path, export: Path, run_dir: Path, limit: list[str]) -> dict:
+    metrics: dict = {}
+    for name, split in plan["evals"]:
+        task = split.get("task")
+        if task == "vqa" and split.get("questions") and split.get("annotations"):
+            index = ["--image-index", str(data / split["images"])] if split.get("images") else []
+            m = _run_eval(["eval/vqa.py", "--model", str(export), "--questions", str(data / split["questions"]),
+                           "--annotations", str(data / split["annotations"]), "--images", str(data), *index,
+                           "--out", str(run_dir / f"vqa_{name}.json"), *limit])
+            metrics[f"vqa_{name}"] = m.get("overall")
+            metrics[f"vqa_{name}_per_answer_type"] = m.get("per_answer_type")
+        elif task == "gqa" and split.get("questions"):
+            m = _run_eval(["eval/vqa.py", "--format", "gqa", "--model", str(export), "--questions",
+                           str(data / split["questions"]), "--images", str(data),
+                           "--out", str(run_dir / f"gqa_{name}.json"), *limit])
+            metrics[f"gqa_{name}"] = m.get("accuracy", m.get("overall"))
+        elif task == "caption" and split.get("captions"):
+            c = _run_eval(["eval/caption.py", "--model", str(export), "--captions", str(data / split["captions"]),
+                           "--images", str(data), "--out", str(run_dir / f"captions_{name}.json"), *limit])
+            metrics.update({f"caption_{name}_{k}": v for k, v in c.items()
+                            if k in ("CIDEr", "BLEU-4", "METEOR", "ROUGE-L")})
+        else:
+            print(f"[mmoe] no evaluation for split {name} (task {task!r}: free-form conversations have no "
+                  "reference metric here)", flush=True)
+    return metrics
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/default.yaml")
-    ap.add_argument("--data", default="data/synthetic", help="synthetic dataset directory (generated if missing)")
+    ap.add_argument("--data", default="data/synthetic",
+                    help="synthetic dataset directory (generated if missing) or a directory converted by "
+                         "data_scripts/prepare_*.py (it holds dataset.json)")
     ap.add_argument("--run-dir", default="runs/default")
     ap.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N questions/images only")
     ap.add_argument("--vision-pretrain", default="configs/stages/stage0_vision.yaml",
@@ -74,8 +146,14 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     data = Path(args.data)
     t0 = time.time()
-    stale = _stale_synthetic_version(data)
-    if stale or not (data / "tokenizer.json").exists():
+    own = (data / "dataset.json").is_file()
+    stale = None if own else _stale_synthetic_version(data)
+    if own:
+        pass
+    elif data.is_dir() and any(data.glob("*_llava.json")) and not (data / "meta.json").exists():
+        raise SystemExit(f"{data} holds LLaVA files but no dataset.json: convert the dataset with "
+                         "data_scripts/prepare_*.py (it writes dataset.json and the tokenizer)")
+    elif stale or not (data / "tokenizer.json").exists():
         print(f"[mmoe] generating the synthetic dataset into {data}" + (f" ({stale})" if stale else ""), flush=True)
         subprocess.run([sys.executable, "data_scripts/make_synthetic.py", "--out", str(data), "--seed", "0",
                         *(["--overwrite"] if stale else [])], cwd=REPO, check=True)
@@ -83,9 +161,16 @@ def main(argv: list[str] | None = None) -> dict:
     from mmoe.training.cli import cli_main
 
     run_dir = Path(args.run_dir)
+    plan = _own_data_plan(data, run_dir) if own else None
     stage0: list[str] = []
     stage0_minutes = 0.0
-    if args.vision_pretrain.lower() != "none":
+    has_boxes = (data / "train_instances.json").is_file()
+    if args.vision_pretrain.lower() != "none" and not has_boxes:
+        print(f"[mmoe] stage 0 (vision pretraining on object boxes) skipped: {data} has no train_instances.json; "
+              f"the VLM uses {_vision_tower(args.extra, args.config)}", flush=True)
+        if not any(a.startswith("--model.arch.vision.checkpoint") for a in args.extra):
+            stage0 = ["--model.optim.vision_lr_scale", "1.0"]  # a tower from scratch learns at the full LR
+    elif args.vision_pretrain.lower() != "none":
         from mmoe.training.vision_pretrain import VISION_FILE
         from mmoe.training.vision_pretrain import cli_main as vision_cli_main
 
@@ -100,7 +185,23 @@ def main(argv: list[str] | None = None) -> dict:
         stage0 = ["--model.arch.vision.checkpoint", str(s0_dir / "export" / VISION_FILE)]
     else:
         stage0 = ["--model.optim.vision_lr_scale", "1.0"]  # a tower from scratch learns at the full LR
-    cli_args = ["fit", "--config", args.config, "--data.data_dir", str(data), *stage0,
+    own_args: list[str] = []
+    if plan is not None:
+        from mmoe.data.tokenizer import load_tokenizer
+
+        vocab = len(load_tokenizer(data))
+        own_args = ["--data.train_json", plan["train_json"], "--model.arch.decoder.vocab_size",
+                    str(-(-vocab // 64) * 64)]
+        if plan["val"]:
+            own_args += ["--data.val_split", plan["val"], "--data.test_split", plan["val"]]
+        else:
+            print(f"[mmoe] {data} has no VQA validation split: no validation during training", flush=True)
+            own_args += ["--trainer.limit_val_batches", "0"]
+        report = plan["manifest"].get("length_report")
+        print(f"[mmoe] own data {data}: training on {', '.join(plan['train'])}; evaluating on "
+              f"{', '.join(n for n, _ in plan['evals']) or 'nothing (no test or validation split)'}"
+              + (f"; converter length report: {report}" if report else ""), flush=True)
+    cli_args = ["fit", "--config", args.config, "--data.data_dir", str(data), *stage0, *own_args,
                 "--trainer.default_root_dir", str(run_dir), "--export_dir", str(run_dir / "export"), *args.extra]
     print(f"[mmoe] python train.py {' '.join(cli_args)}", flush=True)
     t_train = time.time()
@@ -114,16 +215,19 @@ def main(argv: list[str] | None = None) -> dict:
 
     limit = ["--limit", str(args.eval_limit)] if args.eval_limit else []
     metrics: dict = {}
-    for split in ("test", "heldout"):
+    for split in (() if plan is not None else ("test", "heldout")):
         m = _run_eval(["eval/vqa.py", "--model", str(export), "--questions", str(data / f"{split}_questions.json"),
                        "--annotations", str(data / f"{split}_annotations.json"), "--images", str(data),
                        "--image-index", str(data / f"{split}_captions.json"),
                        "--out", str(run_dir / f"vqa_{split}.json"), *limit])
         metrics[f"vqa_{split}"] = m.get("overall")
         metrics[f"vqa_{split}_per_answer_type"] = m.get("per_answer_type")
-    c = _run_eval(["eval/caption.py", "--model", str(export), "--captions", str(data / "test_captions.json"),
-                   "--images", str(data), "--out", str(run_dir / "captions_test.json"), *limit])
-    metrics.update({f"caption_{k}": v for k, v in c.items() if k in ("CIDEr", "BLEU-4", "METEOR", "ROUGE-L")})
+    if plan is not None:
+        metrics = _evaluate_own_data(plan, data, export, run_dir, limit)
+    else:
+        c = _run_eval(["eval/caption.py", "--model", str(export), "--captions", str(data / "test_captions.json"),
+                       "--images", str(data), "--out", str(run_dir / "captions_test.json"), *limit])
+        metrics.update({f"caption_{k}": v for k, v in c.items() if k in ("CIDEr", "BLEU-4", "METEOR", "ROUGE-L")})
     summary = {
         **metrics,
         "export": str(export),

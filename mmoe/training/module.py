@@ -24,6 +24,7 @@ from mmoe.model.vlm import VLMConfig
 
 from .config import BalanceConfig, OptimConfig, ParallelConfig, StageConfig
 from .stage_init import apply_freeze, load_hf_decoder, load_stage_weights
+from .lora import LoraSettings, apply_lora
 
 LOSS_REDUCTIONS = {"token": 0.0, "sqrt": 0.5, "turn": 1.0}  # exponent p of the per-token weight len(turn)^-p
 
@@ -87,6 +88,7 @@ class MMoEModule(L.LightningModule):
         val_max_new_tokens: int = 6,
         log_routing_every: int = 25,
         loss_reduction: Literal["token", "sqrt", "turn"] = "token",
+        lora: LoraSettings = LoraSettings(),
     ):
         """
         Args:
@@ -101,6 +103,8 @@ class MMoEModule(L.LightningModule):
             log_routing_every: log per-layer routing health every N training steps.
             loss_reduction: how answer tokens are averaged: 'token' (plain mean), 'turn' (each answer turn
                 weighs the same) or 'sqrt' (InternVL's square averaging); see `lm_loss`.
+            lora: low-rank adapters (peft) on the decoder instead of full fine-tuning (r > 0); the export merges
+                them into plain weights. See `mmoe.training.lora`.
         """
         super().__init__()
         # defaults are shared instances: copy so nothing mutates them
@@ -121,6 +125,13 @@ class MMoEModule(L.LightningModule):
         if stage.init_from:
             load_stage_weights(self.model, stage.init_from, strict=stage.strict_init)
         apply_freeze(self.model, stage.freeze)
+        self.lora_cfg = copy.deepcopy(lora)
+        self.lora_cfg.validate()
+        if self.lora_cfg.r and parallel.ep_size > 1:
+            raise ValueError("model.lora.r > 0 with model.parallel.ep_size > 1: LoRA on sharded experts is not "
+                             "supported; fine-tune with LoRA on one expert-parallel group (ep_size 1)")
+        if self.lora_cfg.r:
+            apply_lora(self.model, self.lora_cfg)  # after the weights are loaded: adapters start at zero
         self._val_results: list[dict] = []
         self.expert_load_history: list[dict] = []  # (step, layer name, load vector) for plots
 

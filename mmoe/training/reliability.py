@@ -1,5 +1,5 @@
-"""Faults users hit in long runs: non-finite values (named by the layer that made them) and checkpoint
-files half-written by a kill."""
+"""Faults users hit in long runs: non-finite values (named by the layer that made them), checkpoint
+files half-written by a kill, and a scheduler's SIGTERM (a resumable checkpoint is saved first)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any, Callable
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 
 
@@ -95,3 +96,34 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         finally:
             if tmp.exists():
                 tmp.unlink()
+
+
+SIGTERM_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a process the signal ended
+
+
+def checkpoint_dir(trainer) -> Path:
+    """Where ModelCheckpoint writes (its dirpath), else <default_root_dir>/checkpoints."""
+    cb = getattr(trainer, "checkpoint_callback", None)
+    if cb is not None and getattr(cb, "dirpath", None):
+        return Path(cb.dirpath)
+    return Path(trainer.default_root_dir) / "checkpoints"
+
+
+class CheckpointOnSigterm(Callback):
+    """On SIGTERM (Lightning stops after the current batch and raises SIGTERMException), save a resumable
+    checkpoint (`last.ckpt` in the checkpoint directory, the one `--ckpt_path` resumes from) before the
+    process exits; `mmoe.training.cli.cli_main` then exits with code 143 instead of Lightning's 0."""
+
+    def __init__(self, filename: str = "last.ckpt"):
+        self.filename = filename
+        self.saved: Path | None = None
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
+            return
+        path = checkpoint_dir(trainer) / self.filename
+        trainer.save_checkpoint(str(path))
+        self.saved = path
+        if trainer.is_global_zero:
+            print(f"[mmoe] SIGTERM at step {trainer.global_step}: saved {path}; resume with the same command plus "
+                  f"--ckpt_path {path}", flush=True)

@@ -95,8 +95,10 @@ def load_state_upcycling(model: nn.Module, sd: dict[str, Tensor], path: str, str
     if mismatched:
         raise CheckpointError(f"{path}: tensor shapes do not match this config: " + "; ".join(mismatched[:8]))
     fresh_ok = (".router.", "expert_bias", "load_accum")
+    tied = {own[k].data_ptr() for k in loaded}  # e.g. a tied lm_head: loaded through embed_tokens
     missing = [k for k in own if k.startswith(only_prefix) and k not in loaded
-               and not k.startswith(upcycled_prefixes) and not any(s in k for s in fresh_ok)]
+               and not k.startswith(upcycled_prefixes) and not any(s in k for s in fresh_ok)
+               and own[k].data_ptr() not in tied]
     if strict and missing:
         raise CheckpointError(f"{path}: missing {len(missing)} tensor(s) this model needs, e.g. {missing[:6]}")
     return {"loaded": loaded, "upcycled": upcycled, "missing": missing}

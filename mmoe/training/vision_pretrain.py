@@ -249,9 +249,17 @@ class VisionPretrainCLI(MMoECLI):
 
 
 def cli_main(args: list[str] | None = None, run: bool = True) -> VisionPretrainCLI:
-    return VisionPretrainCLI(VisionPretrainModule, ImageLabelsDataModule, args=args, run=run,
-                             seed_everything_default=0, save_config_kwargs={"overwrite": True},
-                             parser_kwargs={"allow_abbrev": False})
+    """Like train.py's: a SIGTERM during fit saves last.ckpt (CheckpointOnSigterm) and exits with 143."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from .reliability import SIGTERM_EXIT_CODE
+
+    try:
+        return VisionPretrainCLI(VisionPretrainModule, ImageLabelsDataModule, args=args, run=run,
+                                 seed_everything_default=0, save_config_kwargs={"overwrite": True},
+                                 parser_kwargs={"allow_abbrev": False})
+    except SIGTERMException as e:
+        raise SystemExit(SIGTERM_EXIT_CODE) from e
 
 
 if __name__ == "__main__":
