@@ -183,7 +183,7 @@ def export_hf(export_dir: str | Path, out_dir: str | Path, dtype: torch.dtype = 
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from mmoe.training.export import TOKENIZER_FILES, read_export_config
+    from mmoe.interop.export import TOKENIZER_FILES, read_export_config
 
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     arch = read_export_config(export_dir)

@@ -12,7 +12,7 @@ from conftest import REPO
 from test_lora import tiny_arch
 
 from mmoe.model.vlm import MMoEVLM
-from mmoe.training.export import export_model
+from mmoe.interop.export import export_model
 
 FLAT_MOE = {"num_experts": 4, "top_k": 2, "hierarchy": "flat", "num_groups": 1, "top_groups": 1,
             "num_shared_experts": 0, "expert_hidden": 24}

@@ -72,7 +72,7 @@ def test_lora_merged_outputs_equal_unmerged(target):
 
 
 def _export_base(tmp_path: Path, tokenizer_dir: Path, vocab: int | None = None) -> Path:
-    from mmoe.training.export import export_model
+    from mmoe.interop.export import export_model
 
     torch.manual_seed(0)
     arch = tiny_arch(**({"vocab_size": vocab} if vocab else {}))
