@@ -531,6 +531,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--captions", action=argparse.BooleanOptionalAction, default=False,
                     help="also score test captions (CIDEr; needs pycocoevalcap)")
     ap.add_argument("--jobs", type=int, default=2, help="runs trained at once")
+    ap.add_argument("--summary-only", action="store_true",
+                    help="train nothing: summarise the runs already in --out/results.json (e.g. after a timeout)")
     ap.add_argument("--in-process", action="store_true",
                     help="run every stage in this process, one at a time (no interpreter start-ups; for tests)")
     ap.add_argument("--out", help="results directory (default: benchmarks/results/moe_vs_dense_<setting>)")
@@ -562,7 +564,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise StudyError(f"[study] {results_path} holds runs of other step counts ({stale[0].get('steps')}, "
                          f"stage 0 {stale[0].get('stage0_steps')}): use another --out")
     done = {(r["variant"], r["seed"]) for r in results}
-    todo = [(v, s) for v in args.variants for s in args.seeds if (v, s) not in done]
+    todo = [] if args.summary_only else [(v, s) for v in args.variants for s in args.seeds if (v, s) not in done]
     towers: dict[str, dict] = {}
     for v in args.variants:
         (out / f"config_{v}.yaml").write_text(yaml.safe_dump(overrides[v]))

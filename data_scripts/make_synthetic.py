@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-questions-per-image", type=int, default=6,
                    help="questions per training image (more supervision per image encode; the train split's "
                         "conversations hold them all)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes rendering images (the files are identical for any number)")
     p.add_argument("--overwrite", action="store_true", help="replace images from an earlier run in --out")
     a = p.parse_args(argv)
     try:
@@ -47,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             train_questions_per_image=a.train_questions_per_image,
             overwrite=a.overwrite,
             preset=a.preset,
+            workers=a.workers,
         )
     except (ValueError, FileExistsError) as e:
         p.error(str(e))

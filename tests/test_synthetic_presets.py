@@ -64,11 +64,14 @@ def test_default_preset_output_is_byte_identical_to_the_pre_preset_generator(tmp
     generate_dataset(tmp_path / "b", 0, log=lambda _m: None, preset="default", **SIZES)
     assert _tree_sha256(tmp_path / "b") == DEFAULT_SEED0_SHA256
     assert "preset" not in _load(tmp_path / "a", "meta.json")
+    # rendering in several processes writes the same files
+    generate_dataset(tmp_path / "c", 0, log=lambda _m: None, workers=3, **SIZES)
+    assert _tree_sha256(tmp_path / "c") == DEFAULT_SEED0_SHA256
 
 
 def test_hard_preset_same_seed_byte_identical_other_seed_differs(hard, tmp_path):
     again = tmp_path / "again"
-    generate_dataset(again, 0, log=lambda _m: None, preset="hard", **SIZES)
+    generate_dataset(again, 0, log=lambda _m: None, preset="hard", workers=2, **SIZES)
     first, second = _files(hard), _files(again)
     assert sorted(first) == sorted(second)
     assert [n for n in first if first[n] != second[n]] == []

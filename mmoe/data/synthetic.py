@@ -596,19 +596,42 @@ def generate_split(
     heldout: list[tuple[str, str]],
     log: Callable[[str], None] = print,
     preset: SyntheticPreset = DEFAULT_PRESET,
+    workers: int = 1,
 ) -> dict[str, list]:
-    """Render one split's images and return its records (questions, annotations, captions, llava, scenes)."""
+    """Render one split's images and return its records (questions, annotations, captions, llava, scenes).
+
+    ``workers`` > 1 renders contiguous ranges of images in that many processes; every image draws from its own
+    generator, so the files are the same as with one."""
+    img_dir = out_dir / "images" / split
+    img_dir.mkdir(parents=True, exist_ok=True)
+    args = (out_dir, split, n_images, first_image_id, seed, image_size, questions_per_image, heldout, preset)
+    if workers <= 1 or n_images < 2 * workers:
+        return _render_range(*args, 0, n_images, log)
+    from concurrent.futures import ProcessPoolExecutor
+
+    bounds = [n_images * k // workers for k in range(workers + 1)]
+    rec: dict[str, list] = {}
+    with ProcessPoolExecutor(workers) as pool:
+        for part in pool.map(_render_range, *zip(*[(*args, a, b, None) for a, b in zip(bounds, bounds[1:])])):
+            for k, v in part.items():
+                rec.setdefault(k, []).extend(v)
+    log(f"[make_synthetic] {split}: {n_images}/{n_images} images ({workers} workers)")
+    return rec
+
+
+def _render_range(out_dir: Path, split: str, n_images: int, first_image_id: int, seed: int, image_size: int,
+                  questions_per_image: int, heldout: list[tuple[str, str]], preset: SyntheticPreset,
+                  start: int, stop: int, log: Callable[[str], None] | None) -> dict[str, list]:
+    """Images ``start``..``stop - 1`` of a split (see :func:`generate_split`)."""
     split_index = SPLITS.index(split)
     all_combos = preset.combos
     ho_set = set(heldout)
     allowed = [c for c in all_combos if c not in ho_set]
-    img_dir = out_dir / "images" / split
-    img_dir.mkdir(parents=True, exist_ok=True)
     rec: dict[str, list] = {
         k: [] for k in ("questions", "annotations", "images", "captions", "llava", "scenes")
     }
     step = max(1, n_images // 4)
-    for i in range(n_images):
+    for i in range(start, stop):
         rng = np.random.default_rng([seed, split_index, i])
         image_id = first_image_id + i
         is_ho_split = split == "heldout"
@@ -677,7 +700,7 @@ def generate_split(
                 "objects": [o.to_json() for o in scene.objects],
             }
         )
-        if (i + 1) % step == 0 or i + 1 == n_images:
+        if log is not None and ((i + 1) % step == 0 or i + 1 == n_images):
             log(f"[make_synthetic] {split}: {i + 1}/{n_images} images")
     return rec
 
@@ -756,10 +779,12 @@ def generate_dataset(
     overwrite: bool = False,
     log: Callable[[str], None] = print,
     preset: str | SyntheticPreset = "default",
+    workers: int = 1,
 ) -> dict:
     """Generate all splits, the tokenizer and ``meta.json`` into ``out_dir``; returns the meta dict.
 
-    ``preset`` names the world (:data:`PRESETS`): ``default`` or ``hard``."""
+    ``preset`` names the world (:data:`PRESETS`): ``default`` or ``hard``. ``workers`` processes render the
+    images (same files for any number)."""
     from mmoe.data.tokenizer import train_tokenizer  # local: keeps transformers out of plain rendering
 
     preset = get_preset(preset)
@@ -769,6 +794,8 @@ def generate_dataset(
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     if any(n < 0 for n in sizes.values()):
         raise ValueError(f"split sizes must be >= 0, got {sizes}")
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
     if image_size < 32:
         raise ValueError(f"image_size must be >= 32 to draw 4 separable objects, got {image_size}")
     train_qpi = questions_per_image if train_questions_per_image is None else train_questions_per_image
@@ -793,7 +820,7 @@ def generate_dataset(
     for split in SPLITS:
         rec = generate_split(
             out, split, sizes[split], next_id, seed, image_size,
-            train_qpi if split == "train" else questions_per_image, heldout, log, preset
+            train_qpi if split == "train" else questions_per_image, heldout, log, preset, workers
         )
         write_split(out, split, seed, rec, preset)
         texts += [q["question"] for q in rec["questions"]] + [
