@@ -47,9 +47,9 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mmoe.config_io import from_dict, to_dict  # noqa: E402
-from mmoe.model.equivalents import dense_equivalent_config  # noqa: E402
-from mmoe.model.vlm import VLMConfig  # noqa: E402
+from mmoe.config_io import from_dict, to_dict
+from mmoe.model.equivalents import dense_equivalent_config
+from mmoe.model.vlm import VLMConfig
 
 MAIN_VARIANTS = ("moe", "dense", "flat_routing", "modality", "dense_total")
 ABLATIONS = ("no_moa", "no_vision_moe", "flat_routing", "aux_free_bias")
@@ -95,7 +95,7 @@ def dense_total_config(cfg: VLMConfig) -> VLMConfig:
     if dec.ffn_moe is not None:
         n, m = len(dec.moe_ffn_layer_ids()), dec.ffn_moe
         total = (m.expert_hidden or dec.hidden) * (m.num_experts + m.num_shared_experts)
-        dec.hidden, dec.ffn_moe = int(round(((dec.n_layers - n) * dec.hidden + n * total) / dec.n_layers)), None
+        dec.hidden, dec.ffn_moe = round(((dec.n_layers - n) * dec.hidden + n * total) / dec.n_layers), None
     if dec.attn_moe is not None:
         dec.head_dim, dec.attn_moe = dec.head_size, None
     return d
@@ -226,7 +226,7 @@ def execute(kind: str, argv: list[str], log: Path, env: dict, in_process: bool) 
     with open(log, "a") as f:
         if not in_process:
             proc = subprocess.run([sys.executable, *prefix, *argv], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                  stderr=f, text=True)
+                                  stderr=f, text=True, check=False)
             f.write(proc.stdout)
             code, stdout = proc.returncode, proc.stdout
         else:
@@ -420,9 +420,9 @@ def write_report(table: dict, out: Path, summary: dict | None = None) -> None:
                      f"{_fmt(r['vqa_heldout'], r['vqa_heldout_std'])} | {_fmt(r['cider_test'])} | "
                      f"{_fmt(r['load_cv'])} | {_fmt(r['max_violation'])} | {_fmt(r['drop_rate'])} |")
     if summary and summary.get("deltas_vs_dense"):
-        lines += ["", "Paired per-seed differences against the dense twin (VQA points; seeds "
-                  f"{summary['paired_seeds']}):", "", "| variant | test mean ± std (min) | held-out mean ± std (min) "
-                  "| held-out per seed |", "|---|---|---|---|"]
+        lines += ["", f"Paired per-seed differences against the dense twin (VQA points; seeds {summary['paired_seeds']}):",
+                  "", "| variant | test mean ± std (min) | held-out mean ± std (min) | held-out per seed |",
+                  "|---|---|---|---|"]
         for v, d in summary["deltas_vs_dense"].items():
             t, h = d["test"], d["heldout"]
             lines.append(f"| {v} | {_fmt(t['mean'], t['std'])} ({_fmt(t['min'])}) | {_fmt(h['mean'], h['std'])} "
@@ -439,8 +439,9 @@ def write_report(table: dict, out: Path, summary: dict | None = None) -> None:
         for v, r in table.items():
             lines.append(f"| {v} | " + " | ".join(_fmt(r["per_question_type"].get(t)) for t in qtypes) + " |")
     if summary:
-        lines += ["", f"Setting {summary.get('setting')}, commit {summary.get('commit')}, "
-                  f"{summary.get('accelerator')} {summary.get('precision')}."]
+        note = (f"Setting {summary.get('setting')}, commit {summary.get('commit')}, "
+                f"{summary.get('accelerator')} {summary.get('precision')}.")
+        lines += ["", note]
     (out / "table.md").write_text("\n".join(lines) + "\n")
     import matplotlib
     matplotlib.use("Agg")
@@ -582,18 +583,31 @@ def main(argv: list[str] | None = None) -> dict:
     by_key = {tower_key(t): t for t in towers.values()}
     t_start = time.time()
     tower_files: dict[tuple[int, str], Path] = {}
+    failures: list[str] = []  # a failed run is reported at the end; the others still finish and are summarised
     with ThreadPoolExecutor(jobs) as pool:  # phase 1: stage-0 towers, shared per (seed, shape)
         futures = {pool.submit(run_stage0, s, by_key[k], args, data, out, runs, env): (s, k) for s, k in stage0_jobs}
         for fut in as_completed(futures):
-            tower_files[futures[fut]] = fut.result()
+            try:
+                tower_files[futures[fut]] = fut.result()
+            except SystemExit as e:
+                failures.append(str(e))
+                print(e, flush=True)
+                continue
             print(f"[study] stage 0 done: seed {futures[fut][0]} tower {futures[fut][1]}", flush=True)
     t_stage0 = time.time()
+    if use_stage0:  # runs whose tower failed cannot start
+        todo = [(v, s) for v, s in todo if (s, tower_key(towers[v])) in tower_files]
     with ThreadPoolExecutor(jobs) as pool:  # phase 2: the VLMs, then their evaluation
         futures = {pool.submit(run_vlm, v, s, tower_files.get((s, tower_key(towers[v]))), args, data, out, runs,
                                env): (v, s) for v, s in todo}
         for fut in as_completed(futures):
             v, s = futures[fut]
-            res = fut.result()
+            try:
+                res = fut.result()
+            except SystemExit as e:
+                failures.append(str(e))
+                print(e, flush=True)
+                continue
             results.append(res)
             results.sort(key=lambda r: (ALL_VARIANTS.index(r["variant"]), r["seed"]))
             results_path.write_text(json.dumps(results, indent=1))
@@ -616,6 +630,9 @@ def main(argv: list[str] | None = None) -> dict:
             "test_delta_vs_dense": summary["test_delta_vs_dense"], "goals": summary["goals"],
             "target_heldout_delta": 3.0}
     print(json.dumps(line))
+    if failures:
+        raise StudyError(f"[study] {len(failures)} run(s) failed (the summary holds the others): "
+                         + "; ".join(failures))
     return summary
 
 

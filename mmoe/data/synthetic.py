@@ -17,6 +17,7 @@ star?"), and 13 held-out (shape, colour) combinations (up to two per shape and p
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -612,7 +613,7 @@ def generate_split(
     bounds = [n_images * k // workers for k in range(workers + 1)]
     rec: dict[str, list] = {}
     with ProcessPoolExecutor(workers) as pool:
-        for part in pool.map(_render_range, *zip(*[(*args, a, b, None) for a, b in zip(bounds, bounds[1:])])):
+        for part in pool.map(_render_range, *zip(*[(*args, a, b, None) for a, b in itertools.pairwise(bounds)])):
             for k, v in part.items():
                 rec.setdefault(k, []).extend(v)
     log(f"[make_synthetic] {split}: {n_images}/{n_images} images ({workers} workers)")
