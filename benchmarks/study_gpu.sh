@@ -14,7 +14,8 @@
 # study_results.tgz. The last stdout line is the study's JSON summary (paired held-out/test deltas vs dense).
 #
 # Knobs (environment): STUDY_VARIANTS ("moe dense"; add flat_routing / dense_total if time allows), STUDY_SEEDS
-# ("0 1 2"), STUDY_JOBS (6), STUDY_TIMEOUT (seconds for step 3, 450), PY (python3), STUDY_NAME.
+# ("0 1 2"; "0 1" for a shorter run), STUDY_JOBS (6), STUDY_TIMEOUT (seconds for step 3, 530: run the whole
+# script under a 600 s limit), PY (python3), STUDY_NAME, MMOE_COMMIT (the commit recorded in summary.json).
 # Rehearsal on CPU (tiny step counts, small data, same code path): STUDY_REHEARSAL=1 bash benchmarks/study_gpu.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +26,7 @@ REHEARSAL=${STUDY_REHEARSAL:-0}
 VARIANTS=${STUDY_VARIANTS:-moe dense}
 SEEDS=${STUDY_SEEDS:-0 1 2}
 JOBS=${STUDY_JOBS:-6}
-STUDY_TIMEOUT=${STUDY_TIMEOUT:-450}
+STUDY_TIMEOUT=${STUDY_TIMEOUT:-530}
 mkdir -p "$OUT"
 export PYTHONPATH="$REPO:$REPO/.site${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false

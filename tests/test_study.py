@@ -158,3 +158,17 @@ def test_study_refuses_a_data_directory_of_another_setting(tiny_data):
     with pytest.raises(SystemExit, match="holds the 'default' synthetic setting, not --setting hard"):
         study.ensure_data("hard", tiny_data)
     study.ensure_data("default", tiny_data)  # the matching setting passes
+
+
+def test_a_failed_stage_is_reported_after_the_rest_is_summarised(tiny_data, tmp_path):
+    study = _study()
+    bad = tmp_path / "bad_stage0.yaml"
+    bad.write_text(yaml.safe_dump({"model": {"no_such_field": 1}}))
+    out = tmp_path / "study"
+    with pytest.raises(SystemExit, match=r"2 run\(s\) failed .*stage0 failed"):
+        study.main(["--data", str(tiny_data), "--stage0-config", "configs/stages/stage0_vision.yaml", str(bad),
+                    "--seeds", "0", "--variants", "moe", "dense", "--in-process", "--out", str(out),
+                    "--runs", str(tmp_path / "runs")])
+    summary = json.loads((out / "summary.json").read_text())  # written before the failure is raised
+    assert summary["test_acc_per_seed"] == {} and summary["heldout_delta_vs_dense"]["per_seed"] == []
+    assert "no_such_field" in "".join(p.read_text() for p in out.glob("log_stage0_*.txt"))
