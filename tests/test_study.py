@@ -87,3 +87,88 @@ def test_summary_means_and_routing_health(tmp_path):
     # last value per layer (0.3 and 0.1), the per-modality column is not a layer
     assert study.routing_health(run) == {"load_cv": pytest.approx(0.2)}
     json.dumps(table)  # the summary is written as JSON
+
+
+def test_dense_total_matches_total_params_and_modality_variant_is_refused_until_supported():
+    study = _study()
+    base = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
+    arch = base["model"]["arch"]
+    moe = _build(arch)
+    dense_total = _build(_merge(base, study.variant_overrides("dense_total", arch))["model"]["arch"])
+    assert not any(isinstance(m, (MoEFFN, MoAAttention)) for m in dense_total.modules())
+    n_moe, n_dt = (sum(p.numel() for p in m.parameters()) for m in (moe, dense_total))
+    assert abs(n_moe - n_dt) / n_moe < 0.02, (n_moe, n_dt)
+    assert active_param_count(dense_total) > 1.5 * active_param_count(moe)  # all of it active: an upper reference
+    if study.modality_routing_supported():
+        over = study.variant_overrides("modality", arch)
+        assert over["model"]["arch"]["decoder"]["ffn_moe"]["hierarchy"] == "modality"
+    else:
+        with pytest.raises(ValueError, match="hierarchy='modality'"):
+            study.variant_overrides("modality", arch)
+        with pytest.raises(SystemExit, match="drop it from --variants"):
+            study.main(["--variants", "moe", "modality", "--out", "/nonexistent/never-written"])
+
+
+@pytest.mark.slow
+def test_study_runs_end_to_end_and_summary_deltas_are_the_recorded_per_seed_differences(tiny_data, tmp_path):
+    """Tiny sizes, 2 steps per stage, 2 seeds of moe and its dense twin: the study trains stage 0 once per (seed,
+    tower shape), trains and scores every run, and writes a summary whose deltas are the paired differences of
+    the accuracies it recorded per run."""
+    from tests.conftest import TINY_OVERRIDES
+
+    study = _study()
+    tiny = tmp_path / "tiny.yaml"
+    tiny.write_text(yaml.safe_dump(TINY_OVERRIDES))
+    s0 = tmp_path / "s0.yaml"
+    s0.write_text(yaml.safe_dump({"trainer": {"log_every_n_steps": 1, "enable_model_summary": False},
+                                  "data": {"batch_size": 4}}))
+    out = tmp_path / "study"
+    summary = study.main(["--data", str(tiny_data), "--config", "configs/default.yaml", str(tiny),
+                          "--stage0-config", "configs/stages/stage0_vision.yaml", str(s0), "--steps", "2",
+                          "--stage0-steps", "2", "--seeds", "0", "1", "--variants", "moe", "dense",
+                          "--eval-limit", "6", "--in-process", "--out", str(out), "--runs", str(tmp_path / "runs")])
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    results = {(r["variant"], r["seed"]): r for r in json.loads((out / "results.json").read_text())}
+    assert sorted(results) == [("dense", 0), ("dense", 1), ("moe", 0), ("moe", 1)]
+    for key in ("heldout_delta_vs_dense", "test_delta_vs_dense"):
+        assert set(on_disk[key]) >= {"mean", "std", "min", "per_seed"}
+    assert on_disk["test_acc_per_seed"]["moe"] == [results["moe", s]["vqa_test"] for s in (0, 1)]
+    assert on_disk["test_acc_per_seed"]["dense"] == [results["dense", s]["vqa_test"] for s in (0, 1)]
+    for split in ("test", "heldout"):
+        d = on_disk[f"{split}_delta_vs_dense"]
+        want = [results["moe", s][f"vqa_{split}"] - results["dense", s][f"vqa_{split}"] for s in (0, 1)]
+        assert d["per_seed"] == pytest.approx(want, abs=1e-9)
+        assert d["mean"] == pytest.approx(sum(want) / 2) and d["min"] == pytest.approx(min(want))
+        assert d["std"] == pytest.approx(abs(want[0] - want[1]) / 2)
+        assert all(results[k][f"vqa_{split}_questions"] == 6 for k in results)
+    assert on_disk["commit"] and on_disk["setting"] == "default" and on_disk["steps"] == 2
+    # stage 0 ran once per (seed, tower shape): the dense twin's wider tower gets its own
+    towers = sorted(p.name for p in (tmp_path / "runs").glob("stage0_*"))
+    assert len(towers) == 4 and len({t.rsplit("_", 1)[0] for t in towers}) == 2
+    # routing health for every MoE layer of the MoE runs; none for the dense twin
+    layers = on_disk["routing_health"]["moe"]["per_seed_layers"]["0"]
+    assert layers and all({"max_violation", "dead_experts"} <= set(m) for m in layers.values())
+    assert "dense" not in on_disk["routing_health"]
+    assert (out / "table.md").read_text().count("| moe |") >= 2 and (out / "deltas.png").stat().st_size > 0
+
+
+def test_study_refuses_a_data_directory_of_another_setting(tiny_data):
+    study = _study()
+    with pytest.raises(SystemExit, match="holds the 'default' synthetic setting, not --setting hard"):
+        study.ensure_data("hard", tiny_data)
+    study.ensure_data("default", tiny_data)  # the matching setting passes
+
+
+def test_a_failed_stage_is_reported_after_the_rest_is_summarised(tiny_data, tmp_path):
+    study = _study()
+    bad = tmp_path / "bad_stage0.yaml"
+    bad.write_text(yaml.safe_dump({"model": {"no_such_field": 1}}))
+    out = tmp_path / "study"
+    with pytest.raises(SystemExit, match=r"2 run\(s\) failed .*stage0 failed"):
+        study.main(["--data", str(tiny_data), "--stage0-config", "configs/stages/stage0_vision.yaml", str(bad),
+                    "--seeds", "0", "--variants", "moe", "dense", "--in-process", "--out", str(out),
+                    "--runs", str(tmp_path / "runs")])
+    summary = json.loads((out / "summary.json").read_text())  # written before the failure is raised
+    assert summary["test_acc_per_seed"] == {} and summary["heldout_delta_vs_dense"]["per_seed"] == []
+    assert "no_such_field" in "".join(p.read_text() for p in out.glob("log_stage0_*.txt"))

@@ -8,10 +8,16 @@ images that each contain at least one of them, to measure compositional generali
 Determinism: every image uses its own ``numpy`` Generator seeded with ``[seed, split, index]``; PNGs are written
 by PIL with fixed parameters and JSON with ``sort_keys`` and a fixed indent, so the same seed gives byte-identical
 files. Entry point: :func:`generate_dataset` (wrapped by ``data_scripts/make_synthetic.py``).
+
+Presets (:data:`PRESETS`): ``default`` is the embedded setting (its files are pinned byte for byte by a test);
+``hard`` is a setting in which a small dense model does not saturate: 2-6 objects, 7 shapes, 9 colours, 3 sizes,
+``what size`` / ``is larger`` questions and two-hop relation questions ("what color is the object left of the
+star?"), and 13 held-out (shape, colour) combinations (up to two per shape and per colour) instead of 4.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -49,7 +55,7 @@ SIZES: dict[str, float] = {"small": 0.11, "large": 0.17}  # circumradius as a fr
 SPLITS: tuple[str, ...] = ("train", "val", "test", "heldout")
 HELDOUT_FRACTION = 0.15
 MAX_OBJECTS = 4
-NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four"}
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five", 6: "six"}
 CAPTIONS_PER_IMAGE = 5
 ANSWERS_PER_QUESTION = 10
 NOISY_QUESTION_RATE = (
@@ -64,6 +70,65 @@ QUESTION_TYPES: dict[str, tuple[str, str]] = {
     "spatial": ("is the", "yes/no"),
 }
 LICENSE = {"name": "CC0-1.0", "url": "https://creativecommons.org/publicdomain/zero/1.0/"}
+# the hard preset's extra categories
+QUESTION_TYPES.update({
+    "size": ("what size", "other"),
+    "compare": ("is larger", "yes/no"),
+    "relation": ("what is the object", "other"),
+})
+
+
+@dataclass(frozen=True)
+class SyntheticPreset:
+    """The world a dataset is drawn from: vocabulary of shapes/colours/sizes, objects per image, held-out
+    combinations and which extra question categories are asked (size/compare and two-hop relations)."""
+
+    name: str
+    shapes: tuple[str, ...]
+    plurals: dict[str, str]
+    colors: dict[str, tuple[int, int, int]]
+    sizes: dict[str, float]
+    min_objects: int = 1
+    max_objects: int = MAX_OBJECTS
+    heldout_fraction: float = HELDOUT_FRACTION
+    heldout_per_attribute: int = 1  # held-out combos per shape and per colour (each stays seen with others)
+    size_questions: bool = False
+    relation_questions: bool = False
+
+    @property
+    def inflections(self) -> dict[str, str]:
+        return {**{plural: shape for shape, plural in self.plurals.items()}, "objects": "object", "shapes": "shape"}
+
+    @property
+    def combos(self) -> list[tuple[str, str]]:
+        return [(s, c) for s in self.shapes for c in self.colors]
+
+
+PRESETS: dict[str, SyntheticPreset] = {
+    "default": SyntheticPreset("default", SHAPES, PLURALS, COLORS, SIZES),
+    "hard": SyntheticPreset(
+        "hard",
+        SHAPES + ("star", "hexagon"),
+        {**PLURALS, "star": "stars", "hexagon": "hexagons"},
+        {**COLORS, "pink": (245, 120, 185), "cyan": (40, 195, 205), "brown": (135, 85, 40)},
+        {"small": 0.09, "medium": 0.125, "large": 0.16},
+        min_objects=2,
+        max_objects=6,
+        heldout_fraction=0.2,
+        heldout_per_attribute=2,
+        size_questions=True,
+        relation_questions=True,
+    ),
+}
+DEFAULT_PRESET = PRESETS["default"]
+
+
+def get_preset(preset: str | SyntheticPreset) -> SyntheticPreset:
+    if isinstance(preset, SyntheticPreset):
+        return preset
+    if preset not in PRESETS:
+        raise ValueError(f"unknown synthetic preset {preset!r}; choose from {', '.join(PRESETS)}")
+    return PRESETS[preset]
 
 
 @dataclass(frozen=True)
@@ -113,15 +178,26 @@ class QA:
 # ----------------------------------------------------------------------------------------------- scenes
 
 
-def choose_heldout_combos(seed: int, fraction: float = HELDOUT_FRACTION) -> list[tuple[str, str]]:
-    """~``fraction`` of (shape, colour) combos, at most one per shape and per colour, so each held-out combo is a
-    new pairing of a shape and a colour that are both still seen (with other partners) in training."""
-    n = max(1, min(round(fraction * len(SHAPES) * len(COLORS)), len(SHAPES), len(COLORS)))
+def choose_heldout_combos(seed: int, fraction: float | None = None,
+                          preset: SyntheticPreset = DEFAULT_PRESET) -> list[tuple[str, str]]:
+    """~``fraction`` of (shape, colour) combos, at most ``preset.heldout_per_attribute`` per shape and per colour,
+    so each held-out combo is a new pairing of a shape and a colour that are both still seen (with other
+    partners) in training. One round of shape and colour permutations per allowed combo per attribute."""
+    shape_names, color_names = preset.shapes, list(preset.colors)
+    fraction = preset.heldout_fraction if fraction is None else fraction
+    per = preset.heldout_per_attribute
+    n = max(1, min(round(fraction * len(shape_names) * len(color_names)), per * len(shape_names),
+                   per * len(color_names)))
     rng = np.random.default_rng([seed, 999])
-    shapes = rng.permutation(len(SHAPES))[:n]
-    colors = rng.permutation(len(COLORS))[:n]
-    color_names = list(COLORS)
-    return sorted((SHAPES[s], color_names[c]) for s, c in zip(shapes, colors))
+    chosen: list[tuple[str, str]] = []
+    for _round in range(per):
+        shapes = rng.permutation(len(shape_names))
+        colors = rng.permutation(len(color_names))
+        for s, c in zip(shapes, colors):
+            combo = (shape_names[s], color_names[c])
+            if len(chosen) < n and combo not in chosen:
+                chosen.append(combo)
+    return sorted(chosen)
 
 
 def _pick(rng: np.random.Generator, seq: Sequence):
@@ -133,18 +209,20 @@ def sample_scene(
     image_size: int,
     combos: Sequence[tuple[str, str]],
     required: tuple[str, str] | None = None,
+    preset: SyntheticPreset = DEFAULT_PRESET,
 ) -> Scene:
-    """1-4 non-overlapping objects drawn from ``combos`` (plus ``required`` first, if given)."""
-    n = int(rng.integers(1, MAX_OBJECTS + 1))
+    """``preset.min_objects``-``max_objects`` non-overlapping objects drawn from ``combos`` (plus ``required``
+    first, if given)."""
+    n = int(rng.integers(preset.min_objects, preset.max_objects + 1))
     gap = 0.03 * image_size
     while True:
         for _attempt in range(30):
             objects: list[SceneObject] = []
             for k in range(n):
                 shape, color = required if (k == 0 and required is not None) else _pick(rng, combos)
-                size = _pick(rng, list(SIZES))
-                r = round(SIZES[size] * image_size, 2)
-                rgb = tuple(int(np.clip(c + rng.integers(-12, 13), 0, 255)) for c in COLORS[color])
+                size = _pick(rng, list(preset.sizes))
+                r = round(preset.sizes[size] * image_size, 2)
+                rgb = tuple(int(np.clip(c + rng.integers(-12, 13), 0, 255)) for c in preset.colors[color])
                 for _try in range(60):
                     x = round(float(rng.uniform(r + 1, image_size - r - 1)), 2)
                     y = round(float(rng.uniform(r + 1, image_size - r - 1)), 2)
@@ -189,6 +267,11 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[flo
             (cx - a, cy - t),
             (cx - t, cy - t),
         ]
+    if shape == "star":  # five points, inner radius 0.45 r
+        return [(cx + (r if k % 2 == 0 else 0.45 * r) * math.cos(-math.pi / 2 + k * math.pi / 5),
+                 cy + (r if k % 2 == 0 else 0.45 * r) * math.sin(-math.pi / 2 + k * math.pi / 5)) for k in range(10)]
+    if shape == "hexagon":
+        return [(cx + r * math.cos(k * math.pi / 3), cy + r * math.sin(k * math.pi / 3)) for k in range(6)]
     return None
 
 
@@ -240,10 +323,12 @@ def candidate_questions(
     image_size: int,
     heldout: set[tuple[str, str]],
     allow_heldout: bool,
+    preset: SyntheticPreset = DEFAULT_PRESET,
 ) -> list[QA]:
     """All unambiguous questions for a scene (only uniquely identifiable objects are referred to).
 
     ``allow_heldout=False`` keeps held-out combinations out of the question text (train/val/test)."""
+    colors, shapes, plurals = preset.colors, preset.shapes, preset.plurals
     objs = scene.objects
     out: list[QA] = []
     is_ho = [o.combo in heldout for o in objs]
@@ -261,15 +346,15 @@ def candidate_questions(
     any_ho = any(is_ho)
     out.append(QA("How many objects are there?", str(len(objs)), "count", any_ho))
     present_colors = sorted({o.color for o in objs})
-    absent_colors = [c for c in COLORS if c not in present_colors]
+    absent_colors = [c for c in colors if c not in present_colors]
     for c in present_colors + [_pick(rng, absent_colors)]:
         hit = [h for o, h in zip(objs, is_ho) if o.color == c]
         out.append(QA(f"How many {c} objects are there?", str(len(hit)), "count", any(hit)))
     present_shapes = sorted({o.shape for o in objs})
-    absent_shapes = [s for s in SHAPES if s not in present_shapes]
+    absent_shapes = [s for s in shapes if s not in present_shapes]
     for s in present_shapes + [_pick(rng, absent_shapes)]:
         hit = [h for o, h in zip(objs, is_ho) if o.shape == s]
-        out.append(QA(f"How many {PLURALS[s]} are there?", str(len(hit)), "count", any(hit)))
+        out.append(QA(f"How many {plurals[s]} are there?", str(len(hit)), "count", any(hit)))
     for size in sorted({o.size for o in objs}):
         hit = [h for o, h in zip(objs, is_ho) if o.size == size]
         out.append(QA(f"How many {size} objects are there?", str(len(hit)), "count", any(hit)))
@@ -283,7 +368,7 @@ def candidate_questions(
         if (other, o.shape, o.color) not in present_sized:
             out.append(QA(f"Is there a {other} {o.color} {o.shape}?", "no", "exist", ho))
         # near-miss negatives: right shape with a wrong colour, right colour with a wrong shape
-        for shape, color in ((o.shape, _pick(rng, list(COLORS))), (_pick(rng, SHAPES), o.color)):
+        for shape, color in ((o.shape, _pick(rng, list(colors))), (_pick(rng, shapes), o.color)):
             if (shape, color) in present or (not allow_heldout and (shape, color) in heldout):
                 continue
             out.append(
@@ -308,6 +393,59 @@ def candidate_questions(
                 rel, opp = ("above", "below") if a.y < b.y else ("below", "above")
                 out.append(QA(f"Is the {pa} {rel} the {pb}?", "yes", "spatial", ho))
                 out.append(QA(f"Is the {pa} {opp} the {pb}?", "no", "spatial", ho))
+    if preset.size_questions:
+        out += _size_questions(scene, rng, is_ho)
+    if preset.relation_questions:
+        out += _relation_questions(scene, image_size, is_ho, ref_options)
+    return out
+
+
+def _size_questions(scene: Scene, rng: np.random.Generator, is_ho: Sequence[bool]) -> list[QA]:
+    """``What size is the X?`` and ``Is the X larger/smaller than the Y?`` (objects named without their size)."""
+    objs, out = scene.objects, []
+    options = [("shape",), ("color", "shape")]
+    for o, ho in zip(objs, is_ho):
+        attrs = _unique_attrs(o, objs, options)
+        if attrs:
+            tmpl = _pick(rng, ("What size is the {}?", "How big is the {}?"))
+            out.append(QA(tmpl.format(_phrase(o, attrs)), o.size, "size", ho))
+    for i, a in enumerate(objs):
+        da = _unique_attrs(a, objs, options)
+        for j, b in enumerate(objs):
+            db = _unique_attrs(b, objs, options)
+            if i == j or not da or not db or a.size == b.size:
+                continue
+            ho = is_ho[i] or is_ho[j]
+            pa, pb = _phrase(a, da), _phrase(b, db)
+            bigger = a.radius > b.radius
+            out.append(QA(f"Is the {pa} larger than the {pb}?", "yes" if bigger else "no", "compare", ho))
+            out.append(QA(f"Is the {pa} smaller than the {pb}?", "no" if bigger else "yes", "compare", ho))
+    return out
+
+
+def _relation_questions(scene: Scene, image_size: int, is_ho: Sequence[bool],
+                        ref_options: Sequence[tuple[str, ...]]) -> list[QA]:
+    """Two-hop questions: ``What color/shape is the object left of the X?``, asked only when exactly one other
+    object lies on that side of X (by at least the spatial threshold) and no other object is on that side at all."""
+    objs, out = scene.objects, []
+    threshold = 0.12 * image_size
+    sides = {  # relation -> signed offset of the other object from the reference (positive: on that side)
+        "left of": lambda o, b: b.x - o.x, "right of": lambda o, b: o.x - b.x,
+        "above": lambda o, b: b.y - o.y, "below": lambda o, b: o.y - b.y,
+    }
+    for j, b in enumerate(objs):
+        db = _unique_attrs(b, objs, ref_options)
+        if not db:
+            continue
+        for rel, offset in sides.items():
+            on_side = [i for i, o in enumerate(objs) if i != j and offset(o, b) > 0]
+            if len(on_side) != 1 or offset(objs[on_side[0]], b) < threshold:
+                continue
+            a = objs[on_side[0]]
+            ho = is_ho[on_side[0]] or is_ho[j]
+            pb = _phrase(b, db)
+            out.append(QA(f"What color is the object {rel} the {pb}?", a.color, "relation", ho))
+            out.append(QA(f"What shape is the object {rel} the {pb}?", a.shape, "relation", ho))
     return out
 
 
@@ -336,19 +474,24 @@ def select_questions(cands: Sequence[QA], rng: np.random.Generator, n: int, pref
     return chosen
 
 
-def annotator_answers(qa: QA, rng: np.random.Generator) -> list[str]:
+def annotator_answers(qa: QA, rng: np.random.Generator, preset: SyntheticPreset = DEFAULT_PRESET) -> list[str]:
     """10 answers, all the ground truth except, for a few questions, 1-2 plausible mistakes."""
+    colors, shapes = preset.colors, preset.shapes
     answers = [qa.answer] * ANSWERS_PER_QUESTION
     if rng.random() < NOISY_QUESTION_RATE:
         for idx in rng.choice(ANSWERS_PER_QUESTION, int(rng.integers(1, 3)), replace=False):
-            if qa.category in ("exist", "spatial"):
+            if qa.category in ("exist", "spatial", "compare"):
                 wrong = "no" if qa.answer == "yes" else "yes"
+            elif qa.category == "size":
+                wrong = _pick(rng, [z for z in preset.sizes if z != qa.answer])
+            elif qa.category == "relation" and qa.answer in colors:
+                wrong = _pick(rng, [c for c in colors if c != qa.answer])
             elif qa.category == "count":
                 wrong = str(max(0, int(qa.answer) + _pick(rng, (-1, 1))) if qa.answer != "0" else 1)
             elif qa.category == "color":
-                wrong = _pick(rng, [c for c in COLORS if c != qa.answer])
+                wrong = _pick(rng, [c for c in colors if c != qa.answer])
             else:
-                wrong = _pick(rng, [s for s in SHAPES if s != qa.answer])
+                wrong = _pick(rng, [s for s in shapes if s != qa.answer])
             answers[int(idx)] = wrong
     return answers
 
@@ -422,16 +565,24 @@ def _info(split: str, seed: int) -> dict:
     }
 
 
-def _vocabulary_texts() -> list[str]:
+def _vocabulary_texts(preset: SyntheticPreset = DEFAULT_PRESET) -> list[str]:
     """Every word the generator can emit, so the tokenizer never depends on which samples were drawn."""
-    words = list(SHAPES) + list(PLURALS.values()) + list(COLORS) + list(SIZES) + list(NUMBER_WORDS.values())
+    numbers = range(1, preset.max_objects + 1)
+    words = (list(preset.shapes) + list(preset.plurals.values()) + list(preset.colors) + list(preset.sizes)
+             + [NUMBER_WORDS[k] for k in numbers])
+    extra = []
+    if preset.size_questions:
+        extra.append("what size is the how big is the is the larger than the is the smaller than the")
+    if preset.relation_questions:
+        extra.append("what color is the object left of the right of the above the below the what shape")
     return [
         " ".join(words),
-        "0 1 2 3 4 yes no dark light , :",
+        " ".join(str(k) for k in range(preset.max_objects + 1)) + " yes no dark light , :",
         CAPTION_PROMPT,
         SHORT_ANSWER_SUFFIX,
         USER_PREFIX + ASSISTANT_PREFIX,
         "top left top right bottom left bottom right center single",
+        *extra,
     ]
 
 
@@ -446,19 +597,43 @@ def generate_split(
     questions_per_image: int,
     heldout: list[tuple[str, str]],
     log: Callable[[str], None] = print,
+    preset: SyntheticPreset = DEFAULT_PRESET,
+    workers: int = 1,
 ) -> dict[str, list]:
-    """Render one split's images and return its records (questions, annotations, captions, llava, scenes)."""
-    split_index = SPLITS.index(split)
-    all_combos = [(s, c) for s in SHAPES for c in COLORS]
-    ho_set = set(heldout)
-    allowed = [c for c in all_combos if c not in ho_set]
+    """Render one split's images and return its records (questions, annotations, captions, llava, scenes).
+
+    ``workers`` > 1 renders contiguous ranges of images in that many processes; every image draws from its own
+    generator, so the files are the same as with one."""
     img_dir = out_dir / "images" / split
     img_dir.mkdir(parents=True, exist_ok=True)
+    args = (out_dir, split, n_images, first_image_id, seed, image_size, questions_per_image, heldout, preset)
+    if workers <= 1 or n_images < 2 * workers:
+        return _render_range(*args, 0, n_images, log)
+    from concurrent.futures import ProcessPoolExecutor
+
+    bounds = [n_images * k // workers for k in range(workers + 1)]
+    rec: dict[str, list] = {}
+    with ProcessPoolExecutor(workers) as pool:
+        for part in pool.map(_render_range, *zip(*[(*args, a, b, None) for a, b in itertools.pairwise(bounds)])):
+            for k, v in part.items():
+                rec.setdefault(k, []).extend(v)
+    log(f"[make_synthetic] {split}: {n_images}/{n_images} images ({workers} workers)")
+    return rec
+
+
+def _render_range(out_dir: Path, split: str, n_images: int, first_image_id: int, seed: int, image_size: int,
+                  questions_per_image: int, heldout: list[tuple[str, str]], preset: SyntheticPreset,
+                  start: int, stop: int, log: Callable[[str], None] | None) -> dict[str, list]:
+    """Images ``start``..``stop - 1`` of a split (see :func:`generate_split`)."""
+    split_index = SPLITS.index(split)
+    all_combos = preset.combos
+    ho_set = set(heldout)
+    allowed = [c for c in all_combos if c not in ho_set]
     rec: dict[str, list] = {
         k: [] for k in ("questions", "annotations", "images", "captions", "llava", "scenes")
     }
     step = max(1, n_images // 4)
-    for i in range(n_images):
+    for i in range(start, stop):
         rng = np.random.default_rng([seed, split_index, i])
         image_id = first_image_id + i
         is_ho_split = split == "heldout"
@@ -467,6 +642,7 @@ def generate_split(
             image_size,
             all_combos if is_ho_split else allowed,
             required=_pick(rng, heldout) if is_ho_split else None,
+            preset=preset,
         )
         file_name = image_file_name(split, image_id)
         render_scene(scene, image_size, rng).save(
@@ -474,7 +650,7 @@ def generate_split(
         )
 
         qas = select_questions(
-            candidate_questions(scene, rng, image_size, ho_set, allow_heldout=is_ho_split),
+            candidate_questions(scene, rng, image_size, ho_set, allow_heldout=is_ho_split, preset=preset),
             rng,
             questions_per_image,
             prefer_heldout=is_ho_split,
@@ -484,7 +660,7 @@ def generate_split(
             qid = image_id * 100 + k
             qtype, atype = QUESTION_TYPES[qa.category]
             rec["questions"].append({"image_id": image_id, "question": qa.question, "question_id": qid})
-            answers = annotator_answers(qa, rng)
+            answers = annotator_answers(qa, rng, preset)
             rec["annotations"].append(
                 {
                     "question_id": qid,
@@ -526,21 +702,20 @@ def generate_split(
                 "objects": [o.to_json() for o in scene.objects],
             }
         )
-        if (i + 1) % step == 0 or i + 1 == n_images:
+        if log is not None and ((i + 1) % step == 0 or i + 1 == n_images):
             log(f"[make_synthetic] {split}: {i + 1}/{n_images} images")
     return rec
 
 
-def object_categories() -> list[dict]:
+def object_categories(preset: SyntheticPreset = DEFAULT_PRESET) -> list[dict]:
     """COCO categories, one per (colour, shape) pair: the object classes of the synthetic world."""
-    return [{"id": i + 1, "name": f"{c} {s}", "supercategory": s}
-            for i, (s, c) in enumerate((s, c) for s in SHAPES for c in COLORS)]
+    return [{"id": i + 1, "name": f"{c} {s}", "supercategory": s} for i, (s, c) in enumerate(preset.combos)]
 
 
-def instances_json(split: str, seed: int, rec: dict[str, list]) -> dict:
+def instances_json(split: str, seed: int, rec: dict[str, list], preset: SyntheticPreset = DEFAULT_PRESET) -> dict:
     """COCO instances (object boxes and classes) of a split, from its scene records; what vision-tower
     pretraining reads (`mmoe.data.instances`), as it would read COCO's own instances files."""
-    cat_id = {c["name"]: c["id"] for c in object_categories()}
+    cat_id = {c["name"]: c["id"] for c in object_categories(preset)}
     anns = []
     for scene in rec["scenes"]:
         for o in scene["objects"]:
@@ -550,10 +725,11 @@ def instances_json(split: str, seed: int, rec: dict[str, list]) -> dict:
                          "bbox": [round(o["x"] - r, 2), round(o["y"] - r, 2), round(2 * r, 2), round(2 * r, 2)],
                          "area": round(4 * r * r, 2), "iscrowd": 0})
     return {"info": _info(split, seed), "licenses": [LICENSE], "images": rec["images"], "annotations": anns,
-            "categories": object_categories()}
+            "categories": object_categories(preset)}
 
 
-def write_split(out_dir: Path, split: str, seed: int, rec: dict[str, list]) -> None:
+def write_split(out_dir: Path, split: str, seed: int, rec: dict[str, list],
+                preset: SyntheticPreset = DEFAULT_PRESET) -> None:
     """Write the split's VQAv2 questions/annotations, COCO captions, LLaVA conversations and scene records."""
     info = _info(split, seed)
     _dump(
@@ -588,7 +764,7 @@ def write_split(out_dir: Path, split: str, seed: int, rec: dict[str, list]) -> N
         },
     )
     _dump(out_dir / f"{split}_llava.json", rec["llava"])
-    _dump(out_dir / f"{split}_instances.json", instances_json(split, seed, rec))
+    _dump(out_dir / f"{split}_instances.json", instances_json(split, seed, rec, preset))
     _dump(out_dir / f"{split}_scenes.json", {"info": info, "split": split, "scenes": rec["scenes"]})
 
 
@@ -605,15 +781,24 @@ def generate_dataset(
     train_questions_per_image: int | None = 6,
     overwrite: bool = False,
     log: Callable[[str], None] = print,
+    preset: str | SyntheticPreset = "default",
+    workers: int = 1,
 ) -> dict:
-    """Generate all splits, the tokenizer and ``meta.json`` into ``out_dir``; returns the meta dict."""
+    """Generate all splits, the tokenizer and ``meta.json`` into ``out_dir``; returns the meta dict.
+
+    ``preset`` names the world (:data:`PRESETS`): ``default`` or ``hard``. ``workers`` processes render the
+    images (same files for any number)."""
     from mmoe.data.tokenizer import train_tokenizer  # local: keeps transformers out of plain rendering
+
+    preset = get_preset(preset)
 
     sizes = {"train": n_train, "val": n_val, "test": n_test, "heldout": n_heldout}
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     if any(n < 0 for n in sizes.values()):
         raise ValueError(f"split sizes must be >= 0, got {sizes}")
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
     if image_size < 32:
         raise ValueError(f"image_size must be >= 32 to draw 4 separable objects, got {image_size}")
     train_qpi = questions_per_image if train_questions_per_image is None else train_questions_per_image
@@ -632,15 +817,16 @@ def generate_dataset(
     out.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
-    heldout = choose_heldout_combos(seed)
-    texts = _vocabulary_texts()
+    heldout = choose_heldout_combos(seed, preset=preset)
+    texts = _vocabulary_texts(preset)
     next_id, split_meta = 1, {}
     for split in SPLITS:
         rec = generate_split(
             out, split, sizes[split], next_id, seed, image_size=image_size,
-            questions_per_image=train_qpi if split == "train" else questions_per_image, heldout=heldout, log=log
+            questions_per_image=train_qpi if split == "train" else questions_per_image, heldout=heldout, log=log,
+            preset=preset, workers=workers,
         )
-        write_split(out, split, seed, rec)
+        write_split(out, split, seed, rec, preset)
         texts += [q["question"] for q in rec["questions"]] + [
             a["multiple_choice_answer"] for a in rec["annotations"]
         ]
@@ -652,22 +838,24 @@ def generate_dataset(
             "n_captions": len(rec["captions"]),
         }
         next_id += sizes[split]
-    tokenizer = train_tokenizer(texts, out, phrases=[SHORT_ANSWER_SUFFIX], inflections=INFLECTIONS)
+    tokenizer = train_tokenizer(texts, out, phrases=[SHORT_ANSWER_SUFFIX], inflections=preset.inflections)
     meta = {
         "generator_version": GENERATOR_VERSION,
         "seed": seed,
         "image_size": image_size,
         "questions_per_image": questions_per_image,
         "train_questions_per_image": train_qpi,
-        "shapes": list(SHAPES),
-        "colors": list(COLORS),
-        "sizes": list(SIZES),
+        "shapes": list(preset.shapes),
+        "colors": list(preset.colors),
+        "sizes": list(preset.sizes),
         "heldout_combos": [list(c) for c in heldout],
         "splits": split_meta,
         "caption_prompt": CAPTION_PROMPT,
         "short_answer_suffix": SHORT_ANSWER_SUFFIX,
         "tokenizer_vocab_size": len(tokenizer),
     }
+    if preset.name != "default":  # the default's meta.json stays byte-identical to earlier generators'
+        meta["preset"] = preset.name
     _dump(out / "meta.json", meta)
     n_img = sum(m["n_images"] for m in split_meta.values())
     n_q = sum(m["n_questions"] for m in split_meta.values())
