@@ -23,6 +23,7 @@ default in the Lightning strategy); the all-to-all dispatcher is unchanged and s
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
+from torch.utils.checkpoint import noop_context_fn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
@@ -110,9 +112,39 @@ def checkpoint_blocks(model: nn.Module) -> int:
     for _, blocks in _block_lists(model):
         for i, b in enumerate(blocks):
             if not hasattr(b, "_checkpoint_wrapped_module"):
-                blocks[i] = checkpoint_wrapper(b, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+                blocks[i] = checkpoint_wrapper(b, checkpoint_impl=CheckpointImpl.NO_REENTRANT,
+                                               context_fn=_per_forward_state_context(b))
                 n += 1
     return n
+
+
+def _per_forward_state_context(block: nn.Module):
+    """checkpoint `context_fn` that replays per-forward module state during recomputation.
+
+    The ViT's MoE MLPs read their token mask from an attribute the encoder sets for one forward and clears
+    after it; recomputed in backward they would see no mask, route the placeholder image's tokens and
+    desynchronise the expert-parallel all-to-all (different token counts than the forward saved)."""
+    stateful = [m for m in block.modules() if hasattr(m, "token_mask") and hasattr(m, "routing")]
+    if not stateful:
+        return noop_context_fn
+
+    def context_fn():
+        at_forward = [m.token_mask for m in stateful]
+
+        @contextlib.contextmanager
+        def replay():
+            before = [m.token_mask for m in stateful]
+            for m, t in zip(stateful, at_forward):
+                m.token_mask = t
+            try:
+                yield
+            finally:
+                for m, t in zip(stateful, before):
+                    m.token_mask = t
+
+        return contextlib.nullcontext(), replay()
+
+    return context_fn
 
 
 def apply_fsdp_ep(model: nn.Module, world_mesh: DeviceMesh, mp: MixedPrecisionPolicy | None = None,
