@@ -55,6 +55,7 @@ class FSDPInfo:
     units: int = 0  # FSDP units created (roots included)
     expert_units: int = 0
     consolidated: nn.Module | None = None  # cached one-process copy for rank-0 export (strategy)
+    consolidated_elsewhere: bool = False  # the copy was gathered onto rank 0 (this rank holds none)
 
     @property
     def world_size(self) -> int:

@@ -171,6 +171,7 @@ def cache_consolidated_fsdp(module) -> None:
     if info is None:
         return
     full = full_state_dict(inner, rank0_only=True)
+    info.consolidated_elsewhere = not full
     if full:
         with torch.device("meta"):
             copy = type(inner)(inner.cfg) if hasattr(inner, "cfg") else None
