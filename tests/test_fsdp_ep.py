@@ -129,6 +129,7 @@ def _job_train(rank: int, world: int, ep: int, ckpt: str | None) -> dict:
                  "all_dtensor": all(isinstance(p, DTensor) for p in model.parameters()),
                  "checkpointed": sum(hasattr(m, "_checkpoint_wrapped_module") for m in model.modules())}
     res["losses"] = [_step(model, opt, _batch(s, rank), world) for s in range(STEPS)]
+    res["bytes"] = _state_bytes(model, opt)
     full = fc.full_state_dict(model)
     if rank == 0:
         res["full"] = full
@@ -139,6 +140,16 @@ def _job_train(rank: int, world: int, ep: int, ckpt: str | None) -> dict:
     text = _batch(STEPS + 1, rank, images=rank != world - 1)
     res["text_only_loss"] = _step(model, opt, text, world)
     return res
+
+
+def _state_bytes(model, opt) -> dict:
+    """Bytes this rank really holds: parameter shards, gradient shards, optimizer moments."""
+    def nbytes(t):
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
+    params = list(model.parameters())
+    return {"params": sum(nbytes(p) for p in params), "grads": sum(nbytes(p.grad) for p in params),
+            "optimizer": sum(nbytes(v) for p in params for v in opt.state[p].values() if v.dim() > 0)}
 
 
 def _job_resume(rank: int, world: int, ep: int, ckpt: str, saved_world: int) -> dict:
@@ -179,8 +190,31 @@ def _assert_equal_reference(res: list[dict], world: int) -> None:
 @pytest.mark.parametrize("world,ep", [(2, 1), (2, 2)], ids=["fsdp_shard2_ep1", "fsdp_shard1_ep2"])
 def test_fsdp_ep_two_processes_equal_single_process(world, ep):
     res = run_distributed(_job_train, world, ep, None, timeout=240)
+    _PLANNER_RUN[(world, ep)] = res
     _assert_equal_reference(res, world)
     assert res[0]["expert_units"] == (0 if ep == 1 else 7)  # 2 ViT + connector + 2 decoder FFNs + MoA q, o
+
+
+def test_fsdp_planner_matches_real_sharded_bytes():
+    """mmoe.plan's parameter / gradient / optimizer bytes against what the sharded ranks of
+    test_fsdp_ep_two_processes_equal_single_process hold (fp64, ep 2): the totals over ranks are exact, each
+    rank within FSDP's uneven-chunk rounding."""
+    from mmoe.plan import count_model, plan
+    world, ep = 2, 2
+    res = _PLANNER_RUN.get((world, ep))
+    if res is None:
+        res = run_distributed(_job_train, world, ep, None, timeout=240)
+    p = plan(count_model(_arch()), world, 80, "fsdp_ep", ep, param_bytes=8)
+    for key, want in (("params", p.params), ("grads", p.grads), ("optimizer", p.optimizer)):
+        total = sum(r["bytes"][key] for r in res)
+        assert total == pytest.approx(want * world, rel=1e-12), (key, total, want * world)
+        for r in res:
+            assert r["bytes"][key] == pytest.approx(want, rel=0.2), (key, r["bytes"][key], want)
+    ddp = plan(count_model(_arch()), world, 80, "ddp_ep", ep, param_bytes=8)
+    assert ddp.params > 1.5 * p.params  # ddp_ep replicates every non-expert weight
+
+
+_PLANNER_RUN: dict = {}
 
 
 @pytest.fixture(scope="module")
