@@ -40,9 +40,10 @@ def _contiguous_stride(shape) -> tuple[int, ...]:
 def _expert_global(t: Tensor, num_experts: int, mesh) -> DTensor:
     """The full (E, ...) expert tensor whose shard this rank holds: dim 0 split over ep, dim 1 over edp."""
     local = t.to_local() if isinstance(t, DTensor) else t
-    dim = min(EXPERT_SHARD_DIM, t.dim() - 1)
+    if t.dim() < 2:
+        raise ValueError(f"expert tensor of shape {tuple(t.shape)}: expected (experts, ...) with >= 2 dims")
     shape = torch.Size((num_experts, *t.shape[1:]))
-    placements = [Shard(dim), Shard(0)] if dim != 0 else [Shard(0), Shard(0)]
+    placements = [Shard(EXPERT_SHARD_DIM), Shard(0)]  # mesh dims (edp, ep)
     return DTensor.from_local(local, mesh, placements, run_check=False, shape=shape,
                               stride=_contiguous_stride(shape))
 
