@@ -279,3 +279,24 @@ def test_train_py_cli_fsdp_ep_two_processes(tiny_data, tiny_config, tmp_path):
     for r in res:
         assert r["strategy"] == "FSDPExpertParallelStrategy" and r["step"] == 2, r
     assert res[0]["export_diff"] == 0.0 and res[0]["export_expert_rows"] == [4, 8], res[0]
+
+
+def test_fsdp_bad_sizes_are_refused_naming_the_field():
+    from mmoe.parallel.mesh import ParallelDims
+    from mmoe.plan import count_model, plan
+    with pytest.raises(ValueError, match=r"model.parallel.ep_size=3 must divide the world size 4"):
+        ParallelDims(4, 3)
+    with pytest.raises(ValueError, match=r"--ep 3 must divide --gpus 8"):
+        plan(count_model(_arch()), 8, 80, "fsdp_ep", 3)
+    with pytest.raises(ValueError, match=r"--strategy must be ddp_ep or fsdp_ep"):
+        plan(count_model(_arch()), 8, 80, "zero3", 2)
+
+
+def test_fsdp_plan_cli_says_whether_cumo_large_fits(capsys):
+    from mmoe.plan import main
+    assert main(["--config", str(REPO / "configs/cumo_large.yaml"), "--gpus", "8", "--gpu-mem", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "strategy fsdp_ep" in out and "FITS" in out and "DOES NOT FIT" not in out
+    assert main(["--config", str(REPO / "configs/cumo_large.yaml"), "--gpus", "8", "--gpu-mem", "80",
+                 "--strategy", "ddp_ep"]) == 1
+    assert "DOES NOT FIT" in capsys.readouterr().out
