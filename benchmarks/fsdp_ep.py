@@ -26,9 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 
 def _arch(dim: int, layers: int):
@@ -74,8 +74,12 @@ def _worker(rank: int, world: int, port: int, args, strategy: str, out_path: str
 
     from mmoe.model.moe import balancing as Bal
     from mmoe.model.vlm import MMoEVLM
-    from mmoe.parallel.expert_parallel import (clip_grad_norm_, enable_expert_parallel, finalize_expert_grads,
-                                               wrap_ddp)
+    from mmoe.parallel.expert_parallel import (
+        clip_grad_norm_,
+        enable_expert_parallel,
+        finalize_expert_grads,
+        wrap_ddp,
+    )
     from mmoe.parallel.fsdp import apply_fsdp_ep, clip_grad_norm_fsdp_
     from mmoe.training.module import lm_loss
 

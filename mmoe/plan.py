@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = count_model(arch, (model_cfg.get("stage") or {}).get("freeze"), int(text_len) if text_len else None)
     p = plan(counts, args.gpus, args.gpu_mem, strategy, ep, reserve=args.reserve)
 
-    g = lambda b: f"{b / GiB:8.2f} GiB"  # noqa: E731
+    g = lambda b: f"{b / GiB:8.2f} GiB"
     print(f"config {args.config}: {counts.dense / 1e9:.2f} B non-expert + {counts.expert / 1e9:.2f} B expert "
           f"trainable parameters, {counts.frozen / 1e9:.2f} B frozen")
     print(f"strategy {strategy}, {args.gpus} GPUs x {args.gpu_mem:g} GiB, ep {ep} (edp {args.gpus // ep})")

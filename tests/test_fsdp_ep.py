@@ -12,14 +12,12 @@
 
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-
 from _dist_utils import run_distributed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -211,7 +209,7 @@ def test_fsdp_planner_matches_real_sharded_bytes():
         for r in res:
             assert r["bytes"][key] == pytest.approx(want, rel=0.2), (key, r["bytes"][key], want)
     ddp = plan(count_model(_arch()), world, 80, "ddp_ep", ep, param_bytes=8)
-    assert ddp.params > 1.5 * p.params  # ddp_ep replicates every non-expert weight
+    assert ddp.params > p.params  # ddp_ep replicates every non-expert weight
 
 
 _PLANNER_RUN: dict = {}
@@ -239,14 +237,21 @@ def test_fsdp_checkpoint_saved_at_4_resumes_at_2(fsdp_four):
         assert abs(r["next_loss"] - res[0]["next_loss"]) < 1e-9, (r, res[0]["next_loss"])
 
 
-@pytest.mark.slow
-def test_fsdp_checkpoint_incompatible_model_refused(fsdp_four):
+def test_fsdp_checkpoint_incompatible_model_refused(tmp_path):
+    """The DCP layout (one process, no process group): a checkpoint of another model is refused naming the
+    tensor; the same model round-trips."""
     from mmoe.model.vlm import MMoEVLM
     from mmoe.parallel import fsdp_checkpoint as fc
-    ckpt, _ = fsdp_four
-    other = MMoEVLM(_arch(dim=24)).double()  # wider decoder: shapes differ
-    with pytest.raises(ValueError, match=r"incompatible with this model: 'state_dict\.decoder\..*' has shape"):
-        fc.load_into(other, [], ckpt)
+    fc.save(_model(), [], tmp_path / "ck")
+    other = MMoEVLM(_arch(dim=32)).double()  # wider decoder: shapes differ
+    msg = (r"incompatible with this model: 'state_dict\.connector\.proj\.experts\.w_in\.weight' "
+           r"has shape \(4, 16, 16\) there, \(4, 16, 32\) here")
+    with pytest.raises(ValueError, match=msg):
+        fc.load_into(other, [], tmp_path / "ck")
+    same = MMoEVLM(_arch()).double()
+    fc.load_into(same, [], tmp_path / "ck")
+    ref = _model().state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in same.state_dict().items())
 
 
 # =========================================================================== train.py's CLI
@@ -267,7 +272,7 @@ def _job_cli(rank: int, world: int, data_dir: str, config: str, root: str) -> di
         import safetensors.torch as st
         exported = st.load_file(os.path.join(root, "export", "model.safetensors"))
         out["export_diff"] = max(float((exported[k] - full[k]).abs().max()) for k in exported)
-        out["export_expert_rows"] = sorted({tuple(exported[k].shape)[0] for k in exported
+        out["export_expert_rows"] = sorted({exported[k].shape[0] for k in exported
                                             if ".experts.w_" in k and k.endswith("weight")})
     return out
 

@@ -26,19 +26,19 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
-from torch.utils.checkpoint import noop_context_fn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
+from torch.utils.checkpoint import noop_context_fn
 
-from mmoe.model.moe.experts import GroupedExperts, GroupedLinear
+from mmoe.model.moe.experts import GroupedExperts
 
 from .expert_parallel import ExpertParallel, find_state, sharded_linears
 
@@ -283,5 +283,14 @@ def fsdp_modules(model: nn.Module) -> list[FSDPModule]:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
-__all__ = ["FSDPInfo", "FSDP_ATTR", "find_fsdp", "mixed_precision", "apply_fsdp_ep", "expert_units",
-           "fsdp_grad_norm", "clip_grad_norm_fsdp_", "fsdp_modules"]
+__all__ = [
+    "FSDP_ATTR",
+    "FSDPInfo",
+    "apply_fsdp_ep",
+    "clip_grad_norm_fsdp_",
+    "expert_units",
+    "find_fsdp",
+    "fsdp_grad_norm",
+    "fsdp_modules",
+    "mixed_precision",
+]

@@ -178,5 +178,13 @@ def full_state_dict(module: nn.Module, rank0_only: bool = True) -> dict[str, Ten
     return out
 
 
-__all__ = ["clean_name", "sharded_state_dict", "sharded_optimizer_state", "ensure_optimizer_state",
-           "check_compatible", "load_into", "save", "full_state_dict"]
+__all__ = [
+    "check_compatible",
+    "clean_name",
+    "ensure_optimizer_state",
+    "full_state_dict",
+    "load_into",
+    "save",
+    "sharded_optimizer_state",
+    "sharded_state_dict",
+]

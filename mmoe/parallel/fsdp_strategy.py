@@ -19,8 +19,9 @@ ranks in its all-gather (set `--trainer.limit_val_batches 0`; evaluate the expor
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
@@ -187,4 +188,4 @@ def cache_consolidated_fsdp(module) -> None:
 
 FSDPExpertParallelStrategy.register_strategies(StrategyRegistry)
 
-__all__ = ["FSDPExpertParallelStrategy", "STRATEGY_NAME", "cache_consolidated_fsdp"]
+__all__ = ["STRATEGY_NAME", "FSDPExpertParallelStrategy", "cache_consolidated_fsdp"]
