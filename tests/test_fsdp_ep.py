@@ -268,6 +268,17 @@ def _job_cli(rank: int, world: int, data_dir: str, config: str, root: str) -> di
     from mmoe.parallel.fsdp_checkpoint import full_state_dict
     full = full_state_dict(cli.model.model)
     out = {"strategy": type(cli.trainer.strategy).__name__, "step": int(cli.trainer.global_step)}
+    # Lightning resume from the sharded (DCP) "last" checkpoint ModelCheckpoint wrote, one step further
+    ckpts = sorted(str(p.parent) for p in Path(root).rglob(".metadata"))
+    out["ckpts"] = ckpts
+    if ckpts:
+        again = cli_main(["fit", "--config", str(REPO / "configs/default.yaml"), "--config", config,
+                          "--data.data_dir", data_dir, "--trainer.devices", "2", "--trainer.strategy", "fsdp_ep",
+                          "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
+                          "--trainer.max_steps", "3", "--model.parallel.ep_size", "2",
+                          "--trainer.default_root_dir", root + "_resumed", "--ckpt_path", ckpts[-1],
+                          "--export_dir", os.path.join(root, "export_resumed")])
+        out["resumed_step"] = int(again.trainer.global_step)
     if rank == 0:
         import safetensors.torch as st
         exported = st.load_file(os.path.join(root, "export", "model.safetensors"))
@@ -283,6 +294,7 @@ def test_train_py_cli_fsdp_ep_two_processes(tiny_data, tiny_config, tmp_path):
                           init_pg=False)
     for r in res:
         assert r["strategy"] == "FSDPExpertParallelStrategy" and r["step"] == 2, r
+        assert r["ckpts"] and r["resumed_step"] == 3, r  # the DCP checkpoint resumed through Lightning
     assert res[0]["export_diff"] == 0.0 and res[0]["export_expert_rows"] == [4, 8], res[0]
 
 
