@@ -5,6 +5,10 @@
 * `expert_parallel` - enable_expert_parallel (shard experts, swap dispatchers), DDP ignore list, expert-grad
                       reduction (SUM over EDP / W), global-norm clipping, per-rank load metrics.
 * `checkpoint`      - gather/shard model and optimizer state, consolidated model for export.
+* `fsdp`            - apply_fsdp_ep: FSDP2 over all ranks for dense blocks, over EDP for expert banks; global-norm
+                      clipping over every shard.
+* `fsdp_checkpoint`  - sharded DCP save/resume at any world/EP size, full one-process state dict for export.
+* `fsdp_strategy`   - Lightning: FSDPExpertParallelStrategy ("fsdp_ep", a ModelParallelStrategy).
 * `strategy`        - Lightning: ExpertParallelStrategy (DDP with experts excluded); importing it registers
                       the strategy names "ddp_ep" / "ddp_ep_spawn".
 
@@ -24,6 +28,8 @@ _EXPORTS = {
     "clip_grad_norm_": "expert_parallel", "ep_load_metrics": "expert_parallel",
     "full_state_dict": "checkpoint", "shard_state_dict": "checkpoint", "consolidated_model": "checkpoint",
     "gather_experts_locally": "checkpoint",
+    "apply_fsdp_ep": "fsdp", "clip_grad_norm_fsdp_": "fsdp", "fsdp_grad_norm": "fsdp", "find_fsdp": "fsdp",
+    "FSDPExpertParallelStrategy": "fsdp_strategy",
     "ExpertParallelStrategy": "strategy", "require_expert_parallel_strategy": "strategy",
 }
 

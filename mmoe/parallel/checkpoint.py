@@ -145,6 +145,14 @@ def consolidated_model(model: nn.Module) -> nn.Module:
     """A copy of `model` as one process would hold it: full experts, local dispatchers. `model` itself when
     expert parallelism is off. Collective (all ranks) unless `cache_consolidated` ran since the last weight
     update (the Lightning strategy does that at the end of fit, so rank-0-only export works)."""
+    fsdp = model.__dict__.get("_mmoe_fsdp")
+    if fsdp is not None:  # FSDP2-sharded (fsdp_ep): the strategy gathered a one-process copy at the end of fit
+        if fsdp.consolidated is None and fsdp.consolidated_elsewhere:
+            return model  # rank > 0 after the gather: rank 0 holds the copy and exports; nothing to return here
+        if fsdp.consolidated is None:
+            raise RuntimeError("FSDP-sharded model: call mmoe.parallel.fsdp_strategy.cache_consolidated_fsdp "
+                               "(collective; rank 0 keeps the copy) before exporting")
+        return fsdp.consolidated
     st = find_state(model)
     if st is None:
         return model

@@ -33,6 +33,7 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from mmoe.model.moe.dispatch import LocalDispatcher
 from mmoe.model.moe.experts import GroupedLinear
@@ -282,6 +283,9 @@ def grad_norm(parameters: Iterable[Tensor], norm_type: float = 2.0, module: nn.M
     """Global gradient norm of a model whose experts are sharded: shared grads (identical on every rank after
     DDP) counted once, expert shards combined over the EP group. The same value on every rank."""
     params = [p for p in parameters if p.grad is not None]
+    if any(isinstance(p.grad, DTensor) for p in params):  # FSDP-sharded (fsdp_ep): every shard once
+        from .fsdp import fsdp_grad_norm
+        return fsdp_grad_norm(params, norm_type)
     st = find_state(module) if module is not None else None
     ex = set(_shard_params(module)) if module is not None else {id(p) for p in params if is_expert_param(p)}
     shared = [p.grad for p in params if id(p) not in ex]

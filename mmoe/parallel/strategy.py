@@ -198,12 +198,14 @@ class ExpertParallelStrategy(DDPStrategy):
 
 def require_expert_parallel_strategy(trainer) -> None:
     """Raise unless `trainer` runs ExpertParallelStrategy (call from configure_model when ep_size > 1)."""
+    from .fsdp_strategy import FSDPExpertParallelStrategy
     strategy = getattr(trainer, "strategy", None)
-    if not isinstance(strategy, ExpertParallelStrategy):
-        raise ValueError(f"model.parallel.ep_size > 1 needs --trainer.strategy {STRATEGY_NAME} "
+    if not isinstance(strategy, (ExpertParallelStrategy, FSDPExpertParallelStrategy)):
+        raise ValueError(f"model.parallel.ep_size > 1 needs --trainer.strategy {STRATEGY_NAME} or fsdp_ep "
                          f"(mmoe.parallel.strategy.ExpertParallelStrategy), got {type(strategy).__name__}")
 
 
 ExpertParallelStrategy.register_strategies(StrategyRegistry)
+from . import fsdp_strategy  # noqa: E402,F401  registers "fsdp_ep" too (the CLI imports this module)
 
 __all__ = ["ExpertParallelStrategy", "require_expert_parallel_strategy", "STRATEGY_NAME"]

@@ -1,0 +1,319 @@
+"""FSDP2 + expert parallelism (`mmoe.parallel.fsdp`, strategy `fsdp_ep`) on CPU gloo processes, float64.
+
+* shard2 x ep1, shard1 x ep2 (2 processes) and shard2 x ep2 (4 processes): the tiny all-MoE VLM (ViT, connector,
+  MoA and decoder MoE) trained 3 AdamW steps with global-norm clipping and activation checkpointing equals one
+  process holding every weight and stepping on the mean of the ranks' losses (the data-parallel objective),
+  losses and every updated parameter; a text-only batch on one rank does not hang.
+* sharded DCP checkpoint written at 4 processes (ep 2) resumes at 2 processes (ep 2, other sharding): the next
+  step's loss equals the uninterrupted 4-process run's.
+* an incompatible checkpoint is refused naming the tensor.
+* `train.py fit ... --trainer.strategy fsdp_ep --trainer.devices 2` trains on CPU and exports.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from _dist_utils import run_distributed
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS, B, T, IMG, CLIP, LR, WD = 3, 2, 10, 16, 0.05, 0.01, 0.1
+TOL = 1e-10
+
+
+def _arch(dim: int = 16):
+    from mmoe.model.connector import ConnectorConfig
+    from mmoe.model.decoder import DecoderConfig
+    from mmoe.model.moe import MoEConfig
+    from mmoe.model.vision import VisionConfig
+    from mmoe.model.vlm import VLMConfig
+
+    def moe(**kw):
+        return MoEConfig(num_experts=4, top_k=2, **kw)
+
+    return VLMConfig(
+        vision=VisionConfig(image_size=IMG, patch_size=8, dim=16, depth=2, n_heads=2, mlp_ratio=2.0, moe=moe(),
+                            moe_layers="all", feature_layer=-1),
+        connector=ConnectorConfig(kind="moe_mlp", moe=moe(), pool=1),
+        decoder=DecoderConfig(vocab_size=40, dim=dim, n_layers=2, n_heads=8, n_kv_heads=2, hidden=24,
+                              max_seq_len=64, ffn_moe=moe(num_shared_experts=1), ffn_moe_layers="all",
+                              attn_moe=moe(), attn_moe_layers="0"),
+        image_token_id=4, pad_token_id=0, eos_token_id=2)
+
+
+def _batch(step: int, part: int, images: bool = True):
+    """Batch `part` of global step `step` (deterministic): ids, mask, labels, pixels (None: text only)."""
+    g = torch.Generator().manual_seed(1000 * step + part)
+    ids = torch.randint(5, 40, (B, T), generator=g)
+    labels = ids.clone()
+    labels[:, :5] = -100
+    pix = torch.randn(B, 3, IMG, IMG, generator=g, dtype=torch.float64)
+    if images:
+        ids[:, 1] = 4
+    else:
+        pix = None
+    return ids, torch.ones(B, T, dtype=torch.bool), labels, pix
+
+
+def _loss(model, b, aux: float = 0.01):
+    from mmoe.model.moe import balancing as Bal
+    from mmoe.training.module import lm_loss
+    out = model(b[0], b[1], b[3], b[2], logits_at_labels=True)
+    loss = lm_loss(out.logits, out.labels)
+    if aux:
+        loss = loss + aux * sum(Bal.load_balance_loss(r) for r in out.routing if bool(r.token_mask.any()))
+    return loss
+
+
+def _model():
+    from mmoe.model.vlm import MMoEVLM
+    torch.manual_seed(0)
+    return MMoEVLM(_arch()).double()
+
+
+def _opt(model):
+    return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD)
+
+
+def _reference(world: int, steps: int = STEPS, aux: float = 0.01):
+    """One process, every weight: each step minimises the mean of the `world` ranks' losses."""
+    model = _model()
+    opt = _opt(model)
+    losses = []
+    for s in range(steps):
+        opt.zero_grad()
+        loss = torch.stack([_loss(model, _batch(s, r), aux) for r in range(world)]).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _sharded(world: int, ep: int):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from mmoe.parallel.expert_parallel import enable_expert_parallel
+    from mmoe.parallel.fsdp import apply_fsdp_ep
+    model = _model()
+    enable_expert_parallel(model, ep)
+    info = apply_fsdp_ep(model, init_device_mesh("cpu", (world,)), activation_checkpointing=True)
+    return model, info
+
+
+def _step(model, opt, batch, world: int, aux: float = 0.01) -> float:
+    from mmoe.parallel.fsdp import clip_grad_norm_fsdp_
+    opt.zero_grad()
+    loss = _loss(model, batch, aux)
+    loss.backward()
+    clip_grad_norm_fsdp_(model.parameters(), CLIP)
+    opt.step()
+    mean = loss.detach().clone()
+    dist.all_reduce(mean)
+    return float(mean) / world
+
+
+def _job_train(rank: int, world: int, ep: int, ckpt: str | None) -> dict:
+    from torch.distributed.tensor import DTensor
+
+    from mmoe.parallel import fsdp_checkpoint as fc
+    model, info = _sharded(world, ep)
+    opt = _opt(model)
+    res: dict = {"units": info.units, "expert_units": info.expert_units,
+                 "all_dtensor": all(isinstance(p, DTensor) for p in model.parameters()),
+                 "checkpointed": sum(hasattr(m, "_checkpoint_wrapped_module") for m in model.modules())}
+    res["losses"] = [_step(model, opt, _batch(s, rank), world) for s in range(STEPS)]
+    res["bytes"] = _state_bytes(model, opt)
+    full = fc.full_state_dict(model)
+    if rank == 0:
+        res["full"] = full
+    if ckpt:  # save after STEPS, then the uninterrupted next step on the language loss only
+        fc.save(model, [opt], ckpt)
+        res["next_loss"] = _step(model, opt, _batch(STEPS, rank), world, aux=0.0)
+    # a text-only batch on one rank (others have images): every FSDP unit and all-to-all still meets
+    text = _batch(STEPS + 1, rank, images=rank != world - 1)
+    res["text_only_loss"] = _step(model, opt, text, world)
+    return res
+
+
+def _state_bytes(model, opt) -> dict:
+    """Bytes this rank really holds: parameter shards, gradient shards, optimizer moments."""
+    def nbytes(t):
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
+    params = list(model.parameters())
+    return {"params": sum(nbytes(p) for p in params), "grads": sum(nbytes(p.grad) for p in params),
+            "optimizer": sum(nbytes(v) for p in params for v in opt.state[p].values() if v.dim() > 0)}
+
+
+def _job_resume(rank: int, world: int, ep: int, ckpt: str, saved_world: int) -> dict:
+    from mmoe.parallel import fsdp_checkpoint as fc
+    torch.manual_seed(123)  # different initial weights: everything must come from the checkpoint
+    model, _ = _sharded(world, ep)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.to_local().normal_()
+    opt = _opt(model)
+    fc.load_into(model, [opt], ckpt)
+    # the same global batch as the saved run's next step: saved_world parts spread over `world` ranks
+    per = saved_world // world
+    parts = [_batch(STEPS, rank * per + i) for i in range(per)]
+    batch = tuple(torch.cat([p[i] for p in parts]) for i in range(4))
+    return {"next_loss": _step(model, opt, batch, world, aux=0.0)}
+
+
+def _assert_equal_reference(res: list[dict], world: int) -> None:
+    ref_losses, ref_sd = _reference(world)
+    r0 = res[0]
+    assert r0["all_dtensor"], "every parameter must be FSDP-sharded"
+    assert r0["checkpointed"] == 4, r0["checkpointed"]  # 2 ViT blocks + 2 decoder layers
+    for r in res:
+        assert max(abs(a - b) for a, b in zip(r["losses"], ref_losses)) < TOL, (r["losses"], ref_losses)
+    full = r0["full"]
+    assert set(full) == set(ref_sd)
+    diffs = {k: float((full[k] - v).abs().max()) for k, v in ref_sd.items()}
+    worst = max(diffs, key=diffs.get)
+    assert diffs[worst] < TOL, (worst, diffs[worst])
+    moved = max(float((v - _model().state_dict()[k]).abs().max()) for k, v in ref_sd.items())
+    assert moved > 1e-3  # the comparison is not between untouched weights
+    for r in res:
+        assert torch.isfinite(torch.tensor(r["text_only_loss"])), r
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world,ep", [(2, 1), (2, 2)], ids=["fsdp_shard2_ep1", "fsdp_shard1_ep2"])
+def test_fsdp_ep_two_processes_equal_single_process(world, ep):
+    res = run_distributed(_job_train, world, ep, None, timeout=240)
+    _PLANNER_RUN[(world, ep)] = res
+    _assert_equal_reference(res, world)
+    assert res[0]["expert_units"] == (0 if ep == 1 else 7)  # 2 ViT + connector + 2 decoder FFNs + MoA q, o
+
+
+def test_fsdp_planner_matches_real_sharded_bytes():
+    """mmoe.plan's parameter / gradient / optimizer bytes against what the sharded ranks of
+    test_fsdp_ep_two_processes_equal_single_process hold (fp64, ep 2): the totals over ranks are exact, each
+    rank within FSDP's uneven-chunk rounding."""
+    from mmoe.plan import count_model, plan
+    world, ep = 2, 2
+    res = _PLANNER_RUN.get((world, ep))
+    if res is None:
+        res = run_distributed(_job_train, world, ep, None, timeout=240)
+    p = plan(count_model(_arch()), world, 80, "fsdp_ep", ep, param_bytes=8)
+    for key, want in (("params", p.params), ("grads", p.grads), ("optimizer", p.optimizer)):
+        total = sum(r["bytes"][key] for r in res)
+        assert total == pytest.approx(want * world, rel=1e-12), (key, total, want * world)
+        for r in res:
+            assert r["bytes"][key] == pytest.approx(want, rel=0.2), (key, r["bytes"][key], want)
+    ddp = plan(count_model(_arch()), world, 80, "ddp_ep", ep, param_bytes=8)
+    assert ddp.params > p.params  # ddp_ep replicates every non-expert weight
+
+
+_PLANNER_RUN: dict = {}
+
+
+@pytest.fixture(scope="module")
+def fsdp_four(tmp_path_factory):
+    ckpt = str(tmp_path_factory.mktemp("fsdp_ckpt") / "step3")
+    return ckpt, run_distributed(_job_train, 4, 2, ckpt, timeout=400)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_fsdp_ep_four_processes_shard2_ep2_equal_single_process(fsdp_four):
+    _, res = fsdp_four
+    _assert_equal_reference(res, 4)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_fsdp_checkpoint_saved_at_4_resumes_at_2(fsdp_four):
+    ckpt, res = fsdp_four
+    out = run_distributed(_job_resume, 2, 2, ckpt, 4, timeout=240)
+    for r in out:
+        assert abs(r["next_loss"] - res[0]["next_loss"]) < 1e-9, (r, res[0]["next_loss"])
+
+
+def test_fsdp_checkpoint_incompatible_model_refused(tmp_path):
+    """The DCP layout (one process, no process group): a checkpoint of another model is refused naming the
+    tensor; the same model round-trips."""
+    from mmoe.model.vlm import MMoEVLM
+    from mmoe.parallel import fsdp_checkpoint as fc
+    fc.save(_model(), [], tmp_path / "ck")
+    other = MMoEVLM(_arch(dim=32)).double()  # wider decoder: shapes differ
+    msg = (r"incompatible with this model: 'state_dict\.connector\.proj\.experts\.w_in\.weight' "
+           r"has shape \(4, 16, 16\) there, \(4, 16, 32\) here")
+    with pytest.raises(ValueError, match=msg):
+        fc.load_into(other, [], tmp_path / "ck")
+    same = MMoEVLM(_arch()).double()
+    fc.load_into(same, [], tmp_path / "ck")
+    ref = _model().state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in same.state_dict().items())
+
+
+# =========================================================================== train.py's CLI
+def _job_cli(rank: int, world: int, data_dir: str, config: str, root: str) -> dict:
+    from mmoe.training.cli import cli_main
+
+    os.chdir(REPO)
+    cli = cli_main(["fit", "--config", str(REPO / "configs/default.yaml"), "--config", config,
+                    "--data.data_dir", data_dir, "--trainer.devices", "2", "--trainer.strategy", "fsdp_ep",
+                    "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
+                    "--trainer.gradient_clip_val", "1.0", "--model.activation_checkpointing", "true",
+                    "--model.parallel.ep_size", "2", "--trainer.default_root_dir", root,
+                    "--export_dir", os.path.join(root, "export")])
+    from mmoe.parallel.fsdp_checkpoint import full_state_dict
+    full = full_state_dict(cli.model.model)
+    out = {"strategy": type(cli.trainer.strategy).__name__, "step": int(cli.trainer.global_step)}
+    # Lightning resume from the sharded (DCP) "last" checkpoint ModelCheckpoint wrote, one step further
+    ckpts = sorted(str(p.parent) for p in Path(root).rglob(".metadata"))
+    out["ckpts"] = ckpts
+    if ckpts:
+        again = cli_main(["fit", "--config", str(REPO / "configs/default.yaml"), "--config", config,
+                          "--data.data_dir", data_dir, "--trainer.devices", "2", "--trainer.strategy", "fsdp_ep",
+                          "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
+                          "--trainer.max_steps", "3", "--model.parallel.ep_size", "2",
+                          "--trainer.default_root_dir", root + "_resumed", "--ckpt_path", ckpts[-1],
+                          "--export_dir", os.path.join(root, "export_resumed")])
+        out["resumed_step"] = int(again.trainer.global_step)
+    if rank == 0:
+        import safetensors.torch as st
+        exported = st.load_file(os.path.join(root, "export", "model.safetensors"))
+        out["export_diff"] = max(float((exported[k] - full[k]).abs().max()) for k in exported)
+        out["export_expert_rows"] = sorted({exported[k].shape[0] for k in exported
+                                            if ".experts.w_" in k and k.endswith("weight")})
+    return out
+
+
+@pytest.mark.distributed
+def test_train_py_cli_fsdp_ep_two_processes(tiny_data, tiny_config, tmp_path):
+    res = run_distributed(_job_cli, 2, str(tiny_data), str(tiny_config), str(tmp_path / "run"), timeout=240,
+                          init_pg=False)
+    for r in res:
+        assert r["strategy"] == "FSDPExpertParallelStrategy" and r["step"] == 2, r
+        assert r["ckpts"] and r["resumed_step"] == 3, r  # the DCP checkpoint resumed through Lightning
+    assert res[0]["export_diff"] == 0.0 and res[0]["export_expert_rows"] == [4, 8], res[0]
+
+
+def test_fsdp_bad_sizes_are_refused_naming_the_field():
+    from mmoe.parallel.mesh import ParallelDims
+    from mmoe.plan import count_model, plan
+    with pytest.raises(ValueError, match=r"model.parallel.ep_size=3 must divide the world size 4"):
+        ParallelDims(4, 3)
+    with pytest.raises(ValueError, match=r"--ep 3 must divide --gpus 8"):
+        plan(count_model(_arch()), 8, 80, "fsdp_ep", 3)
+    with pytest.raises(ValueError, match=r"--strategy must be ddp_ep or fsdp_ep"):
+        plan(count_model(_arch()), 8, 80, "zero3", 2)
+
+
+def test_fsdp_plan_cli_says_whether_cumo_large_fits(capsys):
+    from mmoe.plan import main
+    assert main(["--config", str(REPO / "configs/cumo_large.yaml"), "--gpus", "8", "--gpu-mem", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "strategy fsdp_ep" in out and "FITS" in out and "DOES NOT FIT" not in out
+    assert main(["--config", str(REPO / "configs/cumo_large.yaml"), "--gpus", "8", "--gpu-mem", "80",
+                 "--strategy", "ddp_ep"]) == 1
+    assert "DOES NOT FIT" in capsys.readouterr().out
