@@ -201,3 +201,74 @@ def test_router_losses_differentiable_and_balance_gradient_pushes_towards_unifor
     loss.backward()
     # gradient step lowers the over-used expert's logits: d loss / d w_0 points along +x
     assert (r.gate.weight.grad[0] @ x.mean(0)).item() > 0
+
+
+def _loop_fp(counts: list[float], probs_sum: list[float], n_tokens: int) -> float:
+    """n * sum_i f_i P_i from plain per-bucket sums (f: share of assignments, P: mean probability)."""
+    total = sum(counts)
+    return len(counts) * sum((c / total) * (p / n_tokens) for c, p in zip(counts, probs_sum))
+
+
+def test_balance_losses_count_load_before_capacity_drops():
+    """f_i counts what the router *selected*, not what survived capacity: with drops the two differ, and
+    penalising only kept load would hide the overload that caused the drops (GShard / Switch use the
+    pre-capacity dispatch fractions). Float64 per-token loops are the reference."""
+    E, N, K, G, D = 4, 6, 2, 2, 2
+    g = torch.Generator().manual_seed(3)
+    probs = torch.rand(N, E, generator=g, dtype=torch.float64).softmax(-1)
+    idx = torch.tensor([[0, 1], [0, 2], [0, 1], [0, 3], [0, 1], [2, 3]])
+    mask = torch.tensor([True, True, True, True, True, False])
+    # expert 0 has capacity 2: its last three (real) assignments are dropped, one expert-1 slot is dropped too
+    kept = torch.tensor([[True, True], [True, True], [False, True], [False, True], [False, False], [False, False]])
+    r = result(idx, probs, kept=kept, mask=mask, num_groups=G, batch_shape=(2, 3))
+    real = [t for t in range(N) if mask[t]]
+    sel_counts = [0.0] * E
+    kept_counts = [0.0] * E
+    psum = [0.0] * E
+    for t in real:
+        for k in range(K):
+            sel_counts[int(idx[t, k])] += 1
+            kept_counts[int(idx[t, k])] += float(kept[t, k])
+        for e in range(E):
+            psum[e] += float(probs[t, e])
+    assert sel_counts != kept_counts  # the fixture really drops
+    assert load_balance_loss(r).item() == pytest.approx(_loop_fp(sel_counts, psum, len(real)), rel=1e-6)
+    assert load_balance_loss(r).item() != pytest.approx(_loop_fp(kept_counts, psum, len(real)), rel=1e-3)
+    pair = lambda v: [v[0] + v[1], v[2] + v[3]]  # noqa: E731  (groups == devices == contiguous halves here)
+    ref_pair = _loop_fp(pair(sel_counts), pair(psum), len(real))
+    assert group_balance_loss(r).item() == pytest.approx(ref_pair, rel=1e-6)
+    assert device_balance_loss(r, D).item() == pytest.approx(ref_pair, rel=1e-6)
+    # sequence-wise: sequence 0 = tokens 0..2, sequence 1 = tokens 3..4 (token 5 is padding)
+    per_seq = []
+    for rows in ([0, 1, 2], [3, 4]):
+        c, p = [0.0] * E, [0.0] * E
+        for t in rows:
+            for k in range(K):
+                c[int(idx[t, k])] += 1
+            for e in range(E):
+                p[e] += float(probs[t, e])
+        per_seq.append(_loop_fp(c, p, len(rows)))
+    assert sequence_balance_loss(r).item() == pytest.approx(sum(per_seq) / 2, rel=1e-6)
+    # the logged load (routing health) is the *kept* load, and the drop rate says what capacity removed
+    m = routing_metrics(r)
+    assert m["drop_rate"] == pytest.approx(1 - sum(kept_counts) / sum(sel_counts))
+    torch.testing.assert_close(expert_load(r), torch.tensor(kept_counts) / sum(kept_counts))
+
+
+def test_router_with_capacity_drops_uses_selected_load():
+    """A real router whose capacity drops slots: its balance loss equals the float64 loop over `selected`."""
+    torch.manual_seed(0)
+    E = 4
+    router = Router(8, MoEConfig(num_experts=E, top_k=2, capacity_factor=0.5))
+    with torch.no_grad():
+        router.gate.weight[0] += 2.0  # crowd expert 0 so capacity binds
+    x = torch.randn(32, 8).abs()
+    res = router(x)
+    assert bool((res.selected & ~res.kept).any()), "capacity must drop something for this test to mean anything"
+    counts = [0.0] * E
+    for t in range(32):
+        for k in range(2):
+            if res.selected[t, k]:
+                counts[int(res.expert_idx[t, k])] += 1
+    psum = res.probs.double().sum(0).tolist()
+    assert load_balance_loss(res).item() == pytest.approx(_loop_fp(counts, psum, 32), rel=1e-5)
