@@ -343,3 +343,41 @@ def test_logits_at_labels_are_the_full_logits_at_the_supervised_positions():
     torch.testing.assert_close(lm_loss(kept.logits, kept.labels), lm_loss(full.logits, full.labels))
     with pytest.raises(ValueError, match="needs labels"):
         model(ids, mask, logits_at_labels=True)
+
+
+@pytest.mark.parametrize("ep_size", [1, 2])
+def test_balancing_loss_total_applies_every_coefficient(ep_size):
+    """Non-trivial, distinct coefficients per site and kind: the module's total equals sum coef * loss written
+    out here from the coefficient table (a coefficient ignored, swapped or applied to the wrong site fails).
+    The device loss only counts with expert parallelism (ep_size > 1)."""
+    from mmoe.model.moe import balancing as B
+    from mmoe.training.config import BalanceConfig, LossCoefs, ParallelConfig
+
+    table = {"vision": dict(balance=0.37, z=0.011, group=0.0, modality=0.23, device=0.05, sequence=0.0),
+             "connector": dict(balance=0.13, z=0.029, group=0.0, modality=0.0, device=0.31, sequence=0.41),
+             "attention": dict(balance=0.07, z=0.003, group=0.0, modality=0.19, device=0.0, sequence=0.0),
+             "ffn": dict(balance=0.53, z=0.017, group=0.61, modality=0.11, device=0.43, sequence=0.29)}
+    _, cfg = _dense_and_moe(None)
+    torch.manual_seed(0)
+    module = MMoEModule(arch=cfg, balance=BalanceConfig(**{s: LossCoefs(**c) for s, c in table.items()}),
+                        parallel=ParallelConfig(ep_size=ep_size))
+    ids = torch.randint(5, 60, (2, 12))
+    ids[:, 1] = cfg.image_token_id
+    pixels = torch.randn(2, 3, cfg.vision.image_size, cfg.vision.image_size)
+    out = module.model(ids, torch.ones_like(ids, dtype=torch.bool), pixels)
+    assert {r.site for r in out.routing} == set(table)
+    fns = {"balance": B.load_balance_loss, "z": B.z_loss, "group": B.group_balance_loss,
+           "modality": B.modality_balance_loss, "sequence": B.sequence_balance_loss,
+           "device": lambda r: B.device_balance_loss(r, ep_size)}
+    expected = 0.0
+    for r in out.routing:
+        for kind, coef in table[r.site].items():
+            if coef and not (kind == "device" and ep_size == 1):
+                value = float(fns[kind](r).detach())
+                assert value > 0, (r.name, kind)  # every used term contributes, so dropping one shows
+                expected += coef * value
+    total, parts = module.balancing_loss(out.routing)
+    assert float(total) == pytest.approx(expected, rel=1e-5)
+    unscaled = sum(float(v) for v in parts.values())
+    assert float(total) != pytest.approx(unscaled, rel=1e-3)  # the parts are logged unscaled
+    assert ("ffn/device" in parts) == (ep_size > 1) and "vision/group" not in parts
