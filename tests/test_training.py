@@ -129,12 +129,26 @@ def test_staged_recipe_round_trip(tiny_data, tiny_config, tmp_path):
     assert (s3 / "export" / "config.json").exists()
 
 
-def test_stage1_trains_only_the_connector(tiny_data, tiny_config, tmp_path):
+def test_stage1_trains_only_the_connector(tiny_data, tiny_config, tmp_path, monkeypatch):
+    """Frozen weights (and buffers) are bitwise unchanged after the optimizer steps; the connector moved."""
+    start = {}
+
+    def remember(self):
+        start.update({k: v.detach().clone() for k, v in self.model.state_dict().items()})
+    monkeypatch.setattr(MMoEModule, "on_train_start", remember, raising=False)
     run = tmp_path / "s1"
     cli = cli_main(_args(["configs/default.yaml", "configs/stages/stage1_connector.yaml"], tiny_data, tiny_config,
                          run))
     trainable = {n.split(".")[0] for n, p in cli.model.model.named_parameters() if p.requires_grad}
     assert trainable == {"connector"}
+    assert cli.trainer.global_step == 2 and start
+    end = cli.model.model.state_dict()
+    params = dict(cli.model.model.named_parameters())
+    for k, v in start.items():
+        if k.split(".")[0] != "connector" and k in params:
+            assert torch.equal(v, end[k]), f"frozen {k} changed"
+    moved = [k for k in start if k.startswith("connector.") and k in params and not torch.equal(start[k], end[k])]
+    assert moved, "the connector must train"
 
 
 def _dense_and_moe(tiny_data):
