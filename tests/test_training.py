@@ -92,13 +92,21 @@ def _print(cfg: Path) -> str:
 @pytest.mark.parametrize("cfg", [str(p) for p in RUNNABLE if p.parent.name != "stages"])
 def test_fit_runs_exports_and_validates(cfg, tiny_data, tiny_config, tmp_path):
     run = tmp_path / "run"
-    cli_main(_args([cfg], tiny_data, tiny_config, run))
+    fit = cli_main(_args([cfg], tiny_data, tiny_config, run))
     assert (run / "export" / "config.json").exists() and (run / "export" / "model.safetensors").exists()
     assert (run / "export" / "tokenizer.json").exists()
     text = (run / "metrics.csv").read_text()
     assert "val/vqa_acc" in text
     for site in ("vision", "connector", "attention", "ffn"):  # per-layer routing health of every MoE site
-        assert f"routing/{site}." in text and "max_violation" in text
+        assert f"routing/{site}." in text
+    # the logged MaxVio of every layer and step is (max load - mean) / mean of the load shares recorded then
+    history = fit.model.expert_load_history
+    assert {h["layer"].split(".")[0] for h in history} >= {"vision", "connector", "attention", "ffn"}
+    for h in history:
+        logged = _column(run, f"routing/{h['layer']}/max_violation")
+        load = torch.tensor(h["load"], dtype=torch.float64)
+        assert logged[h["step"]] == pytest.approx(float((load.max() - load.mean()) / load.mean()), rel=1e-4,
+                                                  abs=1e-6), h
     assert "routing/ffn.1/image/load_cv" in text  # per modality
     assert all(v > 0 for v in _column(run, "train/grad_norm").values())
     assert (run / "expert_load.png").exists() and (run / "training_curves.png").exists()
@@ -395,3 +403,31 @@ def test_balancing_loss_total_applies_every_coefficient(ep_size):
     unscaled = sum(float(v) for v in parts.values())
     assert float(total) != pytest.approx(unscaled, rel=1e-3)  # the parts are logged unscaled
     assert ("ffn/device" in parts) == (ep_size > 1) and "vision/group" not in parts
+
+
+def test_validation_vqa_score_is_exact_on_a_crafted_case(tmp_path):
+    """The module's VQA logging on answers whose official accuracy is known by hand: 'red' vs 10 x red = 100;
+    'two' vs 2 x two + 8 x three = mean over the 10 leave-one-out subsets of min(1, matches / 3)
+    = (2 x 1/3 + 8 x 2/3) / 10 = 60; 'no' vs 10 x yes = 0. Overall 53.33, and per answer type."""
+    import json
+
+    def ann(qid, answers, kind):
+        return {"question_id": qid, "image_id": qid, "answer_type": kind, "question_type": "what",
+                "multiple_choice_answer": answers[-1],
+                "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(answers)]}
+    annotations = {"annotations": [ann(1, ["red"] * 10, "other"), ann(2, ["two"] * 2 + ["three"] * 8, "number"),
+                                   ann(3, ["yes"] * 10, "yes/no"), ann(4, ["blue"] * 10, "other")]}
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(annotations))
+    _, cfg = _dense_and_moe(None)
+    module = MMoEModule(arch=cfg)
+    logged = {}
+    module.log = lambda name, value, **kw: logged.__setitem__(name, value)
+    module._val_results = [{"question_id": 1, "answer": "red"}, {"question_id": 2, "answer": "two"},
+                           {"question_id": 3, "answer": "no"}]  # question 4 unanswered: scored on the answered
+    module._score_vqa("val", path)
+    assert logged["val/vqa_acc"] == pytest.approx(160 / 3, abs=0.01)
+    assert logged["val/vqa_acc/other"] == pytest.approx(100.0)
+    assert logged["val/vqa_acc/number"] == pytest.approx(60.0)
+    assert logged["val/vqa_acc/yes/no"] == pytest.approx(0.0)
+    assert module._val_results == []
