@@ -128,9 +128,24 @@ def test_sequence_loss_is_per_sequence():
 
 
 def test_expert_choice_result_works_with_sequence_loss():
-    r = Router(6, MoEConfig(num_experts=4, top_k=1, router="expert_choice"))
-    res = r(torch.randn(2 * 5, 6), batch_shape=(2, 5))
-    assert math.isfinite(sequence_balance_loss(res).item())
+    """Expert choice (experts pick tokens, so a token may get 0..E experts): the sequence loss equals a float64
+    per-sequence loop over the selected (token, expert) pairs."""
+    torch.manual_seed(0)
+    E, Bsz, T = 4, 2, 5
+    r = Router(6, MoEConfig(num_experts=E, top_k=1, router="expert_choice"))
+    with torch.no_grad():
+        res = r(torch.randn(Bsz * T, 6), batch_shape=(Bsz, T))
+    ref = 0.0
+    for b in range(Bsz):
+        counts, psum = [0.0] * E, [0.0] * E
+        for t in range(b * T, (b + 1) * T):
+            for j in range(res.expert_idx.shape[1]):
+                if res.selected[t, j]:
+                    counts[int(res.expert_idx[t, j])] += 1
+            for e in range(E):
+                psum[e] += float(res.probs[t, e])
+        ref += E * sum(c / sum(counts) * p / T for c, p in zip(counts, psum))
+    assert sequence_balance_loss(res).item() == pytest.approx(ref / Bsz, rel=1e-5)
 
 
 def test_padding_never_changes_any_loss():
