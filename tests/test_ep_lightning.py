@@ -266,7 +266,15 @@ def test_lightning_ddp_ep_fit_equals_single_process_and_checkpoints(tmp_path):
         assert r["ckpt_opt_full_experts"] == [4], r  # Adam moments of all 4 experts in the one file
         assert r["restored_diff"] == 0.0 and r["restored_opt_diff"] == 0.0, r
         m = r["ep_metrics"]
-        assert any(k.endswith("recv_tokens_rank1") for k in m) and m["ep/a2a_sent_bytes_remote"] > 0, m
+        assert m["ep/a2a_sent_bytes_remote"] > 0, m
+        layers = {k[len("ep/"):-len("/recv_imbalance")] for k in m if k.endswith("/recv_imbalance")}
+        assert {n.split(".")[0] for n in layers} == {"vision", "connector", "attention", "ffn"}, m
+        for n in layers:
+            recv = [m[f"ep/{n}/recv_tokens_rank{q}"] for q in range(2)]
+            assert m[f"ep/{n}/recv_imbalance"] == pytest.approx(max(recv) / (sum(recv) / 2)), (n, m)
+            if n.split(".")[0] in ("attention", "ffn"):
+                # dropless top-2 over the last step's decoder tokens of both ranks: B x (T - 1 + 4 image tokens)
+                assert sum(recv) == 2 * 2 * B * (T - 1 + (IMG // 8) ** 2), (n, recv)
     assert r0["export_keys_subset"] and r0["export_diff"] == 0.0 and r0["export_loads"], r0
 
 
