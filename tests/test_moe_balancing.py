@@ -287,3 +287,56 @@ def test_router_with_capacity_drops_uses_selected_load():
                 counts[int(res.expert_idx[t, k])] += 1
     psum = res.probs.double().sum(0).tolist()
     assert load_balance_loss(res).item() == pytest.approx(_loop_fp(counts, psum, 32), rel=1e-5)
+
+
+# ---------------------------------------------------------------- edge cases found by mutation testing (docs/mutation.md)
+def test_single_real_token_and_single_slot_are_not_rescaled():
+    """One real token (or one selected slot per sequence): every mean divides by exactly 1."""
+    E = 4
+    probs = torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.25] * 4], dtype=torch.float64)
+    logits = probs.log() + 1.5  # logsumexp 1.5, not 0 (a rescaled 0 would stay 0)
+    r = result(torch.tensor([[0], [1]]), probs, logits=logits, mask=torch.tensor([True, False]), num_groups=2,
+               batch_shape=(2, 1))
+    assert z_loss(r).item() == pytest.approx(torch.logsumexp(logits[0], -1).item() ** 2)
+    # one assignment on expert 0 (group 0 / device 0): f = [1, 0], P = [0.7, 0.3]
+    assert group_balance_loss(r).item() == pytest.approx(2 * 0.7)
+    assert device_balance_loss(r, 2).item() == pytest.approx(2 * 0.7)
+    assert load_balance_loss(r).item() == pytest.approx(4 * 0.4)
+    # sequence 0 has one real token with one slot; sequence 1 is padding only and is left out
+    assert sequence_balance_loss(r).item() == pytest.approx(E * 0.4)
+    torch.testing.assert_close(expert_load(r), torch.tensor([1.0, 0.0, 0.0, 0.0]))
+
+
+def test_group_loss_uses_the_group_gate_probabilities_when_given():
+    """Two-level routing has its own group gate: its probabilities, not the summed expert probabilities, are P_g."""
+    idx = torch.tensor([[0], [1], [2], [3]])
+    gp = torch.tensor([[0.9, 0.1]] * 4, dtype=torch.float64)  # expert probs sum to 0.5 / 0.5 per group
+    r = result(idx, uniform(4, 4), num_groups=2, group_probs=gp)
+    assert group_balance_loss(r).item() == pytest.approx(2 * (0.5 * 0.9 + 0.5 * 0.1))
+    balanced = result(idx, uniform(4, 4), num_groups=2)
+    assert group_balance_loss(balanced).item() == pytest.approx(1.0)
+    skewed = result(torch.tensor([[0], [1], [0], [1]]), uniform(4, 4), num_groups=2, group_probs=gp)
+    assert group_balance_loss(skewed).item() == pytest.approx(2 * 0.9)
+
+
+def test_modality_loss_with_one_modality_present_or_hidden_in_padding():
+    """Only text among the real tokens: the modality loss is the text tokens' balance loss, whatever modality the
+    padding tokens carry; no real token at all (a masked placeholder image) gives 0, not an error."""
+    probs = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1], [0.7, 0.1, 0.1, 0.1],
+                          [0.25] * 4, [0.25] * 4], dtype=torch.float64)
+    idx = torch.tensor([[0], [1], [0], [3], [3]])
+    mod = torch.tensor([MODALITY_TEXT] * 3 + [MODALITY_IMAGE] * 2)
+    mask = torch.tensor([True, True, True, False, False])
+    r = result(idx, probs, modality=mod, mask=mask)
+    text_only = result(idx[:3], probs[:3])
+    assert modality_balance_loss(r).item() == pytest.approx(load_balance_loss(text_only).item())
+    assert modality_balance_loss(r).item() == pytest.approx(4 * (2 / 3 * 0.5 + 1 / 3 * 0.3))
+    nothing = result(idx, probs, modality=mod, mask=torch.zeros(5, dtype=torch.bool))
+    out = modality_balance_loss(nothing)
+    assert out.shape == () and out.item() == 0.0
+
+
+def test_balancing_losses_has_no_device_term_without_expert_parallelism():
+    r = result(torch.tensor([[0], [0]]), torch.tensor([[0.7, 0.1, 0.1, 0.1]] * 2, dtype=torch.float64))
+    assert balancing_losses(r)["device"].item() == 0.0
+    assert balancing_losses(r, num_devices=2)["device"].item() == pytest.approx(2 * 0.8)
