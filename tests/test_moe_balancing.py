@@ -305,6 +305,9 @@ def test_single_real_token_and_single_slot_are_not_rescaled():
     # sequence 0 has one real token with one slot; sequence 1 is padding only and is left out
     assert sequence_balance_loss(r).item() == pytest.approx(E * 0.4)
     torch.testing.assert_close(expert_load(r), torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    # loads [1, 0, 0, 0]: mean 0.25 (below one assignment per expert), MaxVio (1 - 0.25) / 0.25 = 3
+    m = routing_metrics(r)
+    assert m["max_violation"] == pytest.approx(3.0) and m["load_cv"] == pytest.approx(3 ** 0.5)
 
 
 def test_group_loss_uses_the_group_gate_probabilities_when_given():
@@ -332,8 +335,9 @@ def test_modality_loss_with_one_modality_present_or_hidden_in_padding():
     assert modality_balance_loss(r).item() == pytest.approx(load_balance_loss(text_only).item())
     assert modality_balance_loss(r).item() == pytest.approx(4 * (2 / 3 * 0.5 + 1 / 3 * 0.3))
     nothing = result(idx, probs, modality=mod, mask=torch.zeros(5, dtype=torch.bool))
-    out = modality_balance_loss(nothing)
-    assert out.shape == () and out.item() == 0.0
+    for fn in (modality_balance_loss, sequence_balance_loss):
+        out = fn(nothing)
+        assert out.shape == () and out.item() == 0.0, fn.__name__
 
 
 def test_balancing_losses_has_no_device_term_without_expert_parallelism():
