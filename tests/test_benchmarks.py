@@ -84,3 +84,25 @@ def test_expert_parallel_benchmark_tiny(tmp_path):
     assert result["params_per_rank_ep2"] < result["params_per_rank_ep1"]
     assert result["step_s_ep1"] > 0 and result["step_s_ep2"] > 0
     assert result["ep2_over_ep1_step_time"] == pytest.approx(result["step_s_ep2"] / result["step_s_ep1"])
+
+
+@pytest.mark.slow
+def test_model_step_benchmark_tiny(tmp_path):
+    """The MoE-vs-dense step benchmark on the tiny test VLM: the dense model it compares with has the same
+    active parameter count (that is what makes the step-time ratio meaningful)."""
+    import yaml
+    from conftest import TINY_OVERRIDES
+
+    def merge(a, b):
+        return {k: merge(a.get(k, {}), v) if isinstance(v, dict) and v and isinstance(a.get(k), dict) else v
+                for k, v in {**a, **b}.items()}
+    base = yaml.safe_load((REPO / "configs/default.yaml").read_text())["model"]["arch"]
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"arch": merge(base, TINY_OVERRIDES["model"]["arch"])}}))
+    results = tmp_path / "results"
+    result, _ = _run("benchmarks/model_step.py", "--config", str(cfg), "--batch", "2", "--seq", "16", "--repeats", "1",
+                     "--threads", "1", "--device", "cpu", results=results)
+    assert result["benchmark"] == "model_step" and result["batch"] == 2 and result["seq"] == 16
+    assert result["active_params_ratio"] == pytest.approx(1.0, abs=0.05)
+    assert result["moe_peak_mem_gib"] > 0 and result["dense_peak_mem_gib"] > 0
+    assert result["step_ratio_vs_dense"] > 0 and result["step_ratio_vs_dense_min"] > 0
