@@ -219,3 +219,14 @@ def test_pope_metrics_by_hand() -> None:
     assert (m["tp"], m["fp"], m["tn"], m["fn"]) == (2, 1, 3, 1)
     assert m["accuracy"] == pytest.approx(500 / 7) and m["yes_ratio"] == pytest.approx(300 / 7)
     assert m["precision"] == pytest.approx(200 / 3) and m["recall"] == pytest.approx(200 / 3)
+
+
+def test_disagreeing_gt_answers_are_normalised_too() -> None:
+    """Official: when the humans disagree, the GT answers get the same punctuation / digit / article processing as
+    the prediction ("Two." and "two" count as "2"), and their whitespace is cleaned first."""
+    gt = answers(*(["Two."] * 4 + ["two"] * 2 + ["2"] + ["three"] * 3))
+    assert question_accuracy("2", gt) == pytest.approx(1.0)
+    assert question_accuracy("3", gt) == pytest.approx(0.9)  # 3 humans: min(1, 3/3) in 7 of 10 subsets, 2/3 in 3
+    gt_ws = answers(*([" yes "] * 2 + ["no"] * 8))
+    assert question_accuracy("yes", gt_ws) == pytest.approx(0.6)
+    assert question_accuracy("yes", answers(*[" yes\n"] * 10)) == 1.0  # unanimous: compared raw, but whitespace-cleaned
