@@ -9,7 +9,7 @@ DATA    ?= data/synthetic
 TRAIN_ARGS ?=
 STAMP   := $(VENV)/.installed
 
-.PHONY: install data train test bench study clean
+.PHONY: install data train test bench study mutation clean
 
 install: $(STAMP)
 
@@ -50,6 +50,15 @@ JOBS    ?= 2
 STUDY_ARGS ?=
 study: install
 	$(PYTHON) benchmarks/moe_vs_dense.py --setting $(SETTING) --accelerator $(ACCEL) --jobs $(JOBS) $(STUDY_ARGS)
+
+# Mutation testing (mutmut, configured in pyproject.toml [tool.mutmut]); summary and how to read it: docs/mutation.md.
+# MUTATION_SCOPE: mutant-name globs (module paths); mutants/ keeps results, so a rerun only retests what changed.
+MUTATION_SCOPE ?= mmoe.model.moe.balancing.* mmoe.metrics.vqa.* mmoe.metrics.gqa_pope.*
+MUTATION_JOBS  ?= 2
+
+mutation: install
+	nice -n 10 $(VENV)/bin/mutmut run --max-children $(MUTATION_JOBS) $(foreach s,$(MUTATION_SCOPE),'$(s)')
+	$(VENV)/bin/mutmut results
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache

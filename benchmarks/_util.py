@@ -115,3 +115,24 @@ def print_json(result: dict[str, object]) -> None:
     """The final machine-readable line."""
     print(json.dumps(result, sort_keys=True, default=str))
     sys.stdout.flush()
+
+
+RESULTS_ENV = "MMOE_BENCH_RESULTS"  # a directory for the result files, or "none" to write nothing (tests)
+
+
+def finish(name: str, result: dict[str, object], device=None) -> dict[str, object]:
+    """Every benchmark's last call: write `result` with date, commit and machine to
+    benchmarks/results/<name>-<cpu|cuda>.json (or $MMOE_BENCH_RESULTS), then print it as the final JSON line.
+
+    The file is the evidence behind a number quoted in the README; the printed line is unchanged."""
+    from pathlib import Path
+
+    from mmoe.training.provenance import write_result
+
+    where = os.environ.get(RESULTS_ENV, str(Path(__file__).resolve().parent / "results"))
+    if where.lower() != "none":
+        kind = "cuda" if device is not None and torch.device(device).type == "cuda" else "cpu"
+        path = write_result(result, Path(where) / f"{name}-{kind}.json", None if device is None else str(device))
+        print(f"[bench] result written to {path}", flush=True)
+    print_json(result)
+    return result

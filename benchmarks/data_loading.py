@@ -25,7 +25,7 @@ from torch.utils.data import default_collate
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _util import env_info, measure, print_json, print_table, setup_threads  # noqa: E402
+from _util import env_info, finish, measure, print_table, setup_threads  # noqa: E402
 
 from mmoe.data.collate import collate_batch  # noqa: E402
 from mmoe.data.dataset import LlavaJsonDataset  # noqa: E402
@@ -121,6 +121,7 @@ def main() -> None:
     rows += [{"task": "stage0", "loader": k, "ms_per_batch": per_batch(v)} for k, v in s0.items()]
     print_table(rows, ["task", "loader", "ms_per_batch"])
     result = {
+        "benchmark": "data_loading",
         "vlm_ms_per_batch": {k: round(per_batch(v), 2) for k, v in vlm.items()},
         "stage0_ms_per_batch": {k: round(per_batch(v), 2) for k, v in s0.items()},
         "vlm_first_epoch_speedup": round(vlm["reference"]["median"] / vlm["fast"]["median"], 2),
@@ -130,7 +131,7 @@ def main() -> None:
         "stage0_cached_images_speedup": round(s0["reference"]["median"] / s0["cached_images"]["median"], 2),
         "batch_size": bs, **env_info(),
     }
-    print_json(result)
+    finish("data_loading", result)
 
 
 if __name__ == "__main__":

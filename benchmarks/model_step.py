@@ -25,7 +25,7 @@ import yaml
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _util import env_info, measure, print_json, print_table, setup_threads  # noqa: E402
+from _util import env_info, finish, measure, print_table, setup_threads  # noqa: E402
 
 from mmoe.config_io import from_dict  # noqa: E402
 from mmoe.model.active_params import active_param_count, dense_equivalent_config  # noqa: E402
@@ -109,14 +109,14 @@ def main() -> None:
              "params_active": active_param_count(m.model), "step_median_s": round(t[k]["median"], 4),
              "step_min_s": round(t[k]["min"], 4), "peak_mem_gib": round(mem[k] / 2**30, 3)} for k, m in mods.items()]
     print_table(rows)
-    print_json({
+    finish("model_step", {  # writes benchmarks/results/model_step-<cpu|cuda>.json (date, commit, machine)
         "benchmark": "model_step", "config": args.config, "device": str(device), "batch": args.batch, "seq": args.seq,
         "step_ratio_vs_dense": round(t["moe"]["median"] / t["dense"]["median"], 3),
         "step_ratio_vs_dense_min": round(t["moe"]["min"] / t["dense"]["min"], 3),
         "moe_peak_mem_gib": round(mem["moe"] / 2**30, 3), "dense_peak_mem_gib": round(mem["dense"] / 2**30, 3),
         "active_params_ratio": round(rows[0]["params_active"] / rows[1]["params_active"], 4),
         "target_step_ratio": 1.2, **env_info(device),
-    })
+    }, device)
 
 
 if __name__ == "__main__":

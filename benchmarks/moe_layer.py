@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _util import env_info, measure, print_json, print_table, setup_threads  # noqa: E402
+from _util import env_info, finish, measure, print_table, setup_threads  # noqa: E402
 
 from mmoe.model.layers import SwiGLU  # noqa: E402
 from mmoe.model.moe import MoEConfig, MoEFFN  # noqa: E402
@@ -113,7 +113,7 @@ def main() -> None:
               "t1_ratio_vs_dense": round(t1_ratio, 4), "t8_ratio_vs_hf": round(t8_ratio, 4),
               "hf_max_abs_diff_t8": err, "targets": targets, **env_info()}
     result["meets_targets"] = all(result[k] <= v for k, v in targets.items())
-    print_json(result)
+    finish("moe_layer", result)  # writes benchmarks/results/moe_layer-cpu.json (date, commit, machine)
 
 
 if __name__ == "__main__":

@@ -1,30 +1,108 @@
-"""The data-loading benchmark runs end to end on a tiny dataset (its loaders must keep giving identical batches)."""
+"""The benchmark scripts run end to end at tiny sizes: their final JSON line has the documented keys with values
+that are consistent with each other, and the same record is written with date, commit and machine (the evidence
+files `make bench` leaves in benchmarks/results/). No wall-clock time is asserted."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_data_loading_benchmark_checks_identical_batches_and_prints_ratios(tiny_data):
-    out = subprocess.run([sys.executable, "benchmarks/data_loading.py", "--data", str(tiny_data), "--batches", "2",
-                          "--batch-size", "4", "--repeats", "1", "--threads", "1"],
-                         capture_output=True, text=True, cwd=REPO, timeout=300)
+def _run(script: str, *args: str, results: Path, timeout: int = 300) -> tuple[dict, dict]:
+    """(final stdout JSON, the result file's record) of one benchmark run."""
+    env = {**os.environ, "MMOE_BENCH_RESULTS": str(results), "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, cwd=REPO, timeout=timeout,
+                         env=env)
     assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    for key in ("vlm_first_epoch_speedup", "vlm_later_epoch_speedup", "vlm_cached_images_speedup", "stage0_speedup",
-                "stage0_cached_images_speedup"):
-        assert result[key] > 0, key
-    assert set(result["vlm_ms_per_batch"]) == {"reference", "fast", "fast_cached", "cached_images"}
-    assert set(result["stage0_ms_per_batch"]) == {"reference", "fast", "cached_images"}
-    assert result["batch_size"] == 4
+    last = json.loads(out.stdout.strip().splitlines()[-1])
+    files = sorted(results.glob("*.json"))
+    assert len(files) == 1, files
+    record = json.loads(files[0].read_text())
+    prov = record.pop("provenance")
+    assert record == json.loads(json.dumps(last)), "the file holds exactly the printed result"
+    assert prov["date"][:4].isdigit() and "T" in prov["date"]
+    assert prov["commit"] is None or len(prov["commit"]) == 40
+    assert prov["machine"]["cores"] >= 1 and prov["machine"]["torch"] and prov["machine"]["cpu"]
+    return last, prov
+
+
+def test_data_loading_benchmark_checks_identical_batches_and_prints_ratios(tiny_data, tmp_path):
+    result, _ = _run("benchmarks/data_loading.py", "--data", str(tiny_data), "--batches", "2", "--batch-size", "4",
+                     "--repeats", "1", "--threads", "1", results=tmp_path)
+    vlm, s0 = result["vlm_ms_per_batch"], result["stage0_ms_per_batch"]
+    assert set(vlm) == {"reference", "fast", "fast_cached", "cached_images"}
+    assert set(s0) == {"reference", "fast", "cached_images"}
+    assert all(v > 0 for v in [*vlm.values(), *s0.values()])
+    # each speed-up is the ratio of the reported times (rounded), not an independent number
+    for key, (a, b) in {"vlm_first_epoch_speedup": (vlm["reference"], vlm["fast"]),
+                        "vlm_later_epoch_speedup": (vlm["reference"], vlm["fast_cached"]),
+                        "stage0_speedup": (s0["reference"], s0["fast"])}.items():
+        assert result[key] == pytest.approx(a / b, rel=0.05, abs=0.02), key
+    assert result["batch_size"] == 4 and result["benchmark"] == "data_loading"
 
 
 def test_data_loading_benchmark_names_missing_data(tmp_path):
     out = subprocess.run([sys.executable, "benchmarks/data_loading.py", "--data", str(tmp_path)],
                          capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode != 0 and "train_llava.json not found" in out.stderr
+
+
+def test_decode_benchmark_tiny(tmp_path):
+    """Cached and uncached greedy decoding give the same tokens (fp32), timed the same way (interleaved rounds)."""
+    result, _ = _run("benchmarks/decode.py", "--tiny", "--device", "cpu", "--contexts", "8,48", "--prompt", "24",
+                     "--new-tokens", "6", "--steps", "3", "--repeats", "2", results=tmp_path)
+    assert result["benchmark"] == "decode" and result["contexts"] == [8, 48] and result["repeats"] == 2
+    assert result["greedy_token_agreement"] == 1.0
+    assert result["cached_gen_s"] > 0 and result["uncached_gen_s"] > 0
+    assert result["cached_gen_s_min"] <= result["cached_gen_s"] and result["uncached_gen_s_min"] <= result["uncached_gen_s"]
+    assert result["cached_speedup"] == pytest.approx(result["uncached_gen_s"] / result["cached_gen_s"], rel=0.02)
+    assert result["latency_ratio_long_over_short"] == pytest.approx(
+        result["decode_ms_per_token_long"] / result["decode_ms_per_token_short"], rel=0.01)
+
+
+@pytest.mark.distributed
+def test_expert_parallel_benchmark_tiny(tmp_path):
+    """Bytes sent are summed from the tensors handed to the all-to-all: they match the dispatcher's own counter
+    (plus the tiny split-size exchange) and the uniform-routing theory; every token-slot arrives somewhere."""
+    T, layers, k = 64, 2, 2
+    result, _ = _run("benchmarks/expert_parallel.py", "--tokens", str(T), "--dim", "16", "--hidden", "32",
+                     "--layers", str(layers), "--experts", "4", "--top-k", str(k), "--steps", "2", "--warmup", "1",
+                     results=tmp_path)
+    sent, counter = result["a2a_sent_bytes_per_rank_step_fwd"], result["dispatcher_counter_bytes_per_rank_step_fwd"]
+    assert counter <= sent <= counter + 64 * result["a2a_calls_per_rank_step_fwd"]
+    assert 0.7 < result["a2a_sent_over_theory"] < 1.3  # near-uniform router: about half the slots leave the rank
+    assert result["a2a_theory_bytes_per_rank_step_fwd"] == 2 * k * T * 16 * 0.5 * layers * 4
+    for layer in range(layers):  # all k*T slots of both ranks are received by one of the two ranks
+        assert result["recv_tokens_per_layer_rank0"][layer] + result["recv_tokens_per_layer_rank1"][layer] == 2 * k * T
+    assert result["params_per_rank_ep2"] < result["params_per_rank_ep1"]
+    assert result["step_s_ep1"] > 0 and result["step_s_ep2"] > 0
+    assert result["ep2_over_ep1_step_time"] == pytest.approx(result["step_s_ep2"] / result["step_s_ep1"])
+
+
+@pytest.mark.slow
+def test_model_step_benchmark_tiny(tmp_path):
+    """The MoE-vs-dense step benchmark on the tiny test VLM: the dense model it compares with has the same
+    active parameter count (that is what makes the step-time ratio meaningful)."""
+    import yaml
+    from conftest import TINY_OVERRIDES
+
+    def merge(a, b):
+        return {k: merge(a.get(k, {}), v) if isinstance(v, dict) and v and isinstance(a.get(k), dict) else v
+                for k, v in {**a, **b}.items()}
+    base = yaml.safe_load((REPO / "configs/default.yaml").read_text())["model"]["arch"]
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"arch": merge(base, TINY_OVERRIDES["model"]["arch"])}}))
+    results = tmp_path / "results"
+    result, _ = _run("benchmarks/model_step.py", "--config", str(cfg), "--batch", "2", "--seq", "16", "--repeats", "1",
+                     "--threads", "1", "--device", "cpu", results=results)
+    assert result["benchmark"] == "model_step" and result["batch"] == 2 and result["seq"] == 16
+    assert result["active_params_ratio"] == pytest.approx(1.0, abs=0.05)
+    assert result["moe_peak_mem_gib"] > 0 and result["dense_peak_mem_gib"] > 0
+    assert result["step_ratio_vs_dense"] > 0 and result["step_ratio_vs_dense_min"] > 0

@@ -284,15 +284,26 @@ def test_every_parameter_gets_a_gradient():
             assert (p.grad.flatten(1).abs().sum(1) > 0).all(), name
 
 
-def test_bf16_forward_and_cache():
-    m = make("both").to(torch.bfloat16)
-    ids = torch.randint(0, 96, (2, 6))
-    cache = m.new_cache(2, 8)
+def test_bf16_forward_and_cache_stay_close_to_fp32():
+    """The same weights in bf16 and fp32: prompt logits and a cached decode step agree to bf16 accuracy
+    (measured: max |diff| ~2 % of the largest logit, mean ~1.4 %), and the greedy tokens are the same."""
+    import copy
+
+    m32 = make("both")
+    m = copy.deepcopy(m32).to(torch.bfloat16)
+    ids = torch.randint(0, 96, (2, 6), generator=torch.Generator().manual_seed(0))
+    cache, cache32 = m.new_cache(2, 8), m32.new_cache(2, 8)
     with torch.no_grad():
         out = m(ids, cache=cache)
         step = m(ids[:, :1], cache=cache)
+        ref = m32(ids, cache=cache32).logits
+        ref_step = m32(ids[:, :1], cache=cache32).logits
     assert out.logits.dtype == torch.bfloat16 and cache.k[0].dtype == torch.bfloat16
-    assert torch.isfinite(step.logits.float()).all()
+    for got, want in ((out.logits.float(), ref), (step.logits.float(), ref_step)):
+        scale = want.abs().max()
+        assert (got - want).abs().max() < 0.06 * scale
+        assert (got - want).abs().mean() < 0.03 * want.abs().mean()
+        assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 
 def test_dense_attention_shapes():

@@ -80,6 +80,13 @@ def _module_cls():
             self.seen.append(batch["idx"].tolist())
             return super().training_step(batch, batch_idx)
 
+        def validation_step(self, batch, batch_idx):  # logits of the model evaluation runs (experts gathered)
+            out = self.model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"])
+            self.val_seen.append((batch["idx"].tolist(), out.logits.detach().clone()))
+
+        def on_validation_epoch_end(self):  # no VQA annotations here: the logits are checked instead
+            pass
+
     return Recording
 
 
@@ -91,7 +98,7 @@ def _make_module(seed: int):
     m = _module_cls()(arch=_tiny_arch(), optim=OptimConfig(lr=0.01, warmup_steps=2),
                       balance=BalanceConfig(vision=coefs, connector=coefs, attention=coefs, ffn=coefs),
                       parallel=ParallelConfig(ep_size=2), log_routing_every=1)
-    m.seen = []
+    m.seen, m.val_seen = [], []
     return m
 
 
@@ -182,6 +189,9 @@ def _job_fit(rank: int, world: int, root: str) -> dict:
     res["full_vs_ref"] = max(float((full[k] - v).abs().max()) for k, v in ref.model.state_dict().items())
     res["bias_moved"] = any(float(b.abs().max()) > 0 for n, b in module.model.named_buffers()
                             if n.endswith("expert_bias"))
+    refb = dict(ref.model.named_buffers())
+    res["bias_vs_ref"] = max(float((b - refb[n]).abs().max()) for n, b in module.model.named_buffers()
+                             if n.endswith("expert_bias"))
 
     # replicated weights bitwise identical; experts differ across ranks (different shards)
     shared = torch.cat([p.detach().flatten() for p in module.parameters() if id(p) not in ex])
@@ -216,6 +226,25 @@ def _job_fit(rank: int, world: int, root: str) -> dict:
     diffs = [float((o1.state[p1]["exp_avg"] - o2.state[p2]["exp_avg"]).abs().max())
              for p1, p2 in zip(module.parameters(), fresh.parameters()) if p1 in o1.state]
     res["restored_opt_diff"] = max(diffs)
+
+    # evaluation under EP gathers every expert onto every rank (local dispatch): logits equal the one-process
+    # model's on the same batches (duplicated local experts, or a missed gather, would not)
+    import lightning as L
+    validator = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_ep", precision="64-true", logger=False,
+                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                          default_root_dir=root)
+    validator.validate(module, DataLoader(samples[:2 * B], batch_size=B, collate_fn=_collate), verbose=False)
+    res["val_batches"] = len(module.val_seen)
+    val_diff = 0.0
+    ref.eval()
+    with torch.no_grad():
+        for idx, got in module.val_seen:
+            b = _collate([samples[i] for i in idx])
+            want = ref.model(b["input_ids"], b["attention_mask"], b["pixel_values"].double(), b["labels"]).logits
+            val_diff = max(val_diff, float((got - want).abs().max()))
+    res["val_logits_vs_ref"] = val_diff
+    res["dispatchers_after_val"] = sorted({type(m.dispatcher).__name__ for m in module.modules()
+                                           if hasattr(m, "dispatcher")})
     return res
 
 
@@ -228,13 +257,24 @@ def test_lightning_ddp_ep_fit_equals_single_process_and_checkpoints(tmp_path):
     for r in res:
         assert r["shared_vs_ref"] < TOL and r["expert_vs_ref"] < TOL, r
         assert r["full_vs_ref"] < TOL, r
-        assert r["bias_moved"], r  # aux-loss-free bias updated from all-reduced loads
+        assert r["bias_moved"], r  # aux-loss-free bias updated from all-reduced loads ...
+        assert r["bias_vs_ref"] < TOL, r  # ... exactly as the one-process run updates it
+        assert r["val_batches"] == 1 and r["val_logits_vs_ref"] < TOL, r  # evaluation sees every expert
+        assert r["dispatchers_after_val"] == ["_GuardedDispatcher"], r  # and the shards come back after it
         assert r["shared_identical"] and r["experts_differ"], r
         assert r["ckpt_vs_full"] == 0.0 and r["ckpt_shapes_like_one_process"], r
         assert r["ckpt_opt_full_experts"] == [4], r  # Adam moments of all 4 experts in the one file
         assert r["restored_diff"] == 0.0 and r["restored_opt_diff"] == 0.0, r
         m = r["ep_metrics"]
-        assert any(k.endswith("recv_tokens_rank1") for k in m) and m["ep/a2a_sent_bytes_remote"] > 0, m
+        assert m["ep/a2a_sent_bytes_remote"] > 0, m
+        layers = {k[len("ep/"):-len("/recv_imbalance")] for k in m if k.endswith("/recv_imbalance")}
+        assert {n.split(".")[0] for n in layers} == {"vision", "connector", "attention", "ffn"}, m
+        for n in layers:
+            recv = [m[f"ep/{n}/recv_tokens_rank{q}"] for q in range(2)]
+            assert m[f"ep/{n}/recv_imbalance"] == pytest.approx(max(recv) / (sum(recv) / 2)), (n, m)
+            if n.split(".")[0] in ("attention", "ffn"):
+                # dropless top-2 over the last step's decoder tokens of both ranks: B x (T - 1 + 4 image tokens)
+                assert sum(recv) == 2 * 2 * B * (T - 1 + (IMG // 8) ** 2), (n, recv)
     assert r0["export_keys_subset"] and r0["export_diff"] == 0.0 and r0["export_loads"], r0
 
 

@@ -545,3 +545,15 @@ def test_text_only_batch_on_one_rank_does_not_hang_expert_parallel():
     for r in res:
         assert r["always"] and r["vision_grads_present"], r
         assert all(math.isfinite(x) for x in r["losses"]), r
+
+
+def test_ddp_ignore_list_holds_every_router_load_buffer():
+    """The routers' per-rank `load_accum` buffers must stay out of DDP: its buffer broadcast at each forward
+    would replace every rank's accumulated load with rank 0's (visible with gradient accumulation) before the
+    aux-loss-free bias all-reduce. No expert is sharded here, so the list is exactly those buffers."""
+    from mmoe.parallel.expert_parallel import ddp_ignore_names
+
+    root = _LM(_tiny_decoder(aux_free=True))
+    loads = sorted(n for n, _ in root.named_buffers() if n.endswith("load_accum"))
+    assert len(loads) == 3  # every router has one: the two FFN routers and layer 0's MoA router
+    assert sorted(ddp_ignore_names(root)) == loads

@@ -64,6 +64,7 @@ def test_period_removal_is_capped_at_32() -> None:
 def test_clean_prediction_takes_first_line_and_normalises() -> None:
     assert clean_prediction("Two.\nBecause I counted") == "2"
     assert clean_prediction("  \nYes!") == "yes"
+    assert clean_prediction("") == "" and clean_prediction(" \n\t\n") == ""  # nothing generated: empty answer
 
 
 def test_normalize_rejects_non_string() -> None:
@@ -210,3 +211,22 @@ def test_pope_metrics_by_hand() -> None:
     assert m["per_category"]["popular"]["accuracy"] == 100.0
     with pytest.raises(ValueError, match="'label'"):
         pope_metrics(preds, [{"question_id": 0, "label": "maybe"}])
+    # asymmetric counts (TP=2 FP=1 TN=3 FN=1), so no two confusion cells can be swapped unnoticed
+    labels = [{"question_id": i, "label": lab} for i, lab in enumerate(["yes", "no", "no", "no", "yes", "yes", "no"])]
+    preds = [{"question_id": i, "answer": a}
+             for i, a in enumerate(["Yes", "Yes", "No", "no", "No", "Yes", "There is not one."])]
+    m = pope_metrics(preds, labels)
+    assert (m["tp"], m["fp"], m["tn"], m["fn"]) == (2, 1, 3, 1)
+    assert m["accuracy"] == pytest.approx(500 / 7) and m["yes_ratio"] == pytest.approx(300 / 7)
+    assert m["precision"] == pytest.approx(200 / 3) and m["recall"] == pytest.approx(200 / 3)
+
+
+def test_disagreeing_gt_answers_are_normalised_too() -> None:
+    """Official: when the humans disagree, the GT answers get the same punctuation / digit / article processing as
+    the prediction ("Two." and "two" count as "2"), and their whitespace is cleaned first."""
+    gt = answers(*(["Two."] * 4 + ["two"] * 2 + ["2"] + ["three"] * 3))
+    assert question_accuracy("2", gt) == pytest.approx(1.0)
+    assert question_accuracy("3", gt) == pytest.approx(0.9)  # 3 humans: min(1, 3/3) in 7 of 10 subsets, 2/3 in 3
+    gt_ws = answers(*([" yes "] * 2 + ["no"] * 8))
+    assert question_accuracy("yes", gt_ws) == pytest.approx(0.6)
+    assert question_accuracy("yes", answers(*[" yes\n"] * 10)) == 1.0  # unanimous: compared raw, but whitespace-cleaned

@@ -128,9 +128,24 @@ def test_sequence_loss_is_per_sequence():
 
 
 def test_expert_choice_result_works_with_sequence_loss():
-    r = Router(6, MoEConfig(num_experts=4, top_k=1, router="expert_choice"))
-    res = r(torch.randn(2 * 5, 6), batch_shape=(2, 5))
-    assert math.isfinite(sequence_balance_loss(res).item())
+    """Expert choice (experts pick tokens, so a token may get 0..E experts): the sequence loss equals a float64
+    per-sequence loop over the selected (token, expert) pairs."""
+    torch.manual_seed(0)
+    E, Bsz, T = 4, 2, 5
+    r = Router(6, MoEConfig(num_experts=E, top_k=1, router="expert_choice"))
+    with torch.no_grad():
+        res = r(torch.randn(Bsz * T, 6), batch_shape=(Bsz, T))
+    ref = 0.0
+    for b in range(Bsz):
+        counts, psum = [0.0] * E, [0.0] * E
+        for t in range(b * T, (b + 1) * T):
+            for j in range(res.expert_idx.shape[1]):
+                if res.selected[t, j]:
+                    counts[int(res.expert_idx[t, j])] += 1
+            for e in range(E):
+                psum[e] += float(res.probs[t, e])
+        ref += E * sum(c / sum(counts) * p / T for c, p in zip(counts, psum))
+    assert sequence_balance_loss(res).item() == pytest.approx(ref / Bsz, rel=1e-5)
 
 
 def test_padding_never_changes_any_loss():
@@ -218,3 +233,131 @@ def test_one_registry_of_balancing_loss_kinds_feeds_config_and_losses():
     assert torch.equal(balancing_loss("z", r), z_loss(r))
     with pytest.raises(KeyError, match="'entropy'.*balance"):
         balancing_loss("entropy", r)
+
+
+def _loop_fp(counts: list[float], probs_sum: list[float], n_tokens: int) -> float:
+    """n * sum_i f_i P_i from plain per-bucket sums (f: share of assignments, P: mean probability)."""
+    total = sum(counts)
+    return len(counts) * sum((c / total) * (p / n_tokens) for c, p in zip(counts, probs_sum))
+
+
+def test_balance_losses_count_load_before_capacity_drops():
+    """f_i counts what the router *selected*, not what survived capacity: with drops the two differ, and
+    penalising only kept load would hide the overload that caused the drops (GShard / Switch use the
+    pre-capacity dispatch fractions). Float64 per-token loops are the reference."""
+    E, N, K, G, D = 4, 6, 2, 2, 2
+    g = torch.Generator().manual_seed(3)
+    probs = torch.rand(N, E, generator=g, dtype=torch.float64).softmax(-1)
+    idx = torch.tensor([[0, 1], [0, 2], [0, 1], [0, 3], [0, 1], [2, 3]])
+    mask = torch.tensor([True, True, True, True, True, False])
+    # expert 0 has capacity 2: its last three (real) assignments are dropped, one expert-1 slot is dropped too
+    kept = torch.tensor([[True, True], [True, True], [False, True], [False, True], [False, False], [False, False]])
+    r = result(idx, probs, kept=kept, mask=mask, num_groups=G, batch_shape=(2, 3))
+    real = [t for t in range(N) if mask[t]]
+    sel_counts = [0.0] * E
+    kept_counts = [0.0] * E
+    psum = [0.0] * E
+    for t in real:
+        for k in range(K):
+            sel_counts[int(idx[t, k])] += 1
+            kept_counts[int(idx[t, k])] += float(kept[t, k])
+        for e in range(E):
+            psum[e] += float(probs[t, e])
+    assert sel_counts != kept_counts  # the fixture really drops
+    assert load_balance_loss(r).item() == pytest.approx(_loop_fp(sel_counts, psum, len(real)), rel=1e-6)
+    assert load_balance_loss(r).item() != pytest.approx(_loop_fp(kept_counts, psum, len(real)), rel=1e-3)
+    pair = lambda v: [v[0] + v[1], v[2] + v[3]]  # noqa: E731  (groups == devices == contiguous halves here)
+    ref_pair = _loop_fp(pair(sel_counts), pair(psum), len(real))
+    assert group_balance_loss(r).item() == pytest.approx(ref_pair, rel=1e-6)
+    assert device_balance_loss(r, D).item() == pytest.approx(ref_pair, rel=1e-6)
+    # sequence-wise: sequence 0 = tokens 0..2, sequence 1 = tokens 3..4 (token 5 is padding)
+    per_seq = []
+    for rows in ([0, 1, 2], [3, 4]):
+        c, p = [0.0] * E, [0.0] * E
+        for t in rows:
+            for k in range(K):
+                c[int(idx[t, k])] += 1
+            for e in range(E):
+                p[e] += float(probs[t, e])
+        per_seq.append(_loop_fp(c, p, len(rows)))
+    assert sequence_balance_loss(r).item() == pytest.approx(sum(per_seq) / 2, rel=1e-6)
+    # the logged load (routing health) is the *kept* load, and the drop rate says what capacity removed
+    m = routing_metrics(r)
+    assert m["drop_rate"] == pytest.approx(1 - sum(kept_counts) / sum(sel_counts))
+    torch.testing.assert_close(expert_load(r), torch.tensor(kept_counts) / sum(kept_counts))
+
+
+def test_router_with_capacity_drops_uses_selected_load():
+    """A real router whose capacity drops slots: its balance loss equals the float64 loop over `selected`."""
+    torch.manual_seed(0)
+    E = 4
+    router = Router(8, MoEConfig(num_experts=E, top_k=2, capacity_factor=0.5))
+    with torch.no_grad():
+        router.gate.weight[0] += 2.0  # crowd expert 0 so capacity binds
+    x = torch.randn(32, 8).abs()
+    res = router(x)
+    assert bool((res.selected & ~res.kept).any()), "capacity must drop something for this test to mean anything"
+    counts = [0.0] * E
+    for t in range(32):
+        for k in range(2):
+            if res.selected[t, k]:
+                counts[int(res.expert_idx[t, k])] += 1
+    psum = res.probs.double().sum(0).tolist()
+    assert load_balance_loss(res).item() == pytest.approx(_loop_fp(counts, psum, 32), rel=1e-5)
+
+
+# ---------------------------------------------------------------- edge cases found by mutation testing (docs/mutation.md)
+def test_single_real_token_and_single_slot_are_not_rescaled():
+    """One real token (or one selected slot per sequence): every mean divides by exactly 1."""
+    E = 4
+    probs = torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.25] * 4], dtype=torch.float64)
+    logits = probs.log() + 1.5  # logsumexp 1.5, not 0 (a rescaled 0 would stay 0)
+    r = result(torch.tensor([[0], [1]]), probs, logits=logits, mask=torch.tensor([True, False]), num_groups=2,
+               batch_shape=(2, 1))
+    assert z_loss(r).item() == pytest.approx(torch.logsumexp(logits[0], -1).item() ** 2)
+    # one assignment on expert 0 (group 0 / device 0): f = [1, 0], P = [0.7, 0.3]
+    assert group_balance_loss(r).item() == pytest.approx(2 * 0.7)
+    assert device_balance_loss(r, 2).item() == pytest.approx(2 * 0.7)
+    assert load_balance_loss(r).item() == pytest.approx(4 * 0.4)
+    # sequence 0 has one real token with one slot; sequence 1 is padding only and is left out
+    assert sequence_balance_loss(r).item() == pytest.approx(E * 0.4)
+    torch.testing.assert_close(expert_load(r), torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    # loads [1, 0, 0, 0]: mean 0.25 (below one assignment per expert), MaxVio (1 - 0.25) / 0.25 = 3
+    m = routing_metrics(r)
+    assert m["max_violation"] == pytest.approx(3.0) and m["load_cv"] == pytest.approx(3 ** 0.5)
+
+
+def test_group_loss_uses_the_group_gate_probabilities_when_given():
+    """Two-level routing has its own group gate: its probabilities, not the summed expert probabilities, are P_g."""
+    idx = torch.tensor([[0], [1], [2], [3]])
+    gp = torch.tensor([[0.9, 0.1]] * 4, dtype=torch.float64)  # expert probs sum to 0.5 / 0.5 per group
+    r = result(idx, uniform(4, 4), num_groups=2, group_probs=gp)
+    assert group_balance_loss(r).item() == pytest.approx(2 * (0.5 * 0.9 + 0.5 * 0.1))
+    balanced = result(idx, uniform(4, 4), num_groups=2)
+    assert group_balance_loss(balanced).item() == pytest.approx(1.0)
+    skewed = result(torch.tensor([[0], [1], [0], [1]]), uniform(4, 4), num_groups=2, group_probs=gp)
+    assert group_balance_loss(skewed).item() == pytest.approx(2 * 0.9)
+
+
+def test_modality_loss_with_one_modality_present_or_hidden_in_padding():
+    """Only text among the real tokens: the modality loss is the text tokens' balance loss, whatever modality the
+    padding tokens carry; no real token at all (a masked placeholder image) gives 0, not an error."""
+    probs = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.1, 0.7, 0.1, 0.1], [0.7, 0.1, 0.1, 0.1],
+                          [0.25] * 4, [0.25] * 4], dtype=torch.float64)
+    idx = torch.tensor([[0], [1], [0], [3], [3]])
+    mod = torch.tensor([MODALITY_TEXT] * 3 + [MODALITY_IMAGE] * 2)
+    mask = torch.tensor([True, True, True, False, False])
+    r = result(idx, probs, modality=mod, mask=mask)
+    text_only = result(idx[:3], probs[:3])
+    assert modality_balance_loss(r).item() == pytest.approx(load_balance_loss(text_only).item())
+    assert modality_balance_loss(r).item() == pytest.approx(4 * (2 / 3 * 0.5 + 1 / 3 * 0.3))
+    nothing = result(idx, probs, modality=mod, mask=torch.zeros(5, dtype=torch.bool))
+    for fn in (modality_balance_loss, sequence_balance_loss):
+        out = fn(nothing)
+        assert out.shape == () and out.item() == 0.0, fn.__name__
+
+
+def test_balancing_losses_has_no_device_term_without_expert_parallelism():
+    r = result(torch.tensor([[0], [0]]), torch.tensor([[0.7, 0.1, 0.1, 0.1]] * 2, dtype=torch.float64))
+    assert balancing_losses(r)["device"].item() == 0.0
+    assert balancing_losses(r, num_devices=2)["device"].item() == pytest.approx(2 * 0.8)

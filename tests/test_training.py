@@ -92,13 +92,21 @@ def _print(cfg: Path) -> str:
 @pytest.mark.parametrize("cfg", [str(p) for p in RUNNABLE if p.parent.name != "stages"])
 def test_fit_runs_exports_and_validates(cfg, tiny_data, tiny_config, tmp_path):
     run = tmp_path / "run"
-    cli_main(_args([cfg], tiny_data, tiny_config, run))
+    fit = cli_main(_args([cfg], tiny_data, tiny_config, run))
     assert (run / "export" / "config.json").exists() and (run / "export" / "model.safetensors").exists()
     assert (run / "export" / "tokenizer.json").exists()
     text = (run / "metrics.csv").read_text()
     assert "val/vqa_acc" in text
     for site in ("vision", "connector", "attention", "ffn"):  # per-layer routing health of every MoE site
-        assert f"routing/{site}." in text and "max_violation" in text
+        assert f"routing/{site}." in text
+    # the logged MaxVio of every layer and step is (max load - mean) / mean of the load shares recorded then
+    history = fit.model.expert_load_history
+    assert {h["layer"].split(".")[0] for h in history} >= {"vision", "connector", "attention", "ffn"}
+    for h in history:
+        logged = _column(run, f"routing/{h['layer']}/max_violation")
+        load = torch.tensor(h["load"], dtype=torch.float64)
+        assert logged[h["step"]] == pytest.approx(float((load.max() - load.mean()) / load.mean()), rel=1e-4,
+                                                  abs=1e-6), h
     assert "routing/ffn.1/image/load_cv" in text  # per modality
     assert all(v > 0 for v in _column(run, "train/grad_norm").values())
     assert (run / "expert_load.png").exists() and (run / "training_curves.png").exists()
@@ -129,12 +137,26 @@ def test_staged_recipe_round_trip(tiny_data, tiny_config, tmp_path):
     assert (s3 / "export" / "config.json").exists()
 
 
-def test_stage1_trains_only_the_connector(tiny_data, tiny_config, tmp_path):
+def test_stage1_trains_only_the_connector(tiny_data, tiny_config, tmp_path, monkeypatch):
+    """Frozen weights (and buffers) are bitwise unchanged after the optimizer steps; the connector moved."""
+    start = {}
+
+    def remember(self):
+        start.update({k: v.detach().clone() for k, v in self.model.state_dict().items()})
+    monkeypatch.setattr(MMoEModule, "on_train_start", remember, raising=False)
     run = tmp_path / "s1"
     cli = cli_main(_args(["configs/default.yaml", "configs/stages/stage1_connector.yaml"], tiny_data, tiny_config,
                          run))
     trainable = {n.split(".")[0] for n, p in cli.model.model.named_parameters() if p.requires_grad}
     assert trainable == {"connector"}
+    assert cli.trainer.global_step == 2 and start
+    end = cli.model.model.state_dict()
+    params = dict(cli.model.model.named_parameters())
+    for k, v in start.items():
+        if k.split(".")[0] != "connector" and k in params:
+            assert torch.equal(v, end[k]), f"frozen {k} changed"
+    moved = [k for k in start if k.startswith("connector.") and k in params and not torch.equal(start[k], end[k])]
+    assert moved, "the connector must train"
 
 
 def _dense_and_moe(tiny_data):
@@ -343,3 +365,69 @@ def test_logits_at_labels_are_the_full_logits_at_the_supervised_positions():
     torch.testing.assert_close(lm_loss(kept.logits, kept.labels), lm_loss(full.logits, full.labels))
     with pytest.raises(ValueError, match="needs labels"):
         model(ids, mask, logits_at_labels=True)
+
+
+@pytest.mark.parametrize("ep_size", [1, 2])
+def test_balancing_loss_total_applies_every_coefficient(ep_size):
+    """Non-trivial, distinct coefficients per site and kind: the module's total equals sum coef * loss written
+    out here from the coefficient table (a coefficient ignored, swapped or applied to the wrong site fails).
+    The device loss only counts with expert parallelism (ep_size > 1)."""
+    from mmoe.model.moe import balancing as B
+    from mmoe.training.config import BalanceConfig, LossCoefs, ParallelConfig
+
+    table = {"vision": dict(balance=0.37, z=0.011, group=0.0, modality=0.23, device=0.05, sequence=0.0),
+             "connector": dict(balance=0.13, z=0.029, group=0.0, modality=0.0, device=0.31, sequence=0.41),
+             "attention": dict(balance=0.07, z=0.003, group=0.0, modality=0.19, device=0.0, sequence=0.0),
+             "ffn": dict(balance=0.53, z=0.017, group=0.61, modality=0.11, device=0.43, sequence=0.29)}
+    _, cfg = _dense_and_moe(None)
+    torch.manual_seed(0)
+    module = MMoEModule(arch=cfg, balance=BalanceConfig(**{s: LossCoefs(**c) for s, c in table.items()}),
+                        parallel=ParallelConfig(ep_size=ep_size))
+    ids = torch.randint(5, 60, (2, 12))
+    ids[:, 1] = cfg.image_token_id
+    pixels = torch.randn(2, 3, cfg.vision.image_size, cfg.vision.image_size)
+    out = module.model(ids, torch.ones_like(ids, dtype=torch.bool), pixels)
+    assert {r.site for r in out.routing} == set(table)
+    fns = {"balance": B.load_balance_loss, "z": B.z_loss, "group": B.group_balance_loss,
+           "modality": B.modality_balance_loss, "sequence": B.sequence_balance_loss,
+           "device": lambda r: B.device_balance_loss(r, ep_size)}
+    expected = 0.0
+    for r in out.routing:
+        for kind, coef in table[r.site].items():
+            if coef and not (kind == "device" and ep_size == 1):
+                value = float(fns[kind](r).detach())
+                assert value > 0, (r.name, kind)  # every used term contributes, so dropping one shows
+                expected += coef * value
+    total, parts = module.balancing_loss(out.routing)
+    assert float(total) == pytest.approx(expected, rel=1e-5)
+    unscaled = sum(float(v) for v in parts.values())
+    assert float(total) != pytest.approx(unscaled, rel=1e-3)  # the parts are logged unscaled
+    assert ("ffn/device" in parts) == (ep_size > 1) and "vision/group" not in parts
+
+
+def test_validation_vqa_score_is_exact_on_a_crafted_case(tmp_path):
+    """The module's VQA logging on answers whose official accuracy is known by hand: 'red' vs 10 x red = 100;
+    'two' vs 2 x two + 8 x three = mean over the 10 leave-one-out subsets of min(1, matches / 3)
+    = (2 x 1/3 + 8 x 2/3) / 10 = 60; 'no' vs 10 x yes = 0. Overall 53.33, and per answer type."""
+    import json
+
+    def ann(qid, answers, kind):
+        return {"question_id": qid, "image_id": qid, "answer_type": kind, "question_type": "what",
+                "multiple_choice_answer": answers[-1],
+                "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": i + 1} for i, a in enumerate(answers)]}
+    annotations = {"annotations": [ann(1, ["red"] * 10, "other"), ann(2, ["two"] * 2 + ["three"] * 8, "number"),
+                                   ann(3, ["yes"] * 10, "yes/no"), ann(4, ["blue"] * 10, "other")]}
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(annotations))
+    _, cfg = _dense_and_moe(None)
+    module = MMoEModule(arch=cfg)
+    logged = {}
+    module.log = lambda name, value, **kw: logged.__setitem__(name, value)
+    module._val_results = [{"question_id": 1, "answer": "red"}, {"question_id": 2, "answer": "two"},
+                           {"question_id": 3, "answer": "no"}]  # question 4 unanswered: scored on the answered
+    module._score_vqa("val", path)
+    assert logged["val/vqa_acc"] == pytest.approx(160 / 3, abs=0.01)
+    assert logged["val/vqa_acc/other"] == pytest.approx(100.0)
+    assert logged["val/vqa_acc/number"] == pytest.approx(60.0)
+    assert logged["val/vqa_acc/yes/no"] == pytest.approx(0.0)
+    assert module._val_results == []

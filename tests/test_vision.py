@@ -245,6 +245,9 @@ def test_image_transform_uses_config():
     t = enc.image_transform()
     y = t(Image.new("RGB", (50, 40), (255, 0, 0)))
     assert tuple(y.shape) == (3, 32, 32)
+    # a flat red image normalises to (1 - mean) / std and (0 - mean) / std per channel: this tower's values
+    want = torch.tensor([(1 - 0.1) / 0.5, (0 - 0.2) / 0.5, (0 - 0.3) / 0.5]).view(3, 1, 1).expand(3, 32, 32)
+    torch.testing.assert_close(y, want, atol=1e-6, rtol=0)
 
 
 # ------------------------------------------------------------ parameter count

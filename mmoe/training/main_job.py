@@ -142,6 +142,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--vision-pretrain", default="configs/stages/stage0_vision.yaml",
                     help="stage-0 config: pretrain the dense vision tower on object labels first and upcycle it "
                          "into the VLM ('none': the tower starts from scratch inside the VLM)")
+    ap.add_argument("--summary-out", default=str(REPO / "benchmarks" / "results" / "make_train.json"),
+                    help="also write the summary with date, commit and machine here (the evidence behind README "
+                         "numbers; 'none' to skip); <run-dir>/summary.json gets the same record")
     ap.add_argument("extra", nargs="*", help="extra LightningCLI arguments, e.g. --trainer.max_steps=100")
     args = ap.parse_args(argv)
     data = Path(args.data)
@@ -239,6 +242,11 @@ def main(argv: list[str] | None = None) -> dict:
         "total_minutes": round((time.time() - t0) / 60, 2),
         "peak_rss_gib": round(_peak_rss_gib(), 2),
     }
+    from mmoe.training.provenance import write_result
+
+    write_result(summary, run_dir / "summary.json")
+    if args.summary_out.lower() != "none":
+        print(f"[mmoe] summary with provenance: {write_result(summary, args.summary_out)}", flush=True)
     print(f"[mmoe] run directory: {run_dir}  export: {export}", flush=True)
     print(json.dumps(summary))
     return summary
