@@ -72,7 +72,7 @@ def _worker(rank: int, world: int, port: int, args, strategy: str, out_path: str
     dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world, timeout=timedelta(seconds=300))
     from torch.distributed.device_mesh import init_device_mesh
 
-    from mmoe.model.moe import balancing as Bal
+    from mmoe.model.moe import balancing
     from mmoe.model.vlm import MMoEVLM
     from mmoe.parallel.expert_parallel import (
         clip_grad_norm_,
@@ -104,7 +104,7 @@ def _worker(rank: int, world: int, port: int, args, strategy: str, out_path: str
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         out = net(*batch[:3], batch[3], logits_at_labels=True)
-        loss = lm_loss(out.logits, out.labels) + 0.01 * sum(Bal.load_balance_loss(r) for r in out.routing)
+        loss = lm_loss(out.logits, out.labels) + 0.01 * sum(balancing.load_balance_loss(r) for r in out.routing)
         loss.backward()
         if strategy == "fsdp_ep":
             clip_grad_norm_fsdp_(model.parameters(), 1.0)

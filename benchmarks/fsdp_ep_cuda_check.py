@@ -34,7 +34,7 @@ def main(argv=None) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
 
     from benchmarks.fsdp_ep import _arch
-    from mmoe.model.moe import balancing as Bal
+    from mmoe.model.moe import balancing
     from mmoe.model.vlm import MMoEVLM
     from mmoe.parallel.fsdp import apply_fsdp_ep, clip_grad_norm_fsdp_, mixed_precision
     from mmoe.training.module import lm_loss
@@ -55,7 +55,7 @@ def main(argv=None) -> dict:
 
     def loss_of(m):
         out = m(*batch, labels, logits_at_labels=True)
-        return lm_loss(out.logits, out.labels) + 0.01 * sum(Bal.load_balance_loss(r) for r in out.routing)
+        return lm_loss(out.logits, out.labels) + 0.01 * sum(balancing.load_balance_loss(r) for r in out.routing)
 
     res = {"fsdp_losses": [], "autocast_losses": []}
     opt, ropt = (torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (model, ref))

@@ -60,12 +60,12 @@ def _batch(step: int, part: int, images: bool = True):
 
 
 def _loss(model, b, aux: float = 0.01):
-    from mmoe.model.moe import balancing as Bal
+    from mmoe.model.moe import balancing
     from mmoe.training.module import lm_loss
     out = model(b[0], b[1], b[3], b[2], logits_at_labels=True)
     loss = lm_loss(out.logits, out.labels)
     if aux:
-        loss = loss + aux * sum(Bal.load_balance_loss(r) for r in out.routing if bool(r.token_mask.any()))
+        loss = loss + aux * sum(balancing.load_balance_loss(r) for r in out.routing if bool(r.token_mask.any()))
     return loss
 
 

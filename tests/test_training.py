@@ -372,7 +372,7 @@ def test_balancing_loss_total_applies_every_coefficient(ep_size):
     """Non-trivial, distinct coefficients per site and kind: the module's total equals sum coef * loss written
     out here from the coefficient table (a coefficient ignored, swapped or applied to the wrong site fails).
     The device loss only counts with expert parallelism (ep_size > 1)."""
-    from mmoe.model.moe import balancing as B
+    from mmoe.model.moe import balancing
     from mmoe.training.config import BalanceConfig, LossCoefs, ParallelConfig
 
     table = {"vision": dict(balance=0.37, z=0.011, group=0.0, modality=0.23, device=0.05, sequence=0.0),
@@ -388,9 +388,9 @@ def test_balancing_loss_total_applies_every_coefficient(ep_size):
     pixels = torch.randn(2, 3, cfg.vision.image_size, cfg.vision.image_size)
     out = module.model(ids, torch.ones_like(ids, dtype=torch.bool), pixels)
     assert {r.site for r in out.routing} == set(table)
-    fns = {"balance": B.load_balance_loss, "z": B.z_loss, "group": B.group_balance_loss,
-           "modality": B.modality_balance_loss, "sequence": B.sequence_balance_loss,
-           "device": lambda r: B.device_balance_loss(r, ep_size)}
+    fns = {"balance": balancing.load_balance_loss, "z": balancing.z_loss, "group": balancing.group_balance_loss,
+           "modality": balancing.modality_balance_loss, "sequence": balancing.sequence_balance_loss,
+           "device": lambda r: balancing.device_balance_loss(r, ep_size)}
     expected = 0.0
     for r in out.routing:
         for kind, coef in table[r.site].items():
