@@ -26,7 +26,7 @@ _kernel_override = "auto"
 def expert_kernel(name: str):
     """Force the grouped-matmul kernel inside the block ('auto' restores the device/dtype choice).
 
-    grouped_mm: `torch._grouped_mm` with device-side offsets (CUDA bf16 on Hopper+, CPU fp32/bf16/fp16);
+    grouped_mm: `torch._grouped_mm` with device-side offsets (CUDA bf16 on Hopper+; CPU bf16, and fp32 eager);
     loop: one matmul per expert from host-side counts (CPU eager only: it reads the counts to the host);
     dense: every expert on every row, then a per-row gather (any device and dtype, E/K x the FLOPs).
     """
@@ -60,7 +60,7 @@ def choose_kernel(x: Tensor, w: Tensor) -> str:
     if x.device.type == "cpu":
         if not torch.compiler.is_compiling():
             return "loop"  # fastest on CPU, where reading counts to the host costs nothing
-        if x.dtype in (torch.float32, torch.bfloat16, torch.float16) and _aligned(w):
+        if x.dtype == torch.bfloat16 and _aligned(w):  # compile's meta kernel takes bf16 only
             return "grouped_mm"
     return "dense"
 
@@ -161,6 +161,8 @@ class _SwiGLUAct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         g, u, sg = ctx.saved_tensors
+        if torch.compiler.is_compiling():  # compile fuses these; out= into chunk views does not trace
+            return torch.cat([torch.ops.aten.silu_backward(grad * u, g), grad * sg], dim=-1)
         dh = grad.new_empty(*grad.shape[:-1], 2 * grad.shape[-1])
         dg, du = dh.chunk(2, dim=-1)
         torch.mul(grad, sg, out=du)
