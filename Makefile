@@ -5,7 +5,7 @@ PYTHON  := $(VENV)/bin/python
 DATA    ?= data/synthetic
 STAMP   := $(VENV)/.installed
 
-.PHONY: install data train test bench study clean
+.PHONY: install data train test bench bench-gpu study clean
 
 install: $(STAMP)
 
@@ -32,6 +32,13 @@ BENCHES := benchmarks/moe_layer.py benchmarks/decode.py benchmarks/model_step.py
 
 bench: install data   # data_loading.py reads the synthetic set
 	@for f in $(BENCHES); do echo "== $$f"; $(PYTHON) $$f || exit 1; done
+
+# GPU benchmarks + GPU correctness + a bf16-mixed `make train`, each step under its own timeout (issue 23); run on
+# the GPU machine with its own python3 (PY=...). Logs and final JSON lines in $(OUT) (summary.jsonl).
+# GPU_CHECK_REHEARSE=1 rehearses every step on a CPU at tiny sizes.
+OUT ?= runs/gpu_check
+bench-gpu:
+	OUT=$(OUT) bash benchmarks/gpu_check.sh
 
 # The MoE-versus-dense study: 10 training runs, two at a time (~85 min on 2 CPU cores); results in
 # benchmarks/results/moe_vs_dense (runs resume: finished ones are skipped).
