@@ -45,10 +45,16 @@ def _aligned(w: Tensor) -> bool:
     return hasattr(torch, "_grouped_mm") and all(n * w.element_size() % 16 == 0 for n in w.shape[-2:])
 
 
+@torch.compiler.assume_constant_result
+def _cuda_major(index: int) -> int:
+    """Compute capability major of a CUDA device; a constant for torch.compile (no graph break)."""
+    return torch.cuda.get_device_capability(index)[0]
+
+
 def _grouped_mm_native(x: Tensor, w: Tensor) -> bool:
     """CUDA's fast grouped GEMM: bf16 on compute capability >= 9 with 16-byte aligned rows."""
     return (x.is_cuda and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and _aligned(w)
-            and torch.cuda.get_device_capability(x.device)[0] >= 9)
+            and _cuda_major(x.device.index if x.device.index is not None else torch.cuda.current_device()) >= 9)
 
 
 def choose_kernel(x: Tensor, w: Tensor) -> str:
