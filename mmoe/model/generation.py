@@ -103,6 +103,8 @@ def generate(decoder: Decoder, input_ids: Tensor | None = None, inputs_embeds: T
             # finished rows are fed their sampled token (pad_token_id may not be a valid id); output is padded
             if static:
                 key_mask = key_mask.index_fill(1, slot, True)
+                if step_fn is not decoder.decode_step:
+                    torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are consumed
                 logits = step_fn(sampled[:, None], cache, slot, key_mask, next_pos, text)
                 slot, next_pos = slot + 1, next_pos + 1
                 continue

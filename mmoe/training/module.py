@@ -253,7 +253,8 @@ class MMoEModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         tok = self.trainer.datamodule.tokenizer
         new = self.model.generate(batch["prompt_ids"], batch["attention_mask"], batch.get("pixel_values"),
-                                  max_new_tokens=self.val_max_new_tokens)
+                                  max_new_tokens=self.val_max_new_tokens,
+                                  static=self.compile_blocks)  # compiled blocks: fixed-shape decode steps
         answers = tok.batch_decode(new, skip_special_tokens=True)
         for qid, ans in zip(batch["question_ids"], answers):
             self._val_results.append({"question_id": int(qid), "answer": ans.strip()})
