@@ -18,10 +18,12 @@ from mmoe.model.connector import Connector, ConnectorConfig
 from mmoe.model.decoder import Decoder, DecoderConfig
 from mmoe.model.moe import MoEConfig
 from mmoe.model.moe.attention import AttnMask
+from mmoe.model.moe.experts import expert_kernel
 from mmoe.model.vision import VisionConfig, VisionEncoder
 from mmoe.training.compile import compile_blocks
 
 BACKEND = "aot_eager"
+pytestmark = pytest.mark.slow  # ~1 min per compiled block on a loaded 2-core machine
 
 
 @pytest.fixture(autouse=True)
@@ -76,8 +78,14 @@ DECODER_KINDS = {
 }
 
 
-@pytest.mark.parametrize("kind", list(DECODER_KINDS))
-def test_decoder_block_compiles_fullgraph_and_matches_eager(kind):
+@pytest.mark.parametrize("kernel,kind", [("auto", k) for k in DECODER_KINDS] + [("dense", "topk_moa_topk")])
+def test_decoder_block_compiles_fullgraph_and_matches_eager(kind, kernel):
+    """auto: the CPU loop kernel as one custom op; dense: the static device-agnostic kernel."""
+    with expert_kernel(kernel):
+        _decoder_block_case(kind)
+
+
+def _decoder_block_case(kind):
     ffn, moa = DECODER_KINDS[kind]
     torch.manual_seed(0)
     cfg = DecoderConfig(vocab_size=64, dim=32, n_layers=1, n_heads=8, n_kv_heads=2, hidden=48,

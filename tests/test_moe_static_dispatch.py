@@ -189,3 +189,17 @@ def test_decode_size_moe_ffn_forward_op_count_is_pinned():
     assert not set(ops) & DATA_DEPENDENT
     assert ops.count("_grouped_mm") == 2
     assert len(ops) <= DECODE_OP_CEILING, f"{len(ops)} ops > {DECODE_OP_CEILING}: {ops}"
+
+
+def test_cpu_loop_custom_op_passes_opcheck_and_matches_the_reference():
+    """The CPU loop kernel as an opaque op for torch.compile: fake/autograd registrations are right."""
+    from mmoe.model.moe.experts import expert_loop_mm
+
+    x = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    counts = torch.tensor([2, 0, 3])  # rows 5-6 count for nobody: output 0
+    y = expert_loop_mm(x, w, counts)
+    ref = torch.cat([x[:2] @ w[0], x[2:5] @ w[2], x.new_zeros(2, 5)])
+    torch.testing.assert_close(y, ref)
+    assert torch.autograd.gradcheck(lambda a, b: expert_loop_mm(a, b, counts), (x, w))
+    torch.library.opcheck(expert_loop_mm, (x, w, counts))

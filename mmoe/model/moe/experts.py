@@ -26,8 +26,9 @@ _kernel_override = "auto"
 def expert_kernel(name: str):
     """Force the grouped-matmul kernel inside the block ('auto' restores the device/dtype choice).
 
-    grouped_mm: `torch._grouped_mm` with device-side offsets (CUDA bf16 on Hopper+; CPU bf16, and fp32 eager);
-    loop: one matmul per expert from host-side counts (CPU eager only: it reads the counts to the host);
+    grouped_mm: `torch._grouped_mm` with device-side offsets (CUDA bf16 on Hopper+; on CPU bf16, fp32 eager);
+    loop: one matmul per expert from host-side counts (CPU only: it reads the counts to the host; under
+        torch.compile it is one opaque custom op, `mmoe::expert_loop_mm`);
     dense: every expert on every row, then a per-row gather (any device and dtype, E/K x the FLOPs).
     """
     global _kernel_override
@@ -64,10 +65,8 @@ def choose_kernel(x: Tensor, w: Tensor) -> str:
     if x.is_cuda:
         return "grouped_mm" if _grouped_mm_native(x, w) else "dense"
     if x.device.type == "cpu":
-        if not torch.compiler.is_compiling():
-            return "loop"  # fastest on CPU, where reading counts to the host costs nothing
-        if x.dtype == torch.bfloat16 and _aligned(w):  # compile's meta kernel takes bf16 only
-            return "grouped_mm"
+        # fastest on CPU, where reading counts to the host costs nothing; compiled as one opaque op
+        return "loop"
     return "dense"
 
 
@@ -124,6 +123,53 @@ class _GroupedMM(torch.autograd.Function):
         if gx is not None:
             gx[s:].zero_()
         return gx, gw, gb, None
+
+
+@torch.library.custom_op("mmoe::expert_loop_mm", mutates_args=())
+def expert_loop_mm(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
+    """CPU loop kernel as one opaque op, so torch.compile keeps it whole (fullgraph, no recompiles): the
+    host read of `counts` happens inside, where a CPU pays nothing for it. Rows past sum(counts) are 0."""
+    return _GroupedMM.forward(_NoCtx(), x, w, None, counts.tolist())
+
+
+@expert_loop_mm.register_fake
+def _(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
+    return x.new_empty(x.shape[0], w.shape[-1])
+
+
+@torch.library.custom_op("mmoe::expert_loop_mm_backward", mutates_args=())
+def expert_loop_mm_backward(g: Tensor, x: Tensor, w: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    ctx = _NoCtx()
+    ctx.saved_tensors, ctx.counts, ctx.has_bias = (x, w), counts.tolist(), False
+    ctx.needs_input_grad = (True, True, False)
+    gx, gw, _, _ = _GroupedMM.backward(ctx, g)
+    return gx, gw
+
+
+@expert_loop_mm_backward.register_fake
+def _(g: Tensor, x: Tensor, w: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(x), torch.empty_like(w)
+
+
+def _loop_setup(ctx, inputs, output) -> None:
+    x, w, counts = inputs
+    ctx.save_for_backward(x, w, counts)
+
+
+def _loop_backward(ctx, g):
+    x, w, counts = ctx.saved_tensors
+    gx, gw = expert_loop_mm_backward(g.contiguous(), x, w, counts)
+    return gx, gw, None
+
+
+expert_loop_mm.register_autograd(_loop_backward, setup_context=_loop_setup)
+
+
+class _NoCtx:
+    """Stand-in autograd ctx so the custom op reuses _GroupedMM's forward/backward bodies."""
+
+    def save_for_backward(self, *t: Tensor) -> None:
+        self.saved_tensors = t
 
 
 class RowGroups:
@@ -212,9 +258,12 @@ class GroupedLinear(nn.Module):
             if x.dim() == 3:  # static capacity buffer: one batched matmul
                 return torch.bmm(x, w) if b is None else torch.baddbmm(b[:, None], x, w)
             kernel = choose_kernel(x, w)
-            if kernel == "loop":
+            if kernel == "loop" and not torch.compiler.is_compiling():
                 return _GroupedMM.apply(x, w, b, tokens_per_expert.tolist())
             groups = groups if groups is not None else RowGroups(tokens_per_expert, x.shape[0])
+            if kernel == "loop":  # under torch.compile: the same loop as one custom op
+                y = expert_loop_mm(x, w, tokens_per_expert)
+                return y if b is None else y + b.index_select(0, groups.row_expert)
             if kernel == "grouped_mm":
                 y = torch._grouped_mm(x, w, offs=groups.offsets)
             else:  # dense: (E, A, out) then each row's own expert
