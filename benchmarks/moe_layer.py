@@ -97,8 +97,15 @@ def gpu_main(args) -> None:
     torch.manual_seed(0)
     moe = MoEFFN(h, i, MoEConfig(num_experts=e, top_k=k), activation="swiglu", causal=True).to(device, dtype)
     dense = SwiGLU(h, k * i).to(device, dtype)
-    hf = {name: build_hf_mixtral(moe, name) for name in ("grouped_mm", "eager")}
     rows, result = [], {}
+    hf = {}
+    for name in ("grouped_mm", "eager"):  # a transformers version without one must not stop the rest
+        try:
+            block = build_hf_mixtral(moe, name)
+            hf[name] = lambda v, b=block: first(b(v))
+            hf[name].parameters = block.parameters
+        except Exception as err:  # noqa: BLE001
+            result[f"hf_{name}_error"] = f"{type(err).__name__}: {err}"[:300]
     kernel = "grouped_mm" if device.type == "cuda" else "auto"
 
     def row(case: str, t: dict[str, float], ref: str = "dense") -> None:
@@ -126,7 +133,7 @@ def gpu_main(args) -> None:
     t = event_time(fns, device, iters=max(1, iters // 4))
     row(f"train fwd+bwd T={t_train}", t)
     result["train_ratio_vs_dense"] = round(t["moe"] / t["dense"], 4)
-    result["train_ratio_vs_hf_grouped_mm"] = round(t["moe"] / t["hf_grouped_mm"], 4)
+    result["train_ratio_vs_hf_grouped_mm"] = round(t["moe"] / t["hf_grouped_mm"], 4) if "grouped_mm" in hf else None
     result["train_ms"] = {n: round(1e3 * v, 4) for n, v in t.items()}
 
     # ---- forward at decode / small-batch sizes, eager and compiled (CUDA graphs on GPU)
@@ -137,8 +144,10 @@ def gpu_main(args) -> None:
     with torch.no_grad():
         for n_tok in (1, 8, 128):
             xs = torch.randn(1, n_tok, h, device=device, dtype=dtype)
-            fns = {"moe": lambda: moe(xs), "dense": lambda: dense(xs), "hf_grouped_mm": lambda: hf["grouped_mm"](xs),
+            fns = {"moe": lambda: moe(xs), "dense": lambda: dense(xs),
                    "moe_compiled": lambda: c_moe(xs), "dense_compiled": lambda: c_dense(xs)}
+            if "grouped_mm" in hf:
+                fns["hf_grouped_mm"] = lambda: hf["grouped_mm"](xs)
             t = event_time(fns, device, iters=iters * 5)
             row(f"fwd T={n_tok}", t)
             result[f"t{n_tok}_ms"] = {n: round(1e3 * v, 4) for n, v in t.items()}
@@ -150,14 +159,20 @@ def gpu_main(args) -> None:
         with expert_kernel("dense"):
             alt = moe(xs)[0]
         result["grouped_vs_dense_kernel_max_abs_diff"] = (ref.float() - alt.float()).abs().max().item()
-        result["hf_grouped_mm_max_abs_diff"] = (ref.float() - hf["grouped_mm"](xs).float()).abs().max().item()
+        if "grouped_mm" in hf:
+            result["hf_grouped_mm_max_abs_diff"] = (ref.float() - hf["grouped_mm"](xs).float()).abs().max().item()
     print(f"MoEFFN H={h} expert_hidden={i} E={e} k={k} {args.dtype} on {device}")
     print_table(rows)
     targets = {"train_ratio_vs_dense": 1.3, "train_ratio_vs_hf_grouped_mm": 0.8, "t1_compiled_ratio_vs_dense": 2.5}
     result.update({"benchmark": "moe_layer_gpu", "size": args.size, "dtype": args.dtype, "targets": targets,
                    **env_info(device)})
-    result["meets_targets"] = all(result[m] <= v for m, v in targets.items())
+    result["meets_targets"] = all(result[m] is not None and result[m] <= v for m, v in targets.items())
     print_json(result)
+
+
+def first(y):
+    """transformers' MoE blocks return the hidden states, or (hidden states, router logits) in some versions."""
+    return y[0] if isinstance(y, tuple) else y
 
 
 def main() -> None:
