@@ -9,7 +9,7 @@ DATA    ?= data/synthetic
 TRAIN_ARGS ?=
 STAMP   := $(VENV)/.installed
 
-.PHONY: install data train test bench study mutation clean
+.PHONY: install data train test bench bench-gpu study mutation clean
 
 install: $(STAMP)
 
@@ -37,6 +37,13 @@ BENCHES := benchmarks/moe_layer.py benchmarks/decode.py benchmarks/model_step.py
 
 bench: install data   # data_loading.py reads the synthetic set
 	@for f in $(BENCHES); do echo "== $$f"; $(PYTHON) $$f || exit 1; done
+
+# GPU benchmarks + GPU correctness + a bf16-mixed `make train`, each step under its own timeout (issue 23); run on
+# the GPU machine with its own python3 (PY=...). Logs and final JSON lines in $(OUT) (summary.jsonl).
+# GPU_CHECK_REHEARSE=1 rehearses every step on a CPU at tiny sizes.
+OUT ?= runs/gpu_check
+bench-gpu:
+	OUT=$(OUT) bash benchmarks/gpu_check.sh
 
 # The MoE-versus-dense study (issue 25) on today's two-stage recipe: moe, its dense twin (equal active params),
 # flat routing and a dense model of equal total params, 3 seeds each, full test and held-out splits; results in

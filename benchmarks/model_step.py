@@ -8,6 +8,12 @@ on the same synthetic batch shaped like the default data (one 64x64 image + ~110
 steps (forward, backward, AdamW) are timed interleaved and compared by medians. Peak memory is the
 resident-set high-water mark of a fresh process per model running three steps (CPU) or
 torch.cuda.max_memory_allocated (GPU). Last stdout line: JSON with step_ratio_vs_dense (target <= 1.2).
+
+GPU mode (`--device cuda`, issue 23): `--config configs/mid_gpu.yaml --batch 8 --seq 1024` under bf16
+autocast with fused AdamW; the two models are timed one after the other (each alone on the GPU) and the
+JSON adds model-FLOPs utilisation, 6 * active params * tokens / step time / --peak-tflops (989: H100/H200
+dense bf16). Targets: step_ratio_vs_dense <= 1.35 and moe_mfu >= 0.25. `--compile` compiles every block
+(fullgraph). `--device cpu --gpu-mode` rehearses this path on a small config.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import os
 import resource
 import subprocess
 import sys
+import time
+from contextlib import nullcontext
 
 import torch
 import yaml
@@ -25,11 +33,11 @@ import yaml
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _util import env_info, finish, measure, print_table, setup_threads  # noqa: E402
+from _util import env_info, finish, measure, print_table, setup_threads, time_once  # noqa: E402
 
 from mmoe.config_io import from_dict  # noqa: E402
 from mmoe.model.active_params import active_param_count, dense_equivalent_config  # noqa: E402
-from mmoe.model.vlm import MMoEVLM, VLMConfig  # noqa: E402
+from mmoe.model.vlm import VLMConfig  # noqa: E402
 from mmoe.training.module import MMoEModule, lm_loss  # noqa: E402
 
 
@@ -38,6 +46,9 @@ def build(config: str, kind: str, device: torch.device) -> MMoEModule:
     if kind == "dense":
         arch = dense_equivalent_config(arch)
     torch.manual_seed(0)
+    if device.type == "cuda":  # initialise on the GPU: a 2.6 B model takes long to initialise on the CPU
+        with torch.device(device):
+            return MMoEModule(arch=arch)
     return MMoEModule(arch=arch).to(device)
 
 
@@ -53,17 +64,69 @@ def make_batch(module: MMoEModule, batch: int, seq: int, device: torch.device) -
             "labels": labels.to(device), "pixel_values": torch.randn(batch, 3, size, size, generator=g).to(device)}
 
 
-def step_fn(module: MMoEModule, batch: dict):
-    opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
+def step_fn(module: MMoEModule, batch: dict, autocast_dtype: torch.dtype | None = None, fused: bool = False):
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-4, fused=fused or None)
+    dev = batch["input_ids"].device.type
 
     def step():
-        out = module.model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"])
-        aux, _ = module.balancing_loss(out.routing)
-        loss = lm_loss(out.logits, out.labels) + aux
+        ctx = torch.autocast(dev, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
+        with ctx:
+            out = module.model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"])
+            aux, _ = module.balancing_loss(out.routing)
+            loss = lm_loss(out.logits, out.labels) + aux
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     return step
+
+
+def gpu_main(args) -> None:
+    """One model at a time on the accelerator: warm up, time `repeats` steps, read the peak memory."""
+    from mmoe.training.compile import compile_blocks
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    rows, res = [], {}
+    for kind in ("moe", "dense"):
+        module = build(args.config, kind, device)
+        if args.compile:
+            compile_blocks(module.model, mode=args.compile_mode)
+        batch = make_batch(module, args.batch, args.seq, device)
+        tokens = args.batch * (args.seq + module.model.num_image_tokens - 1)
+        fn = step_fn(module, batch, torch.bfloat16 if args.precision == "bf16-mixed" else None, fused=cuda)
+        t0 = time.perf_counter()
+        for _ in range(args.warmup):
+            fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        warm_s = time.perf_counter() - t0
+        times = [time_once(fn, device) for _ in range(args.repeats)]
+        step = sorted(times)[len(times) // 2]
+        active = active_param_count(module.model)
+        flops = 6 * active * tokens / step
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if cuda else -1.0  # -1: not measured on CPU
+        res[kind] = {"step_s": step, "mfu": flops / (args.peak_tflops * 1e12), "tflops": flops / 1e12,
+                     "peak_gib": peak, "params": sum(p.numel() for p in module.parameters()), "active": active}
+        rows.append({"model": kind, "params_total": res[kind]["params"], "params_active": active,
+                     "step_median_s": round(step, 4), "step_min_s": round(min(times), 4),
+                     "tokens_per_s": round(tokens / step), "tflops": round(flops / 1e12, 1),
+                     "mfu": round(res[kind]["mfu"], 4), "peak_mem_gib": round(peak, 2), "warmup_s": round(warm_s, 1)})
+        del module, fn, batch
+        if cuda:
+            torch.cuda.empty_cache()
+    print_table(rows)
+    ratio = res["moe"]["step_s"] / res["dense"]["step_s"]
+    targets = {"step_ratio_vs_dense": 1.35, "moe_mfu_min": 0.25}
+    finish("model_step", {
+        "benchmark": "model_step_gpu", "config": args.config, "device": str(device), "batch": args.batch,
+        "seq": args.seq, "precision": args.precision, "compile": args.compile, "step_ratio_vs_dense": round(ratio, 3),
+        "moe_step_s": round(res["moe"]["step_s"], 4), "dense_step_s": round(res["dense"]["step_s"], 4),
+        "moe_mfu": round(res["moe"]["mfu"], 4), "dense_mfu": round(res["dense"]["mfu"], 4),
+        "moe_peak_mem_gib": round(res["moe"]["peak_gib"], 2), "dense_peak_mem_gib": round(res["dense"]["peak_gib"], 2),
+        "moe_params_total": res["moe"]["params"], "moe_params_active": res["moe"]["active"],
+        "targets": targets, "meets_targets": ratio <= 1.35 and res["moe"]["mfu"] >= 0.25, **env_info(device),
+    }, device)
 
 
 def memory_child(args) -> None:
@@ -91,10 +154,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--memory-of", choices=("moe", "dense"), help=argparse.SUPPRESS)
+    ap.add_argument("--gpu-mode", action="store_true", help="the GPU protocol on --device (implied for cuda)")
+    ap.add_argument("--precision", default="bf16-mixed", choices=("bf16-mixed", "32-true"), help="GPU mode")
+    ap.add_argument("--compile", action="store_true", help="GPU mode: torch.compile every block (fullgraph)")
+    ap.add_argument("--compile-mode", default=None, help="GPU mode: torch.compile mode (e.g. max-autotune-no-cudagraphs)")
+    ap.add_argument("--warmup", type=int, default=3, help="GPU mode: untimed steps first")
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="GPU mode: dense bf16 peak for the MFU")
     args = ap.parse_args()
     setup_threads(args.threads)
     if args.memory_of:
         return memory_child(args)
+    if args.device != "cpu" or args.gpu_mode:
+        return gpu_main(args)
     device = torch.device(args.device)
     mods = {k: build(args.config, k, device) for k in ("moe", "dense")}
     fns = {k: step_fn(m, make_batch(m, args.batch, args.seq, device)) for k, m in mods.items()}

@@ -243,7 +243,7 @@ def test_swiglu_act_gradcheck():
     assert torch.autograd.gradcheck(swiglu_act, (h,))
 
 
-@pytest.mark.parametrize("kind", ["softmax_renorm", "expert_choice_k1", "cap_score"])
+@pytest.mark.parametrize("kind", ["softmax_renorm", "top_p", "expert_choice_k1", "cap_score"])
 def test_combine_paths_match_index_add(kind):
     moe = build(KINDS.get(kind) or CAPACITY[kind])
     x, mask = inputs(padded=True)
@@ -251,16 +251,27 @@ def test_combine_paths_match_index_add(kind):
     _, r = moe(x, mask)
     d = LocalDispatcher()
     plan = d.plan(r)
+    xs, _ = d.dispatch(x.detach().reshape(B * T, D), plan)
     ys = torch.randn(plan.token_idx.numel(), D, dtype=torch.float64)
-    out = d.combine(ys, plan)
+    out = d.combine(ys.view_as(xs), plan)
     ref = torch.zeros(B * T, D, dtype=torch.float64).index_add(0, plan.token_idx, ys * plan.weights[:, None])
     torch.testing.assert_close(out, ref)
-    per_slot = d.combine(ys, plan, per_slot=True).view(B * T, -1, D)
+    per_slot = d.combine(ys.view_as(xs), plan, per_slot=True).view(B * T, -1, D)
+    valid = plan.row_valid
     for a, (tok, slot) in enumerate(zip(plan.token_idx.tolist(), plan.slot_idx.tolist())):
-        assert torch.equal(per_slot[tok, slot % plan.num_slots], ys[a])
-    assert plan.tokens_per_expert.sum() == r.kept.sum()
-    experts = r.expert_idx.flatten()[plan.slot_idx]
+        if valid[a]:
+            assert torch.equal(per_slot[tok, slot % plan.num_slots], ys[a])
+    # every kept slot has exactly one row; rows that hold no kept slot weigh 0
+    assert int(valid.sum()) == int(r.kept.sum()) == int(plan.tokens_per_expert.sum())
+    assert sorted(plan.slot_idx[valid].tolist()) == r.kept.flatten().nonzero().squeeze(1).tolist()
+    assert (plan.weights[~valid] == 0).all()
+    experts = r.expert_idx.flatten()[plan.slot_idx[valid]]
     assert (experts[1:] >= experts[:-1]).all()  # sorted by expert
+    if plan.capacity:  # static (E, C) buffer: row e*C + i belongs to expert e
+        assert xs.shape == (r.num_experts, plan.capacity, D)
+        assert torch.equal(experts, valid.nonzero().squeeze(1) // plan.capacity)
+    else:  # dropless: A = N*K rows whatever the routing, counted rows first
+        assert xs.shape == (B * T * plan.num_slots, D) and valid[:int(valid.sum())].all()
 
 
 def test_upcycled_moe_equals_dense_mlp():

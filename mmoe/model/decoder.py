@@ -145,6 +145,21 @@ class KVCache:
         return f"KVCache(layers={len(self.k)}, shape={tuple(self.k[0].shape)}, length={self.length})"
 
 
+class StepCache:
+    """A KVCache seen by one static-shape decode step: writes at `cache_position` (a device tensor) and
+    returns the whole preallocated buffers, so no shape depends on how much is filled (CUDA graphs)."""
+
+    def __init__(self, cache: KVCache, cache_position: Tensor):
+        self.cache, self.pos = cache, cache_position  # pos: (T,) long positions written by this step
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """k, v (B, n_kv, T, hd) -> the full (B, n_kv, max_len, hd) buffers; masks hide unwritten keys."""
+        ck, cv = self.cache.k[layer], self.cache.v[layer]
+        ck.index_copy_(2, self.pos, k.to(ck.dtype))
+        cv.index_copy_(2, self.pos, v.to(cv.dtype))
+        return ck, cv
+
+
 class Attention(nn.Module):
     """Dense GQA attention with RoPE; projection names match Hugging Face Llama."""
 
@@ -342,6 +357,25 @@ class Decoder(nn.Module):
         return DecoderOutput(logits=self.lm_head(h), routing=routing, cache=cache, hidden=h)
 
 
+    def decode_step(self, input_ids: Tensor, cache: KVCache, cache_position: Tensor, key_mask: Tensor,
+                    position_ids: Tensor, modality: Tensor | None = None) -> Tensor:
+        """One cached decode step with static shapes, no host reads (compile with mode="reduce-overhead" to
+        replay it as a CUDA graph) -> (B, V) logits of the last new token.
+
+        input_ids (B, T) new tokens; cache_position (T,) long: cache slots they fill (the cache's `length` is
+        not used or advanced); key_mask (B, cache.max_len) bool: keys each row may see, the new slots included
+        (for T > 1 the caller also keeps later new tokens out, e.g. T = 1); position_ids (B, T) RoPE positions.
+        """
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rope(position_ids)
+        mask = AttnMask(key_mask[:, None, None, :], False)  # (B, 1, 1, max_len) broadcast over queries
+        step = StepCache(cache, cache_position)
+        routing: list[RoutingResult] = []
+        for block in self.layers:
+            x = block(x, cos, sin, mask, step, None, modality, routing)
+        return self.lm_head(self.norm(x[:, -1]))
+
+
 def is_right_padded(attention_mask: Tensor) -> bool:
     """True when no row has a real token after a padding one (B, S)."""
     am = attention_mask.bool()
@@ -399,5 +433,5 @@ def upcycle_decoder(dense: Decoder, cfg: DecoderConfig) -> Decoder:
     return model
 
 
-__all__ = ["DecoderConfig", "DecoderOutput", "Decoder", "DecoderBlock", "Attention", "KVCache",
+__all__ = ["DecoderConfig", "DecoderOutput", "Decoder", "DecoderBlock", "Attention", "KVCache", "StepCache",
            "upcycle_decoder"]

@@ -35,13 +35,19 @@ def generate(decoder: Decoder, input_ids: Tensor | None = None, inputs_embeds: T
              attention_mask: Tensor | None = None, modality: Tensor | None = None, *, max_new_tokens: int = 32,
              temperature: float = 0.0, top_p: float = 1.0, stop_token_ids: Sequence[int] = (),
              pad_token_id: int = 0, stream_callback: Callable[[int, Tensor], None] | None = None,
-             generator: torch.Generator | None = None) -> Tensor:
+             generator: torch.Generator | None = None, static: bool = False,
+             step_fn: Callable[..., Tensor] | None = None) -> Tensor:
     """Generate up to `max_new_tokens` tokens after a (left-padded) prompt -> (B, n_new) long.
 
     The prompt is `input_ids` (B, T) or `inputs_embeds` (B, T, D) (the VLM's spliced image + text
     embeddings) with `attention_mask` (B, T), 1 = real token; `modality` (B, T) labels prompt tokens for
     the routers (generated tokens are text). `stream_callback(step, tokens)` sees each step's (B,) tokens.
     The decoder runs in eval mode (restored afterwards).
+
+    static=True decodes with `Decoder.decode_step`: fixed shapes (the whole preallocated cache, a key mask,
+    device-side positions), so `step_fn` -- the same call compiled, e.g.
+    `torch.compile(decoder.decode_step, fullgraph=True, mode="reduce-overhead")` -- replays one CUDA graph per
+    step. Giving `step_fn` implies static.
     """
     if (input_ids is None) == (inputs_embeds is None):
         raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -68,6 +74,17 @@ def generate(decoder: Decoder, input_ids: Tensor | None = None, inputs_embeds: T
         logits = out.logits[:, -1]
         text = None if modality is None else torch.full((B, 1), MODALITY_TEXT, dtype=torch.long,
                                                            device=device)
+        static = static or step_fn is not None
+        if static:
+            step_fn = step_fn or decoder.decode_step
+            if step_fn is not decoder.decode_step:  # compiled: the cache is mutated in place, never copied
+                for t in cache.k + cache.v:
+                    torch._dynamo.mark_static_address(t)
+            max_len = cache.max_len
+            key_mask = torch.zeros(B, max_len, dtype=torch.bool, device=device)
+            key_mask[:, :T] = attention_mask
+            next_pos = attention_mask.long().sum(-1, keepdim=True)  # (B, 1) RoPE position of the next token
+            slot = torch.full((1,), T, dtype=torch.long, device=device)  # cache slot of the next token
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         ones = torch.ones(B, 1, dtype=torch.bool, device=device)
         tokens: list[Tensor] = []
@@ -83,8 +100,15 @@ def generate(decoder: Decoder, input_ids: Tensor | None = None, inputs_embeds: T
                     break
             if step == max_new_tokens - 1:
                 break
-            attention_mask = torch.cat([attention_mask, ones], dim=1)
             # finished rows are fed their sampled token (pad_token_id may not be a valid id); output is padded
+            if static:
+                key_mask = key_mask.index_fill(1, slot, True)
+                if step_fn is not decoder.decode_step:
+                    torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are consumed
+                logits = step_fn(sampled[:, None], cache, slot, key_mask, next_pos, text)
+                slot, next_pos = slot + 1, next_pos + 1
+                continue
+            attention_mask = torch.cat([attention_mask, ones], dim=1)
             logits = decoder(input_ids=sampled[:, None], attention_mask=attention_mask, modality=text,
                              cache=cache).logits[:, -1]
     finally:

@@ -98,7 +98,8 @@ class MMoEModule(L.LightningModule):
             stage: previous-stage checkpoint to start from (upcycled into MoE) and what to freeze.
             parallel: expert-parallel size.
             activation_checkpointing: recompute each ViT / decoder block in backward to save memory.
-            compile: torch.compile the dense decoder blocks (MoE blocks have data-dependent shapes).
+            compile: torch.compile every ViT block, the connector and every decoder block (fullgraph=True;
+                MoE blocks included: their dispatch has static shapes).
             val_max_new_tokens: answer length generated during validation.
             log_routing_every: log per-layer routing health every N training steps.
             loss_reduction: how answer tokens are averaged: 'token' (plain mean), 'turn' (each answer turn
@@ -162,8 +163,8 @@ class MMoEModule(L.LightningModule):
             from .block_wrappers import apply_activation_checkpointing
             apply_activation_checkpointing(self.model)
         if self.compile_blocks:
-            from .block_wrappers import compile_dense_blocks
-            compile_dense_blocks(self.model)
+            from .compile import compile_blocks
+            compile_blocks(self.model)
 
     def consolidated_model(self):
         """The model with every expert shard gathered (one-process layout) for export; `self.model` without EP."""
@@ -251,7 +252,8 @@ class MMoEModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         tok = self.trainer.datamodule.tokenizer
         new = self.model.generate(batch["prompt_ids"], batch["attention_mask"], batch.get("pixel_values"),
-                                  max_new_tokens=self.val_max_new_tokens)
+                                  max_new_tokens=self.val_max_new_tokens,
+                                  static=self.compile_blocks)  # compiled blocks: fixed-shape decode steps
         answers = tok.batch_decode(new, skip_special_tokens=True)
         for qid, ans in zip(batch["question_ids"], answers):
             self._val_results.append({"question_id": int(qid), "answer": ans.strip()})

@@ -24,7 +24,8 @@ def _mask(r: RoutingResult, extra: Tensor | None = None) -> Tensor:
 
 
 def _selected_counts(r: RoutingResult, mask: Tensor) -> Tensor:
-    return torch.bincount(r.expert_idx[r.selected & mask[:, None]], minlength=r.num_experts).float()
+    counted = (r.selected & mask[:, None]).flatten().float()  # static shapes: no host sync on a GPU
+    return counted.new_zeros(r.num_experts).index_add_(0, r.expert_idx.flatten(), counted)
 
 
 def _fp_balance(counts: Tensor, mean_probs: Tensor) -> Tensor:

@@ -9,6 +9,7 @@ every expert.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -17,18 +18,65 @@ from torch import Tensor, nn
 from ..layers import activation_fn
 
 
-def _use_grouped_mm(x: Tensor, w: Tensor) -> bool:
-    return (x.is_cuda and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16
-            and hasattr(torch, "_grouped_mm") and w.shape[-1] % 8 == 0 and w.shape[-2] % 8 == 0
-            and torch.cuda.get_device_capability(x.device)[0] >= 9)
+KERNELS = ("auto", "grouped_mm", "loop", "dense")
+_kernel_override = "auto"
+
+
+@contextmanager
+def expert_kernel(name: str):
+    """Force the grouped-matmul kernel inside the block ('auto' restores the device/dtype choice).
+
+    grouped_mm: `torch._grouped_mm` with device-side offsets (CUDA bf16 on Hopper+; on CPU bf16, fp32 eager);
+    loop: one matmul per expert from host-side counts (CPU only: it reads the counts to the host; under
+        torch.compile it is one opaque custom op, `mmoe::expert_loop_mm`);
+    dense: every expert on every row, then a per-row gather (any device and dtype, E/K x the FLOPs).
+    """
+    global _kernel_override
+    if name not in KERNELS:
+        raise ValueError(f"expert kernel must be one of {KERNELS}, got {name!r}")
+    prev, _kernel_override = _kernel_override, name
+    try:
+        yield
+    finally:
+        _kernel_override = prev
+
+
+def _aligned(w: Tensor) -> bool:
+    """torch._grouped_mm needs 16-byte aligned row strides on both sides."""
+    return hasattr(torch, "_grouped_mm") and all(n * w.element_size() % 16 == 0 for n in w.shape[-2:])
+
+
+@torch.compiler.assume_constant_result
+def _cuda_major(index: int) -> int:
+    """Compute capability major of a CUDA device; a constant for torch.compile (no graph break)."""
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def _grouped_mm_native(x: Tensor, w: Tensor) -> bool:
+    """CUDA's fast grouped GEMM: bf16 on compute capability >= 9 with 16-byte aligned rows."""
+    return (x.is_cuda and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and _aligned(w)
+            and _cuda_major(x.device.index if x.device.index is not None else torch.cuda.current_device()) >= 9)
+
+
+def choose_kernel(x: Tensor, w: Tensor) -> str:
+    """Kernel by device, dtype and compile state, never by routing outcome (see `expert_kernel`)."""
+    if _kernel_override != "auto":
+        return _kernel_override
+    if x.is_cuda:
+        return "grouped_mm" if _grouped_mm_native(x, w) else "dense"
+    if x.device.type == "cpu":
+        # fastest on CPU, where reading counts to the host costs nothing; compiled as one opaque op
+        return "loop"
+    return "dense"
 
 
 class _GroupedMM(torch.autograd.Function):
     """y[rows of e] = x[rows of e] @ w[e] (+ b[e]) for a block sorted by expert; `counts` is a host list.
 
-    Written as one autograd node so the backward writes each expert's weight gradient straight into
-    one (E, in, out) buffer: indexing `w[e]` per expert instead would make autograd materialise a
-    full-size zero gradient per expert, and `torch.cat` of the outputs would copy the block once more.
+    CPU eager kernel. Rows past sum(counts) (slots that weigh 0) are set to 0. Written as one autograd
+    node so the backward writes each expert's weight gradient straight into one (E, in, out) buffer:
+    indexing `w[e]` per expert instead would make autograd materialise a full-size zero gradient per
+    expert, and `torch.cat` of the outputs would copy the block once more.
     """
 
     @staticmethod
@@ -42,6 +90,7 @@ class _GroupedMM(torch.autograd.Function):
                 else:
                     torch.addmm(b[e], x[s:s + c], w[e], out=out[s:s + c])
                 s += c
+        out[s:].zero_()
         ctx.save_for_backward(x, w)
         ctx.counts, ctx.has_bias = counts, b is not None
         return out
@@ -71,7 +120,84 @@ class _GroupedMM(torch.autograd.Function):
             if gb is not None:
                 torch.sum(ge, 0, out=gb[e])
             s += c
+        if gx is not None:
+            gx[s:].zero_()
         return gx, gw, gb, None
+
+
+@torch.library.custom_op("mmoe::expert_loop_mm", mutates_args=())
+def expert_loop_mm(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
+    """CPU loop kernel as one opaque op, so torch.compile keeps it whole (fullgraph, no recompiles): the
+    host read of `counts` happens inside, where a CPU pays nothing for it. Rows past sum(counts) are 0."""
+    return _GroupedMM.forward(_NoCtx(), x, w, None, counts.tolist())
+
+
+@expert_loop_mm.register_fake
+def _(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
+    return x.new_empty(x.shape[0], w.shape[-1])
+
+
+@torch.library.custom_op("mmoe::expert_loop_mm_backward", mutates_args=())
+def expert_loop_mm_backward(g: Tensor, x: Tensor, w: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    ctx = _NoCtx()
+    ctx.saved_tensors, ctx.counts, ctx.has_bias = (x, w), counts.tolist(), False
+    ctx.needs_input_grad = (True, True, False)
+    gx, gw, _, _ = _GroupedMM.backward(ctx, g)
+    return gx, gw
+
+
+@expert_loop_mm_backward.register_fake
+def _(g: Tensor, x: Tensor, w: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(x), torch.empty_like(w)
+
+
+def _loop_setup(ctx, inputs, output) -> None:
+    x, w, counts = inputs
+    ctx.save_for_backward(x, w, counts)
+
+
+def _loop_backward(ctx, g):
+    x, w, counts = ctx.saved_tensors
+    gx, gw = expert_loop_mm_backward(g.contiguous(), x, w, counts)
+    return gx, gw, None
+
+
+expert_loop_mm.register_autograd(_loop_backward, setup_context=_loop_setup)
+
+
+class _NoCtx:
+    """Stand-in autograd ctx so the custom op reuses _GroupedMM's forward/backward bodies."""
+
+    def save_for_backward(self, *t: Tensor) -> None:
+        self.saved_tensors = t
+
+
+class RowGroups:
+    """Device-side description of rows sorted by expert, computed once per layer for all its matmuls.
+
+    offsets: (E,) int32 end row of each expert for torch._grouped_mm, the last set to the row count so
+    the last expert also computes the trailing rows that weigh 0; row_expert: (rows,) expert of each row
+    (for biases and the dense kernel), computed on first use.
+    """
+
+    def __init__(self, tokens_per_expert: Tensor, rows: int):
+        self.tokens_per_expert, self.rows = tokens_per_expert, rows
+        self._offsets: Tensor | None = None
+        self._row_expert: Tensor | None = None
+
+    @property
+    def offsets(self) -> Tensor:
+        if self._offsets is None:
+            self._offsets = self.tokens_per_expert.cumsum(0, dtype=torch.int32)
+            self._offsets[-1:].fill_(self.rows)
+        return self._offsets
+
+    @property
+    def row_expert(self) -> Tensor:
+        if self._row_expert is None:
+            rows = torch.arange(self.rows, device=self.tokens_per_expert.device, dtype=torch.int32)
+            self._row_expert = torch.searchsorted(self.offsets, rows, right=True)
+        return self._row_expert
 
 
 class _SwiGLUAct(torch.autograd.Function):
@@ -87,6 +213,8 @@ class _SwiGLUAct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         g, u, sg = ctx.saved_tensors
+        if torch.compiler.is_compiling():  # compile fuses these; out= into chunk views does not trace
+            return torch.cat([torch.ops.aten.silu_backward(grad * u, g), grad * sg], dim=-1)
         dh = grad.new_empty(*grad.shape[:-1], 2 * grad.shape[-1])
         dg, du = dh.chunk(2, dim=-1)
         torch.mul(grad, sg, out=du)
@@ -116,22 +244,34 @@ class GroupedLinear(nn.Module):
         if self.bias is not None:
             nn.init.uniform_(self.bias, -bound, bound)
 
-    def forward(self, x: Tensor, tokens_per_expert: Tensor) -> Tensor:
-        """x: (A, in) sorted by expert; tokens_per_expert: (E,) -> (A, out)."""
+    def forward(self, x: Tensor, tokens_per_expert: Tensor, groups: RowGroups | None = None) -> Tensor:
+        """x: (A, in) rows sorted by expert, tokens_per_expert (E,) counted rows each (rows past their sum
+        weigh 0: they get any finite value), or x: (E, C, in) capacity buffer -> (A, out) / (E, C, out).
+        `groups` shares the device-side offsets between the layers of one expert MLP."""
         w, b = self.weight, self.bias
         dev = x.device.type
         if torch.is_autocast_enabled(dev):  # mixed precision: cast like autocast would for a matmul
             dt = torch.get_autocast_dtype(dev)
             x, w = x.to(dt), w.to(dt)
             b = b.to(dt) if b is not None else None
-        if _use_grouped_mm(x, w):
-            offs = tokens_per_expert.cumsum(0).to(torch.int32)
-            y = torch._grouped_mm(x, w, offs=offs)
-            if b is not None:
-                y = y + b.repeat_interleave(tokens_per_expert, dim=0, output_size=x.shape[0])
-            return y
         with torch.autocast(dev, enabled=False):
-            return _GroupedMM.apply(x, w, b, tokens_per_expert.tolist())
+            if x.dim() == 3:  # static capacity buffer: one batched matmul
+                return torch.bmm(x, w) if b is None else torch.baddbmm(b[:, None], x, w)
+            kernel = choose_kernel(x, w)
+            if kernel == "loop" and not torch.compiler.is_compiling():
+                return _GroupedMM.apply(x, w, b, tokens_per_expert.tolist())
+            groups = groups if groups is not None else RowGroups(tokens_per_expert, x.shape[0])
+            if kernel == "loop":  # under torch.compile: the same loop as one custom op
+                y = expert_loop_mm(x, w, tokens_per_expert)
+                return y if b is None else y + b.index_select(0, groups.row_expert)
+            if kernel == "grouped_mm":
+                y = torch._grouped_mm(x, w, offs=groups.offsets)
+            else:  # dense: (E, A, out) then each row's own expert
+                idx = groups.row_expert.long().view(1, -1, 1).expand(1, -1, w.shape[-1])
+                y = torch.matmul(x, w).gather(0, idx)[0]
+            if b is not None:
+                y = y + b.index_select(0, groups.row_expert)
+            return y
 
     @torch.no_grad()
     def copy_dense_(self, linear: nn.Linear, experts: slice | None = None,
@@ -160,12 +300,13 @@ class GroupedExperts(nn.Module):
         self.act = activation_fn("silu" if self.glu else activation)
 
     def forward(self, x: Tensor, tokens_per_expert: Tensor) -> Tensor:
-        h = self.w_in(x, tokens_per_expert)
+        groups = RowGroups(tokens_per_expert, x.shape[0]) if x.dim() == 2 else None
+        h = self.w_in(x, tokens_per_expert, groups)
         if self.glu:
             h = swiglu_act(h)
         else:
             h = self.act(h)
-        return self.w_out(h, tokens_per_expert)
+        return self.w_out(h, tokens_per_expert, groups)
 
     @torch.no_grad()
     def upcycle_(self, dense: nn.Module) -> None:

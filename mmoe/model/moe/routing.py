@@ -103,9 +103,11 @@ class Router(nn.Module):
             scores = self._scores(sel_logits)
             probs = self._probs(logits)
             if cfg.router == "expert_choice":
-                idx, w, selected = self._expert_choice(scores, token_mask)
-                return self._result(idx, w, selected, selected, probs, logits, token_mask, modality,
-                                    batch_shape, None, None)
+                idx, w, selected, C = self._expert_choice(scores, token_mask)
+                r = self._result(idx, w, selected, selected, probs, logits, token_mask, modality,
+                                 batch_shape, None, None)
+                r.extras["capacity"] = C  # static rows per expert for the dispatcher's buffer
+                return r
             if cfg.router == "top_p":
                 idx, w, selected = self._top_p(scores)
                 return self._finish(idx, w, selected, probs, logits, token_mask, modality, batch_shape)
@@ -189,31 +191,37 @@ class Router(nn.Module):
         """Each expert picks its top-C real tokens (Zhou et al. 2022). Bidirectional sites only."""
         cfg = self.cfg
         N, E = scores.shape
-        n_real = int(token_mask.sum())
         cf = cfg.capacity_factor if (self.training or cfg.eval_capacity_factor <= 0) else cfg.eval_capacity_factor
         cf = cf if cf > 0 else 1.0
-        C = min(n_real, max(1, math.ceil(cf * n_real * cfg.top_k / E)))
+        # Static buffer C from all N tokens; the real capacity min(n_real, ceil(cf*n_real*k/E)) stays on device.
+        C = min(N, max(1, math.ceil(cf * N * cfg.top_k / E)))
+        n_real = token_mask.sum()
+        c_real = (n_real.double() * cf * cfg.top_k / E).ceil().clamp_min(1).minimum(n_real)
         masked = scores.masked_fill(~token_mask[:, None], float("-inf"))
-        tok = masked.topk(C, dim=0).indices  # (C, E): tokens chosen by each expert
+        tok = masked.topk(C, dim=0).indices  # (C, E): tokens chosen by each expert, best first
+        take = (torch.arange(C, device=scores.device) < c_real)[:, None].expand(C, E)
         selected = torch.zeros(N, E, dtype=torch.bool, device=scores.device)
-        selected.scatter_(0, tok, True)
+        selected.scatter_(0, tok, take)
         idx = torch.arange(E, device=scores.device).expand(N, E).contiguous()
         w = scores * selected
         if cfg.routed_scaling != 1.0:
             w = w * cfg.routed_scaling
-        return idx, w, selected
+        return idx, w, selected, C
 
     # ------------------------------------------------------------------ capacity + packaging
     def _finish(self, idx, w, selected, probs, logits, token_mask, modality, batch_shape,
                 group_probs=None, group_logits=None) -> RoutingResult:
         selected = selected & token_mask[:, None]
         kept = selected
-        C = self.cfg.capacity(int(token_mask.sum()), self.training)
-        if C > 0:
-            kept = selected & within_capacity(idx, w, selected, C, self.cfg.num_experts, self.cfg.drop_policy)
+        C = self.cfg.capacity(token_mask.numel(), self.training)  # static buffer bound (all N tokens)
+        if C > 0:  # the real capacity counts real tokens only; it stays on device (no host sync)
+            cf = self.cfg.capacity_factor if self.training else self.cfg.eval_capacity_factor
+            c_real = (token_mask.sum().double() * cf * self.cfg.top_k / self.cfg.num_experts).ceil().clamp_min(1)
+            kept = selected & within_capacity(idx, w, selected, c_real, self.cfg.num_experts, self.cfg.drop_policy)
         w = w * self.cfg.routed_scaling if self.cfg.routed_scaling != 1.0 else w
         r = self._result(idx, w * kept, selected, kept, probs, logits, token_mask, modality, batch_shape,
                          group_probs, group_logits)
+        r.extras["capacity"] = C  # static rows per expert for the dispatcher's buffer (0: dropless)
         return r
 
     def _result(self, idx, w, selected, kept, probs, logits, token_mask, modality, batch_shape,
@@ -221,8 +229,8 @@ class Router(nn.Module):
         cfg = self.cfg
         if self.training and cfg.aux_free_bias:
             with torch.no_grad():
-                self.load_accum += torch.bincount(idx[selected & token_mask[:, None]],
-                                                  minlength=cfg.num_experts).float()
+                counted = (selected & token_mask[:, None]).flatten().to(self.load_accum.dtype)
+                self.load_accum.index_add_(0, idx.flatten(), counted)  # static shapes: no boolean indexing
         return RoutingResult(
             expert_idx=idx, weights=w, selected=selected, kept=kept & token_mask[:, None], probs=probs,
             logits=logits, token_mask=token_mask, num_experts=cfg.num_experts,
@@ -247,7 +255,7 @@ class Router(nn.Module):
         self.load_accum.zero_()
 
 
-def within_capacity(idx: Tensor, w: Tensor, selected: Tensor, capacity: int, num_experts: int,
+def within_capacity(idx: Tensor, w: Tensor, selected: Tensor, capacity: int | Tensor, num_experts: int,
                     policy: str) -> Tensor:
     """(N, K) bool: which selected slots fit in their expert's capacity under the drop policy.
 
@@ -266,8 +274,7 @@ def within_capacity(idx: Tensor, w: Tensor, selected: Tensor, capacity: int, num
     # Unselected slots go to a virtual expert E so they never use capacity.
     e = torch.where(flat_sel, idx.flatten(), torch.full_like(idx.flatten(), num_experts))[order]
     e_sorted, perm = torch.sort(e, stable=True)
-    counts = torch.bincount(e_sorted, minlength=num_experts + 1)
-    starts = counts.cumsum(0) - counts
+    starts = torch.searchsorted(e_sorted, torch.arange(num_experts + 1, device=idx.device))  # no bincount sync
     rank_sorted = torch.arange(e_sorted.numel(), device=idx.device) - starts[e_sorted]
     rank = torch.empty_like(rank_sorted)
     rank[order[perm]] = rank_sorted
