@@ -20,7 +20,7 @@ from mmoe.training.module import MMoEModule, lm_loss
 
 VISION_PRETRAIN = Path("configs/stages/stage0_vision.yaml")  # its own CLI: tests/test_main_job.py runs it
 CONFIGS = sorted(p.relative_to(REPO) for p in (REPO / "configs").rglob("*.yaml") if p.relative_to(REPO) != VISION_PRETRAIN)
-RUNNABLE = [p for p in CONFIGS if p.name != "cumo_large.yaml"]
+RUNNABLE = [p for p in CONFIGS if p.name != "cumo_large.yaml" and p.parent.name != "model"]  # model/: presets, not recipes
 
 
 def _args(cfgs: list[str], data: Path, tiny: Path, run: Path, *extra: str) -> list[str]:
