@@ -255,3 +255,173 @@ def test_vision_set_grad_checkpointing_with_image_mask_matches_plain():
         torch.testing.assert_close(outs[1][1][k], outs[0][1][k], rtol=1e-10, atol=1e-13, msg=k)
     for la, lb in zip(outs[0][2], outs[1][2]):
         assert torch.equal(la, lb) and la.sum() == 2 * 5 * 2  # 2 real images x 5 tokens x top-2
+
+
+# ----------------------------------------------------------------------------- 3. frozen routers
+def test_frozen_sites_keep_their_aux_free_biases_and_outputs():
+    from mmoe.training.config import StageConfig
+    from mmoe.training.module import MMoEModule, lm_loss
+
+    model = _ckpt_vlm("token_choice")
+    module = MMoEModule(arch=model.cfg, stage=StageConfig(freeze=["vision", "connector"]))
+    module.model.double()
+    frozen = [m for n, m in module.model.named_modules() if isinstance(m, Router) and n.startswith(("vision", "connector"))]
+    live = [m for n, m in module.model.named_modules() if isinstance(m, Router) and n.startswith("decoder")]
+    assert frozen and live and all(not m.gate.weight.requires_grad for m in frozen)
+    px = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    ids = torch.tensor([[1, IMG, 7, 8, 9, 10], [1, 11, IMG, 12, 13, 0]])
+    labels = torch.tensor([[-100, -100, 7, 8, 9, 10], [-100, -100, -100, 12, 13, -100]])
+
+    def image_features():
+        module.model.eval()
+        with torch.no_grad():
+            tokens, _ = module.model.encode_images(px)
+        module.model.train()
+        return tokens
+
+    before_feats = image_features()
+    before_bias = [m.expert_bias.clone() for m in frozen]
+    live_bias = [m.expert_bias.clone() for m in live]
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        out = module.model(ids, ids != 0, px, labels)
+        aux, _ = module.balancing_loss(out.routing)
+        (lm_loss(out.logits, out.labels) + aux).backward()
+        opt.step()
+        opt.zero_grad()
+        module.update_router_biases()
+    for m, b in zip(frozen, before_bias):
+        assert torch.equal(m.expert_bias, b) and m.load_accum.sum() == 0
+    assert any(not torch.equal(m.expert_bias, b) for m, b in zip(live, live_bias))  # the others do move
+    torch.testing.assert_close(image_features(), before_feats, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- 4. two-level group gate
+TWO_LEVEL = [(tg, k, renorm) for tg in (1, 2, 4) for k in (tg, 2 * tg) for renorm in (True, False)]
+
+
+@pytest.mark.parametrize("tg,k,renorm", TWO_LEVEL)
+def test_two_level_group_gate_gets_task_gradient_or_is_refused(tg, k, renorm):
+    from mmoe.model.moe import MoEFFN
+
+    cfg = MoEConfig(num_experts=8, top_k=k, hierarchy="two_level", num_groups=4, top_groups=tg, renormalize=renorm)
+    if renorm and tg == 1:
+        with pytest.raises(MoEConfigError, match=r"moe\.renormalize.*two_level.*top_groups"):
+            MoEFFN(D, 8, cfg, "gelu", causal=False)
+        return
+    torch.manual_seed(0)
+    layer = MoEFFN(D, 8, cfg, "gelu", bias=True, causal=False).double()
+    with torch.no_grad():
+        layer.router.group_gate.weight.normal_(0, 1.0)
+    x = _x(32).view(4, 8, D)
+    y, _ = layer(x)
+    (y * torch.randn_like(y)).sum().backward()  # task loss only: no balancing term
+    assert layer.router.group_gate.weight.grad.abs().max() > 1e-6
+
+
+# ----------------------------------------------------------------------------- 5. aux-free bias moves selection
+@pytest.mark.parametrize("kw", [
+    dict(),
+    dict(score_func="sigmoid"),
+    dict(router="top_p", top_k=3, top_p=0.6),
+    dict(hierarchy="group_limited", num_groups=2, top_groups=1, score_func="sigmoid"),
+    dict(hierarchy="two_level", num_groups=2, top_groups=1, top_k=1, renormalize=False),
+    dict(hierarchy="two_level", num_groups=2, top_groups=2, top_k=2),
+])
+def test_aux_free_bias_changes_selection_wherever_accepted(kw):
+    cfg = dict(num_experts=4, top_k=2, aux_free_bias=True) | kw
+    r = _router(MoEConfig(**cfg)).eval()
+    x = _x(200)
+    base = r(x)
+    with torch.no_grad():
+        r.expert_bias[0] = 1.0  # favour expert 0
+    biased = r(x)
+    count = lambda res: int(((res.expert_idx == 0) & res.selected).sum())
+    assert count(biased) > count(base)
+    # weights still come from the unbiased scores: tokens whose picks did not change keep their weights
+    same = (biased.expert_idx == base.expert_idx).all(-1) & (biased.selected == base.selected).all(-1)
+    assert same.any()
+    torch.testing.assert_close(biased.weights[same], base.weights[same])
+
+
+@pytest.mark.parametrize("kw", [
+    dict(router="expert_choice"),
+    dict(top_k=4),  # every token takes every expert
+    dict(hierarchy="two_level", num_groups=2, top_groups=1, top_k=2, renormalize=False),  # all of the group
+])
+def test_aux_free_bias_that_cannot_move_selection_is_refused(kw):
+    with pytest.raises(MoEConfigError, match=r"moe\.aux_free_bias"):
+        MoEConfig(**(dict(num_experts=4, aux_free_bias=True) | kw)).validate()
+
+
+# ----------------------------------------------------------------------------- 6. connector capacity
+@pytest.mark.parametrize("kw,field", [(dict(capacity_factor=1.0), "capacity_factor"),
+                                      (dict(eval_capacity_factor=2.0), "capacity_factor"),
+                                      (dict(router="expert_choice", top_k=1), "router")])
+def test_connector_refuses_dropping_tokens_without_a_shared_expert(kw, field):
+    from mmoe.model.connector import Connector, ConnectorConfig
+
+    with pytest.raises(MoEConfigError, match=rf"connector: moe\.{field}.*num_shared_experts"):
+        Connector(ConnectorConfig(kind="moe_mlp", moe=MoEConfig(**(dict(num_experts=4, top_k=2) | kw))), 8, 8, grid=4)
+
+
+@pytest.mark.parametrize("kw", [dict(capacity_factor=0.3), dict(router="expert_choice", top_k=1, capacity_factor=0.5)])
+def test_connector_with_shared_expert_gives_dropped_tokens_a_projection(kw):
+    from mmoe.model.connector import Connector, ConnectorConfig
+
+    torch.manual_seed(0)
+    moe = MoEConfig(**(dict(num_experts=4, top_k=2, num_shared_experts=1) | kw))
+    conn = Connector(ConnectorConfig(kind="moe_mlp", moe=moe), 8, 8, grid=4).double().train()
+    with torch.no_grad():
+        conn.proj.router.gate.weight.normal_(0, 1.0)
+        conn.proj.router.gate.weight[0] += 3.0  # most tokens want expert 0 first
+    feats = torch.randn(2, 16, 8, dtype=torch.float64).abs()
+    y, (r,) = conn(feats)
+    dropped = ~r.kept.any(-1)
+    assert dropped.any()  # some tokens got no routed expert at all
+    y_dropped = y.reshape(32, 8)[dropped]
+    assert (y_dropped.abs().sum(-1) > 0).all()
+    torch.testing.assert_close(y_dropped, conn.proj.shared(feats.reshape(32, 8))[dropped])
+
+
+# ----------------------------------------------------------------------------- 7. batch-invariant eval
+SITE_KINDS = {
+    "token_choice_capacity": dict(top_k=2, capacity_factor=0.5, eval_capacity_factor=0.5),
+    "token_choice_capacity_position": dict(top_k=2, eval_capacity_factor=0.5, drop_policy="position"),
+    "top_p_capacity": dict(router="top_p", top_k=3, top_p=0.8, eval_capacity_factor=0.4),
+    "expert_choice": dict(router="expert_choice", top_k=1, capacity_factor=1.0),
+    "expert_choice_eval_cf": dict(router="expert_choice", top_k=1, eval_capacity_factor=0.5),
+    "group_limited": dict(hierarchy="group_limited", num_groups=2, top_groups=1, eval_capacity_factor=0.5),
+    "two_level": dict(hierarchy="two_level", num_groups=2, top_groups=2, eval_capacity_factor=0.5),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SITE_KINDS))
+def test_vision_and_connector_eval_outputs_are_batch_invariant(kind):
+    from mmoe.model.connector import Connector, ConnectorConfig
+    from mmoe.model.vision import VisionConfig, VisionEncoder
+
+    moe = MoEConfig(**(dict(num_experts=4) | SITE_KINDS[kind]))
+    torch.manual_seed(0)
+    enc = VisionEncoder(VisionConfig(image_size=32, patch_size=8, dim=32, depth=2, n_heads=2, mlp_ratio=2.0, moe=moe,
+                                     moe_layers="all", feature_layer=-1)).double().eval()
+    conn = Connector(ConnectorConfig(kind="moe_mlp", moe=MoEConfig(**(vars(moe) | dict(num_shared_experts=1)))),
+                     enc.out_dim, 24, enc.grid).double().eval()
+    for m in list(enc.modules()) + list(conn.modules()):
+        if isinstance(m, Router):
+            with torch.no_grad():
+                m.gate.weight.normal_(0, 0.5)
+                m.gate.weight[0] += 1.0  # skewed: capacity binds
+    px = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        feats, routing = enc(px)
+        out, con_routing = conn(feats)
+        if kind.startswith("expert_choice"):  # some tokens are picked by no expert
+            assert any((~r.kept.any(-1)).any() for r in routing + con_routing)
+        else:
+            assert any((r.selected & ~r.kept).any() for r in routing + con_routing)  # capacity really drops
+        for i in range(4):
+            f_i, _ = enc(px[i:i + 1])
+            o_i, _ = conn(f_i)
+            torch.testing.assert_close(f_i[0], feats[i], rtol=0, atol=1e-12)
+            torch.testing.assert_close(o_i[0], out[i], rtol=0, atol=1e-12)

@@ -148,6 +148,13 @@ class MoEConfig:
         if self.aux_free_bias and self.router == "expert_choice":
             fail("aux_free_bias", "does nothing with router='expert_choice': each expert ranks tokens, and a "
                  "per-expert bias shifts all of an expert's scores alike (expert choice is balanced already)")
+        if self.aux_free_bias and self.router == "token_choice":
+            per_group = self.num_experts // max(1, self.num_groups)
+            if self.top_k == self.num_experts or (
+                    self.hierarchy == "two_level" and self.top_k // max(1, self.top_groups) == per_group):
+                fail("aux_free_bias", "cannot change which experts are picked: every token already takes all "
+                     "experts" + (" of each chosen group (two_level groups are chosen by the group gate alone)"
+                                  if self.hierarchy == "two_level" else "") + "; lower top_k or drop aux_free_bias")
         if not self.aux_free_bias and self.bias_update_rate != default["bias_update_rate"]:
             fail("bias_update_rate", "is only used with aux_free_bias=true")
         if self.drop_policy != default["drop_policy"] and (
