@@ -425,3 +425,50 @@ def test_vision_and_connector_eval_outputs_are_batch_invariant(kind):
             o_i, _ = conn(f_i)
             torch.testing.assert_close(f_i[0], feats[i], rtol=0, atol=1e-12)
             torch.testing.assert_close(o_i[0], out[i], rtol=0, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- 8. fp32 routers under bf16-true
+def _bf16_decoder():
+    from mmoe.model.decoder import Decoder, DecoderConfig
+
+    torch.manual_seed(0)
+    return Decoder(DecoderConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden=128,
+                                 ffn_moe=MoEConfig(num_experts=16, top_k=2, aux_free_bias=True), ffn_moe_layers="all",
+                                 attn_moe=MoEConfig(num_experts=2, top_k=1), attn_moe_layers="all"))
+
+
+def test_routers_stay_fp32_under_lightning_bf16_true():
+    from lightning.pytorch.plugins.precision import HalfPrecision
+
+    plugin = HalfPrecision("bf16-true")
+    with plugin.module_init_context():  # what Trainer(precision="bf16-true") uses around model creation
+        model = _bf16_decoder()
+    model = plugin.convert_module(model)
+    routers = [m for m in model.modules() if isinstance(m, Router)]
+    assert len(routers) == 4
+    for r in routers:
+        assert all(t.dtype == torch.float32 for t in list(r.parameters()) + list(r.buffers())), r
+    assert model.embed_tokens.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if ".router." not in n)
+    model.double()  # float64 still applies (float64 reference tests)
+    assert all(r.gate.weight.dtype == torch.float64 for r in routers)
+
+
+def test_bf16_true_routing_matches_fp32_more_often_than_with_a_bf16_gate():
+    ref = _bf16_decoder().eval()
+    ids = torch.randint(0, 64, (32, 64), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref_sets = [r.expert_idx.sort(-1).values for r in ref(ids).routing]
+        bf16 = _bf16_decoder().eval().to(torch.bfloat16)  # fp32 routers (the fix)
+        bf16_gate = _bf16_decoder().eval().to(torch.bfloat16)
+        for m in bf16_gate.modules():  # what a plain cast did before: the gate rounded to bf16
+            if isinstance(m, Router):
+                m.gate.weight.data = m.gate.weight.data.to(torch.bfloat16)
+        assert all(r.gate.weight.dtype == torch.float32 for r in bf16.modules() if isinstance(r, Router))
+
+        def match(model):
+            sets = [r.expert_idx.sort(-1).values for r in model(ids).routing]
+            return sum(int((a == b).all(-1).sum()) for a, b in zip(sets, ref_sets))
+        ours, rounded = match(bf16), match(bf16_gate)
+    total = sum(len(s) for s in ref_sets)
+    assert ours > rounded, (ours, rounded, total)  # seeded, so not flaky
