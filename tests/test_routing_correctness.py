@@ -472,3 +472,26 @@ def test_bf16_true_routing_matches_fp32_more_often_than_with_a_bf16_gate():
         ours, rounded = match(bf16), match(bf16_gate)
     total = sum(len(s) for s in ref_sets)
     assert ours > rounded, (ours, rounded, total)  # seeded, so not flaky
+
+
+# ----------------------------------------------------------------------------- audit: refused combinations
+@pytest.mark.parametrize("kw,causal,field", [
+    (dict(top_p=0.5), False, "top_p"),  # only router='top_p' reads it
+    (dict(top_groups=2, num_groups=2), False, "top_groups"),  # flat routing has no group step
+    (dict(drop_policy="position"), False, "drop_policy"),  # dropless: nothing to drop
+    (dict(router="expert_choice", capacity_factor=1.0, drop_policy="position"), False, "drop_policy"),
+    (dict(bias_update_rate=0.01), False, "bias_update_rate"),  # no aux_free_bias
+    (dict(eval_capacity_factor=1.0), True, "eval_capacity_factor"),  # causal: generation cannot honour it
+    (dict(hierarchy="two_level", num_groups=2, group_score="max"), False, "group_score"),
+])
+def test_inert_or_unhonourable_options_are_refused_naming_the_field(kw, causal, field):
+    with pytest.raises(MoEConfigError, match=rf"ffn\.1: moe\.{field}"):
+        MoEConfig(**kw).validate(causal=causal, site="ffn.1")
+
+
+def test_moa_refuses_expert_hidden():
+    from mmoe.model.decoder import DecoderConfig
+
+    with pytest.raises(MoEConfigError, match=r"decoder\.attn_moe\.expert_hidden"):
+        DecoderConfig(n_heads=4, n_kv_heads=1, attn_moe=MoEConfig(num_experts=2, expert_hidden=32),
+                      attn_moe_layers="all").validate()

@@ -55,9 +55,12 @@ class MoEConfig:
     top_groups: int = 1
     """Groups kept per token for hierarchical routing."""
     capacity_factor: float = 0.0
-    """Training capacity factor; 0 means dropless. Capacity C = ceil(cf * tokens * k / E)."""
+    """Training capacity factor; 0 means dropless. Capacity C = ceil(cf * tokens * k / E) over the batch's real
+    tokens (expert choice: its C, with 0 meaning 1.0)."""
     eval_capacity_factor: float = 0.0
-    """Capacity factor in eval mode; 0 means dropless."""
+    """Capacity factor in eval mode; 0 means dropless (expert choice: 0 keeps capacity_factor). At bidirectional
+    sites (ViT, connector) eval capacity counts inside each image, so outputs do not depend on the batch;
+    refused at causal decoder sites (generation could not honour it)."""
     drop_policy: Literal["position", "score"] = "score"
     """Which assignments survive when an expert overflows: earlier positions first (first choices before
     second choices, GShard) or higher router weight first (Megatron 'probs')."""
@@ -69,8 +72,10 @@ class MoEConfig:
     """Constant factor on routed weights (DeepSeek's routed_scaling_factor)."""
     aux_free_bias: bool = False
     """DeepSeek-V3 auxiliary-loss-free balancing: a per-expert bias added to scores for selection only,
-    nudged after each optimizer step towards equal load (token_choice, top_p and hierarchies; refused with
-    expert_choice, which is balanced by construction and whose picks a per-expert bias cannot move)."""
+    nudged after each optimizer step towards equal load (token_choice, top_p and hierarchies; with two_level it
+    moves the pick inside each group, not the group gate). Refused where it cannot move any pick: expert_choice
+    (balanced by construction; a per-expert bias shifts all of one expert's token scores alike) and configs in
+    which every token takes every (in-group) expert."""
     bias_update_rate: float = 1e-3
     """Step size u of the bias update b_i += u * sign(mean_load - load_i)."""
 
@@ -97,6 +102,10 @@ class MoEConfig:
             fail("top_p", f"must be in (0, 1], got {self.top_p}")
         if self.capacity_factor < 0 or self.eval_capacity_factor < 0:
             fail("capacity_factor", "must be >= 0 (0 = dropless)")
+        if causal and self.eval_capacity_factor > 0:
+            fail("eval_capacity_factor", "must be 0 (dropless) at a causal decoder site: cached generation routes "
+                 "one token per sequence per step, so an eval capacity would drop differently from a full forward "
+                 "and depend on the other sequences in the batch")
         if self.hierarchy not in ("flat", "group_limited", "two_level"):
             fail("hierarchy", f"unknown hierarchy {self.hierarchy!r}")
         if self.num_groups < 1 or self.num_experts % self.num_groups:
