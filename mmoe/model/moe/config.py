@@ -38,11 +38,13 @@ class MoEConfig:
     """Shazeer-2017 noisy top-k: learned, input-dependent Gaussian noise on the logits, training only."""
     jitter_eps: float = 0.0
     """Multiplicative input jitter U(1-eps, 1+eps) on the router input, training only (Switch: 0.01)."""
-    hierarchy: Literal["flat", "group_limited", "two_level"] = "flat"
+    hierarchy: Literal["flat", "group_limited", "two_level", "modality"] = "flat"
     """flat: one gate over all experts. group_limited: DeepSeek-style (score each group by `group_score`, keep
     the top_groups best, mask the rest with -inf, pick top_k experts inside). two_level: a group gate then an
     expert gate inside each chosen group, weight = P(g) * P(e|g) (renormalize with top_groups 1 is refused:
-    it cancels P(g), so the group gate would get no gradient)."""
+    it cancels P(g), so the group gate would get no gradient). modality: experts split into an image group and a
+    text group (`image_experts`); each token picks top_k inside its own modality's group (MoMa, Lin et al. 2024);
+    decoder sites only (the ViT and connector see image tokens alone)."""
     group_score: Literal["topk_sum", "top2", "max"] = "topk_sum"
     """How group_limited routing scores a group from its (aux-free-biased) selection scores. topk_sum: sum of
     the top floor(top_k / top_groups) (DeepSeek-V3 paper §2.1.2, "the sum of the highest K_r/M affinity
@@ -50,6 +52,10 @@ class MoEConfig:
     inference code `Gate` and transformers' `DeepseekV3TopkRouter`: use it to reproduce a DeepSeek-V3
     checkpoint or config). max: the best expert's score (DeepSeek-V2 device-limited routing, transformers'
     `DeepseekV2TopkRouter` topk_method 'group_limited_greedy'). All agree when top_k / top_groups = 2."""
+    image_experts: int = 0
+    """hierarchy 'modality': routed experts [0, image_experts) serve image tokens, [image_experts, num_experts) text
+    tokens (shared experts, `num_shared_experts`, serve every token). Balance losses and the aux-free bias act
+    inside each group."""
     num_groups: int = 1
     """Expert groups G for hierarchical routing (E must divide evenly)."""
     top_groups: int = 1
@@ -106,13 +112,17 @@ class MoEConfig:
             fail("eval_capacity_factor", "must be 0 (dropless) at a causal decoder site: cached generation routes "
                  "one token per sequence per step, so an eval capacity would drop differently from a full forward "
                  "and depend on the other sequences in the batch")
-        if self.hierarchy not in ("flat", "group_limited", "two_level"):
+        if self.hierarchy not in ("flat", "group_limited", "two_level", "modality"):
             fail("hierarchy", f"unknown hierarchy {self.hierarchy!r}")
         if self.num_groups < 1 or self.num_experts % self.num_groups:
             fail("num_groups", f"must be >= 1 and divide num_experts={self.num_experts}, got {self.num_groups}")
         if self.drop_policy not in ("position", "score"):
             fail("drop_policy", f"must be 'position' or 'score', got {self.drop_policy!r}")
-        if self.hierarchy != "flat":
+        if self.hierarchy == "modality":
+            self._check_modality(fail, causal)
+        elif self.image_experts:
+            fail("image_experts", f"is only used by hierarchy='modality' (got hierarchy={self.hierarchy!r})")
+        if self.hierarchy in ("group_limited", "two_level"):
             if self.router != "token_choice":
                 fail("hierarchy", f"hierarchical routing needs router='token_choice', got {self.router!r}")
             if self.num_groups < 2 or self.num_experts % self.num_groups:
@@ -140,6 +150,24 @@ class MoEConfig:
             if self.capacity_factor > 0 or self.eval_capacity_factor > 0:
                 fail("capacity_factor", "(and eval_capacity_factor) > 0 drops tokens, and a token dropped by every "
                      "expert gets an all-zero output here (no residual): use 0 (dropless) or num_shared_experts >= 1")
+
+    def _check_modality(self, fail, causal: bool) -> None:
+        if self.router != "token_choice":
+            fail("hierarchy", f"'modality' routing needs router='token_choice', got {self.router!r}")
+        if not causal:
+            fail("hierarchy", "'modality' needs a decoder site: the ViT and the connector see image tokens only, so "
+                 "the text experts would never be used")
+        n_text = self.num_experts - self.image_experts
+        if self.image_experts < 1 or n_text < 1:
+            fail("image_experts", f"must be in [1, num_experts - 1 = {self.num_experts - 1}], got {self.image_experts}")
+        if self.top_k > min(self.image_experts, n_text):
+            fail("top_k", f"{self.top_k} does not fit in the image group ({self.image_experts} experts) and the text "
+                 f"group ({n_text} experts)")
+        if self.num_groups != 1 or self.top_groups != 1:
+            fail("num_groups", "(and top_groups) must stay 1 with hierarchy='modality': image_experts sets the groups")
+        if self.aux_free_bias and self.top_k == self.image_experts == n_text:
+            fail("aux_free_bias", "cannot change which experts are picked: every token takes all experts of its "
+                 "modality group")
 
     def _refuse_inert(self, fail) -> None:
         """Refuse combinations in which an option would silently do nothing (or undo itself)."""

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmoe.constants import MODALITY_IMAGE, MODALITY_TEXT
+
 from .config import MoEConfig
 
 
@@ -38,6 +40,7 @@ class RoutingResult:
     group_logits: Tensor | None = None  # (N, G) float32 (two-level gate), for the z-loss
     num_groups: int = 1
     expert_bias: Tensor | None = None  # (E,) aux-loss-free bias used for selection (detached copy)
+    expert_modality: Tensor | None = None  # (E,) long: the modality each expert serves (hierarchy 'modality')
     site: str = ""  # "vision" | "connector" | "attention" | "ffn"
     layer: int = -1
     extras: dict = field(default_factory=dict)
@@ -136,6 +139,11 @@ class Router(nn.Module):
         # Aux-loss-free balancing: bias steers selection only; loads accumulate between optimizer steps.
         self.register_buffer("expert_bias", torch.zeros(E, dtype=torch.float32), persistent=True)
         self.register_buffer("load_accum", torch.zeros(E, dtype=torch.float32), persistent=False)
+        # (E,) long: the modality each expert serves, hierarchy 'modality' only (None otherwise)
+        expert_modality = None
+        if cfg.hierarchy == "modality":
+            expert_modality = torch.where(torch.arange(E) < cfg.image_experts, MODALITY_IMAGE, MODALITY_TEXT)
+        self.register_buffer("expert_modality", expert_modality, persistent=False)
 
     def _apply(self, fn, recurse: bool = True):
         """`.to(bf16)` / `.half()` / `.bfloat16()` keep the router's floats at their precision (>= float32);
@@ -173,6 +181,11 @@ class Router(nn.Module):
         if cfg.hierarchy == "two_level":
             sel, dist = self._two_level(x_ND, logits_NE, sel_logits_NE)
             return self._finish(sel, dist, tokens)
+        in_group_NE = None
+        if cfg.hierarchy == "modality":  # scores and probabilities live inside each token's modality group
+            in_group_NE = self._modality_groups(tokens)
+            logits_NE = logits_NE.masked_fill(~in_group_NE, float("-inf"))
+            sel_logits_NE = sel_logits_NE.masked_fill(~in_group_NE, float("-inf"))
         scores_NE = self._scores(sel_logits_NE)
         dist = _Distribution(probs=self._probs(logits_NE), logits=logits_NE)
         if cfg.num_groups > 1:
@@ -185,6 +198,8 @@ class Router(nn.Module):
             return self._finish(self._top_p(scores_NE, choice_NE), dist, tokens)
         if cfg.hierarchy == "group_limited":
             choice_NE = self._mask_groups(choice_NE)
+        if in_group_NE is not None:  # (a bias must not lift an expert of the other modality)
+            choice_NE = choice_NE.masked_fill(~in_group_NE, float("-inf"))
         idx_NK = choice_NE.topk(cfg.top_k, dim=-1).indices
         w_NK = scores_NE.gather(1, idx_NK)  # weights come from unbiased scores
         if cfg.renormalize:
@@ -200,6 +215,13 @@ class Router(nn.Module):
             return logits.softmax(-1)
         s = logits.sigmoid()
         return s / s.sum(-1, keepdim=True)
+
+    def _modality_groups(self, tokens: _Tokens) -> Tensor:
+        """(N, E) bool: the experts of each token's modality group (no modality given: text)."""
+        mod_N = tokens.modality if tokens.modality is not None else torch.full_like(tokens.mask, MODALITY_TEXT,
+                                                                                   dtype=torch.long)
+        image_N = mod_N == MODALITY_IMAGE
+        return image_N[:, None] == (self.expert_modality == MODALITY_IMAGE)[None, :]
 
     def _mask_groups(self, choice_NE: Tensor) -> Tensor:
         """Group-limited routing: score each group (`cfg.group_score`), keep the `top_groups` best, -inf elsewhere.
@@ -331,6 +353,7 @@ class Router(nn.Module):
             batch_shape=tokens.batch_shape, modality=tokens.modality, group_probs=dist.group_probs,
             group_logits=dist.group_logits, num_groups=cfg.num_groups,
             expert_bias=self.expert_bias.detach().clone() if cfg.aux_free_bias else None,
+            expert_modality=self.expert_modality,
         )
 
     # ------------------------------------------------------------------ aux-loss-free bias
@@ -344,7 +367,11 @@ class Router(nn.Module):
         if not self.cfg.aux_free_bias:
             return
         load = self.load_accum if load is None else load
-        if load.sum() > 0:
+        if self.expert_modality is not None:  # balance inside each modality group
+            for mod in (MODALITY_IMAGE, MODALITY_TEXT):
+                group = self.expert_modality == mod
+                self.expert_bias[group] += self.cfg.bias_update_rate * torch.sign(load[group].mean() - load[group])
+        elif load.sum() > 0:
             self.expert_bias += self.cfg.bias_update_rate * torch.sign(load.mean() - load)
         self.load_accum.zero_()
 
