@@ -1,10 +1,11 @@
 """MoE vision encoder (CuMo's CLIP-MoE) on top of timm's ``VisionTransformer``.
 
-timm builds the ViT; we only inject a block factory that gives the chosen layers an MoE MLP
-(:class:`VisionMoEMlp`, a thin adapter around :class:`~mmoe.model.moe.MoEFFN`) and keeps timm's dense
-``Mlp`` everywhere else. The encoder walks the blocks itself (``patch_embed`` -> ``_pos_embed`` ->
-``norm_pre`` -> blocks), stops at ``feature_layer`` (blocks after it are never built, like LLaVA which
-ignores them) and collects each MoE block's :class:`RoutingResult` in layer order.
+timm builds the ViT; we only inject a block factory that makes the chosen layers :class:`VisionMoEBlock`s (a
+timm ``Block`` whose MLP is :class:`VisionMoEMlp`, a thin adapter around :class:`~mmoe.model.moe.MoEFFN`) and
+keeps timm's dense ``Block`` everywhere else. The encoder walks the blocks itself (``patch_embed`` ->
+``_pos_embed`` -> ``norm_pre`` -> blocks), stops at ``feature_layer`` (blocks after it are never built, like
+LLaVA which ignores them), hands each MoE block the token mask and collects the :class:`RoutingResult` it
+returns, in layer order (arguments and return values only, so activation checkpointing recomputes correctly).
 
 Co-upcycling (CuMo sec. 3.3): :meth:`VisionEncoder.load_dense_checkpoint` loads a dense timm or
 open_clip ViT and copies every dense MLP into all experts of its layer; routers stay freshly
