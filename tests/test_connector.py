@@ -157,7 +157,9 @@ def test_concat_moe_connector_upcycles_from_dense_concat_and_names_the_width(tmp
 
 
 def test_expert_choice_connector():
-    moe = MoEConfig(num_experts=4, top_k=1, router="expert_choice", capacity_factor=1.0)
+    # a shared expert: a token no expert picks still gets a projection (refused without one, see
+    # tests/test_routing_correctness.py)
+    moe = MoEConfig(num_experts=4, top_k=1, router="expert_choice", capacity_factor=1.0, num_shared_experts=1)
     conn = Connector(ConnectorConfig(kind="moe_mlp", moe=moe), 8, 8, grid=4).train()
     y, (r,) = conn(torch.randn(2, 16, 8))
     assert y.shape == (2, 16, 8) and r.expert_counts().tolist() == [8, 8, 8, 8]

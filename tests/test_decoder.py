@@ -25,7 +25,8 @@ def make(kind: str = "dense", **kw) -> Decoder:
     if kind == "moa_shared":  # 3 routed head groups (top-2) + 1 shared group of 2 heads each
         base.update(attn_moe=MoEConfig(num_experts=3, top_k=2, num_shared_experts=1), attn_moe_layers="all")
     if kind == "hier":  # hierarchical router on MoA, top-p on the FFN
-        base.update(attn_moe=MoEConfig(num_experts=4, top_k=2, hierarchy="two_level", num_groups=2, top_groups=1),
+        base.update(attn_moe=MoEConfig(num_experts=4, top_k=2, hierarchy="two_level", num_groups=2, top_groups=1,
+                                       renormalize=False),
                     attn_moe_layers="all", ffn_moe=MoEConfig(num_experts=4, top_k=2, router="top_p"),
                     ffn_moe_layers="all")
     base.update(kw)

@@ -25,7 +25,7 @@ KINDS = {
     "expert_choice_k1": dict(router="expert_choice", top_k=1, capacity_factor=1.0),
     "group_limited": dict(hierarchy="group_limited", num_groups=3, top_groups=2, top_k=2,
                           score_func="sigmoid"),
-    "two_level": dict(hierarchy="two_level", num_groups=3, top_groups=1, top_k=2),
+    "two_level": dict(hierarchy="two_level", num_groups=3, top_groups=1, top_k=2, renormalize=False),
     "aux_free_bias": dict(top_k=2, score_func="sigmoid", aux_free_bias=True),
     "shared_experts": dict(top_k=2, num_shared_experts=2),
 }

@@ -178,10 +178,11 @@ def test_group_limited_never_leaves_chosen_groups(score_func, bias):
     torch.testing.assert_close(res.group_probs, r._probs(x @ r.gate.weight.t()).view(-1, G, per).sum(-1))
 
 
-@pytest.mark.parametrize("tg,k", [(1, 2), (2, 2), (2, 4)])
-def test_two_level_selects_inside_top_groups(tg, k):
+@pytest.mark.parametrize("tg,k,renorm", [(1, 2, False), (2, 2, True), (2, 4, True), (2, 4, False)])
+def test_two_level_selects_inside_top_groups(tg, k, renorm):
     E, G = 8, 4
-    r = make_router(num_experts=E, top_k=k, hierarchy="two_level", num_groups=G, top_groups=tg).eval()
+    r = make_router(num_experts=E, top_k=k, hierarchy="two_level", num_groups=G, top_groups=tg,
+                    renormalize=renorm).eval()
     x = tokens(40)
     res = r(x)
     per = E // G
@@ -195,7 +196,7 @@ def test_two_level_selects_inside_top_groups(tg, k):
             inside = [e for e in picked if e // per == g]
             assert set(inside) == {g * per + int(j) for j in pe[n, g].topk(k // tg).indices}
         w = torch.stack([pg[n, e // per] * pe[n, e // per, e % per] for e in picked])
-        torch.testing.assert_close(res.weights[n], w / w.sum())
+        torch.testing.assert_close(res.weights[n], w / w.sum() if renorm else w)
     torch.testing.assert_close(res.probs, (pg[..., None] * pe).view(-1, E))
     assert res.group_logits is not None and res.group_probs is not None
 

@@ -82,6 +82,7 @@ class Connector(nn.Module):
         elif cfg.kind == "moe_mlp":
             if cfg.moe is None:
                 raise ConnectorConfigError("connector.moe: kind 'moe_mlp' needs a MoE config")
+            cfg.moe.validate(causal=False, site="connector", residual=False)  # no residual: no all-zero tokens
             self.proj = MoEProjector(in_dim, hidden, out_dim, cfg.moe, activation="gelu", layer=0)
         else:
             raise ConnectorConfigError(f"connector.kind must be linear, mlp or moe_mlp, got {cfg.kind!r}")
@@ -122,7 +123,7 @@ class Connector(nn.Module):
     def forward(self, feats: Tensor, image_mask: Tensor | None = None) -> tuple[Tensor, list[RoutingResult]]:
         """`image_mask` (N,) bool: images whose tokens are real (see `VisionEncoder.forward`)."""
         x = self.pool_tokens(feats)
-        if isinstance(self.proj, MoEFFN):
+        if self.cfg.kind == "moe_mlp":  # (not isinstance: activation checkpointing may wrap the projector)
             modality = torch.full(x.shape[:2], MODALITY_IMAGE, dtype=torch.long, device=x.device)
             mask = None if image_mask is None else image_mask.bool()[:, None].expand(x.shape[:2])
             y, r = self.proj(x, mask, modality)

@@ -101,6 +101,9 @@ class DecoderConfig:
             self.moe_ffn_layer_ids()
         if self.attn_moe is not None:
             self.attn_moe.validate(causal=True, site="decoder.attn_moe")
+            if self.attn_moe.expert_hidden:
+                raise MoEConfigError("decoder.attn_moe.expert_hidden is not used by mixture-of-attention (an expert "
+                                     "is a group of heads of head_dim); leave it 0")
             self.moa_layer_ids()
             moa_heads_per_group(self.n_heads, self.n_kv_heads, self.attn_moe, "decoder.attn_moe")
         return self
@@ -198,8 +201,10 @@ class DecoderBlock(nn.Module):
             self.mlp = SwiGLU(cfg.dim, cfg.hidden)
         self.layer = layer
 
-    def forward(self, x, cos, sin, mask, cache, *, token_mask, modality, routing: list):
-        """Appends this block's routing results (MoA, MoE FFN) to `routing`."""
+    def forward(self, x, cos, sin, mask, cache, *, token_mask, modality) -> tuple[Tensor, list[RoutingResult]]:
+        """-> (x, this block's routing results). Results come back through the call (no list argument to append
+        to), so an activation-checkpointing recompute adds nothing to the forward's results."""
+        routing: list[RoutingResult] = []
         h, r = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, self.layer,
                               token_mask=token_mask, modality=modality)
         if r is not None:
@@ -210,7 +215,7 @@ class DecoderBlock(nn.Module):
             routing.append(r)
         else:
             h = self.mlp(self.post_attention_layernorm(x))
-        return x + h
+        return x + h, routing
 
 
 class Decoder(nn.Module):
@@ -346,7 +351,8 @@ class Decoder(nn.Module):
         mask = self.build_mask(attention_mask, B, T, past, x.device, segment_ids)
         routing: list[RoutingResult] = []
         for block in self.layers:
-            x = block(x, cos, sin, mask, cache, token_mask=token_mask, modality=modality, routing=routing)
+            x, block_routing = block(x, cos, sin, mask, cache, token_mask=token_mask, modality=modality)
+            routing += block_routing
         if cache is not None:
             cache.advance(T)
         h = self.norm(x)
@@ -370,9 +376,8 @@ class Decoder(nn.Module):
         cos, sin = self.rope(position_ids)
         mask = AttnMask(key_mask[:, None, None, :], False)  # (B, 1, 1, max_len) broadcast over queries
         step = StepCache(cache, cache_position)
-        routing: list[RoutingResult] = []
         for block in self.layers:
-            x = block(x, cos, sin, mask, step, None, modality, routing)
+            x, _ = block(x, cos, sin, mask, step, token_mask=None, modality=modality)  # routing unused in decode
         return self.lm_head(self.norm(x[:, -1]))
 
 

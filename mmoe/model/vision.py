@@ -1,10 +1,11 @@
 """MoE vision encoder (CuMo's CLIP-MoE) on top of timm's ``VisionTransformer``.
 
-timm builds the ViT; we only inject a block factory that gives the chosen layers an MoE MLP
-(:class:`VisionMoEMlp`, a thin adapter around :class:`~mmoe.model.moe.MoEFFN`) and keeps timm's dense
-``Mlp`` everywhere else. The encoder walks the blocks itself (``patch_embed`` -> ``_pos_embed`` ->
-``norm_pre`` -> blocks), stops at ``feature_layer`` (blocks after it are never built, like LLaVA which
-ignores them) and collects each MoE block's :class:`RoutingResult` in layer order.
+timm builds the ViT; we only inject a block factory that makes the chosen layers :class:`VisionMoEBlock`s (a
+timm ``Block`` whose MLP is :class:`VisionMoEMlp`, a thin adapter around :class:`~mmoe.model.moe.MoEFFN`) and
+keeps timm's dense ``Block`` everywhere else. The encoder walks the blocks itself (``patch_embed`` ->
+``_pos_embed`` -> ``norm_pre`` -> blocks), stops at ``feature_layer`` (blocks after it are never built, like
+LLaVA which ignores them), hands each MoE block the token mask and collects the :class:`RoutingResult` it
+returns, in layer order (arguments and return values only, so activation checkpointing recomputes correctly).
 
 Co-upcycling (CuMo sec. 3.3): :func:`mmoe.interop.vision_ckpt.load_vision_checkpoint` loads a dense timm or
 open_clip ViT and copies every dense MLP into all experts of its layer; routers stay freshly
@@ -17,7 +18,7 @@ from __future__ import annotations
 import math
 from contextlib import nullcontext
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from typing import Literal
 
 import torch
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 from mmoe.constants import MODALITY_IMAGE
 
 from .moe import MoEConfig, MoEFFN, RoutingResult, select_layers
+from .moe.routing import checkpoint_context_fn
 
 
 class VisionConfigError(ValueError):
@@ -93,11 +95,8 @@ _TIMM_ACT = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_tanh": "gelu_tanh
 
 # ------------------------------------------------------------ MoE MLP adapter
 class VisionMoEMlp(nn.Module):
-    """Drop-in for timm's ``Mlp`` (same constructor keywords) backed by an MoEFFN.
-
-    timm's Block wants a tensor back, so the layer's RoutingResult is stashed on ``self.routing`` for the
-    encoder to collect (the encoder clears it at the start of every forward).
-    """
+    """Takes the place of timm's ``Mlp`` (same constructor keywords) in a :class:`VisionMoEBlock`, backed by an
+    MoEFFN; ``forward(x, token_mask) -> (y, RoutingResult)``."""
 
     def __init__(self, in_features: int, hidden_features: int | None = None, out_features: int | None = None, *,
                  act_layer=None, norm_layer=None, bias=True, drop=0.0, device=None, dtype=None,
@@ -120,15 +119,13 @@ class VisionMoEMlp(nn.Module):
             self.moe.to(dtype)
         self.drop = nn.Dropout(drop) if drop else nn.Identity()
         self.layer = layer
-        self.routing: RoutingResult | None = None
-        self.token_mask: Tensor | None = None  # (B, T) real tokens, set by the encoder for one forward
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, token_mask: Tensor | None = None) -> tuple[Tensor, RoutingResult]:
+        """x: (B, T, D); token_mask: (B, T) bool real tokens (None: all real)."""
         B, T, _ = x.shape
         modality = torch.full((B, T), MODALITY_IMAGE, dtype=torch.long, device=x.device)
-        y, r = self.moe(x, self.token_mask, modality)
-        self.routing = r
-        return self.drop(y)
+        y, r = self.moe(x, token_mask, modality)
+        return self.drop(y), r
 
     @torch.no_grad()
     def upcycle_(self, dense: nn.Module) -> None:
@@ -136,23 +133,50 @@ class VisionMoEMlp(nn.Module):
         self.moe.upcycle_(dense)
 
 
+def _timm_block():
+    from timm.models.vision_transformer import Block
+
+    return Block
+
+
+class VisionMoEBlock(nn.Module):
+    """Marker base; the real class (a timm ``Block`` subclass) is built lazily so timm is imported on use."""
+
+
+@cache
+def _moe_block_class():
+    Block = _timm_block()
+
+    class _VisionMoEBlock(Block, VisionMoEBlock):
+        """timm ``Block`` whose MLP is a :class:`VisionMoEMlp`: the token mask goes in and the routing comes
+        out through the call (no side channel), so an activation-checkpointing recompute routes exactly
+        like the forward it replays."""
+
+        def forward(self, x: Tensor, token_mask: Tensor | None = None) -> tuple[Tensor, RoutingResult]:
+            x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+            h, routing = self.mlp(self.norm2(x), token_mask)
+            return x + self.drop_path2(self.ls2(h)), routing
+
+    _VisionMoEBlock.__name__ = _VisionMoEBlock.__qualname__ = "VisionMoEBlock"
+    return _VisionMoEBlock
+
+
 class _BlockFactory:
-    """``block_fn`` for timm: a timm Block whose MLP is a VisionMoEMlp at the chosen layers."""
+    """``block_fn`` for timm: a timm Block, or a VisionMoEBlock (MLP = VisionMoEMlp) at the chosen layers."""
 
     def __init__(self, moe_layers: set[int], moe: MoEConfig | None, activation: str):
         self.moe_layers, self.moe, self.activation = moe_layers, moe, activation
         self._next = 0
 
     def __call__(self, *args, **kwargs):
-        from timm.models.vision_transformer import Block
-
         i = kwargs.get("depth")
         if i is None:  # older timm passes no block index: count calls
             i = self._next
         self._next = i + 1
         if self.moe is not None and i in self.moe_layers:
             kwargs["mlp_layer"] = partial(VisionMoEMlp, moe=self.moe, activation=self.activation, layer=i)
-        return Block(*args, **kwargs)
+            return _moe_block_class()(*args, **kwargs)
+        return _timm_block()(*args, **kwargs)
 
 
 # ------------------------------------------------------------ convolutional stem
@@ -310,7 +334,7 @@ class VisionEncoder(nn.Module):
         self.vit = vit
         self.moe_mlps: dict[int, VisionMoEMlp] = {}
         for i, blk in enumerate(vit.blocks):
-            if isinstance(blk.mlp, VisionMoEMlp):
+            if isinstance(blk, VisionMoEBlock):
                 self.moe_mlps[i] = blk.mlp
         if sorted(self.moe_mlps) != self.moe_layers:
             raise RuntimeError(f"vision: built MoE layers {self.moe_layers} != {sorted(self.moe_mlps)}")
@@ -325,36 +349,34 @@ class VisionEncoder(nn.Module):
     def forward(self, pixel_values: Tensor, image_mask: Tensor | None = None
                 ) -> tuple[Tensor, list[RoutingResult]]:
         """`image_mask` (N,) bool: images whose tokens are real; the others (placeholders run only so every
-        rank issues the same expert-parallel collectives) are excluded from routing losses, loads and compute."""
-        for m in self.moe_mlps.values():  # stale results of an earlier (failed / recomputed) call
-            m.routing = None
+        rank issues the same expert-parallel collectives) are excluded from routing losses, loads and compute.
+        The mask reaches each MoE block as an argument, so checkpointed blocks recompute with it."""
         vit = self.vit
         x = vit.patch_embed(pixel_values)
         x = vit._pos_embed(x)
         x = vit.patch_drop(x)
-        x = vit.norm_pre(x)
+        x = vit.norm_pre(x)  # (N, T, D)
         token_mask = None if image_mask is None else image_mask.bool()[:, None].expand(x.shape[0], x.shape[1])
-        for m in self.moe_mlps.values():
-            m.token_mask = token_mask
+        checkpoint = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         routing: list[RoutingResult] = []
         for i, blk in enumerate(vit.blocks):
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+            args = (x, token_mask) if i in self.moe_mlps else (x,)
+            if checkpoint:
+                out = torch.utils.checkpoint.checkpoint(blk, *args, use_reentrant=False,
+                                                        context_fn=checkpoint_context_fn)
             else:
-                x = blk(x)
-            m = self.moe_mlps.get(i)
-            if m is not None:
-                if m.routing is None:
-                    raise RuntimeError(f"vision block {i}: MoE MLP produced no routing result")
-                routing.append(m.routing)
-                m.routing = None
-        for m in self.moe_mlps.values():
-            m.token_mask = None
+                out = blk(*args)
+            if i in self.moe_mlps:
+                x, r = out
+                routing.append(r)
+            else:
+                x = out
         if not self.cfg.keep_cls:
             x = x[:, self.num_prefix_tokens:]
         return x, routing
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every block in backward (expert loads are still counted once per forward)."""
         self.grad_checkpointing = enable
 
     # ------------------------------------------------------------------ preprocessing
@@ -390,4 +412,4 @@ def vision_param_count(cfg: VisionConfig) -> dict[str, int]:
                 blocks=len(enc.vit.blocks))
 
 
-__all__ = ["VisionConfig", "VisionConfigError", "VisionEncoder", "VisionMoEMlp", "vision_param_count"]
+__all__ = ["VisionConfig", "VisionConfigError", "VisionEncoder", "VisionMoEBlock", "VisionMoEMlp", "vision_param_count"]

@@ -23,7 +23,6 @@ default in the Lightning strategy); the all-to-all dispatcher is unchanged and s
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from collections.abc import Iterable
@@ -36,7 +35,6 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import Checkpoi
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
-from torch.utils.checkpoint import noop_context_fn
 
 from mmoe.model.moe.experts import GroupedExperts
 
@@ -113,39 +111,11 @@ def checkpoint_blocks(model: nn.Module) -> int:
     for _, blocks in _block_lists(model):
         for i, b in enumerate(blocks):
             if not hasattr(b, "_checkpoint_wrapped_module"):
-                blocks[i] = checkpoint_wrapper(b, checkpoint_impl=CheckpointImpl.NO_REENTRANT,
-                                               context_fn=_per_forward_state_context(b))
+                # the ViT's token mask and every block's routing results travel through the call, so a
+                # recompute in backward routes exactly as the forward did
+                blocks[i] = checkpoint_wrapper(b, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
                 n += 1
     return n
-
-
-def _per_forward_state_context(block: nn.Module):
-    """checkpoint `context_fn` that replays per-forward module state during recomputation.
-
-    The ViT's MoE MLPs read their token mask from an attribute the encoder sets for one forward and clears
-    after it; recomputed in backward they would see no mask, route the placeholder image's tokens and
-    desynchronise the expert-parallel all-to-all (different token counts than the forward saved)."""
-    stateful = [m for m in block.modules() if hasattr(m, "token_mask") and hasattr(m, "routing")]
-    if not stateful:
-        return noop_context_fn
-
-    def context_fn():
-        at_forward = [m.token_mask for m in stateful]
-
-        @contextlib.contextmanager
-        def replay():
-            before = [m.token_mask for m in stateful]
-            for m, t in zip(stateful, at_forward):
-                m.token_mask = t
-            try:
-                yield
-            finally:
-                for m, t in zip(stateful, before):
-                    m.token_mask = t
-
-        return contextlib.nullcontext(), replay()
-
-    return context_fn
 
 
 def apply_fsdp_ep(model: nn.Module, world_mesh: DeviceMesh, mp: MixedPrecisionPolicy | None = None,
@@ -183,45 +153,12 @@ def apply_fsdp_ep(model: nn.Module, world_mesh: DeviceMesh, mp: MixedPrecisionPo
         units.append(connector)
     for u in units:
         fully_shard(u, mesh=world_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-        _preserve_list_args(u)
     fully_shard(model, mesh=world_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     info.units = len(units) + info.expert_units + 1
     if hasattr(model, "always_encode_images"):  # every rank must run every FSDP unit (text-only batches too)
         model.always_encode_images = True
     model.__dict__[FSDP_ATTR] = info
     return info
-
-
-def _list_args(args: tuple, kwargs: dict) -> list[list]:
-    return [a for a in (*args, *kwargs.values()) if isinstance(a, list)]
-
-
-def _preserve_list_args(unit: nn.Module) -> None:
-    """Keep list arguments that a unit fills in place (the decoder block appends its RoutingResults to a
-    `routing` list it is given) visible to the caller.
-
-    FSDP2's pre-forward rebuilds the (args, kwargs) containers to attach its post-backward hook to input
-    tensors, so the block would append to a copy and the caller would lose every decoder routing result
-    (and its balancing loss). Hooks around FSDP's own pre-forward hook note the caller's lists and the
-    copies; after forward the caller's lists take the copies' contents."""
-
-    def note_callers(mod, args, kwargs):  # runs before FSDP's pre-forward (prepended after it)
-        mod.__dict__["_mmoe_caller_lists"] = _list_args(args, kwargs)
-
-    def note_copies(mod, args, kwargs):  # runs after FSDP's pre-forward
-        mod.__dict__["_mmoe_copied_lists"] = _list_args(args, kwargs)
-
-    def copy_back(mod, args, kwargs, output):
-        callers = mod.__dict__.pop("_mmoe_caller_lists", [])
-        copies = mod.__dict__.pop("_mmoe_copied_lists", [])
-        for orig, new in zip(callers, copies):
-            if new is not orig:
-                orig[:] = new
-        return output
-
-    unit.register_forward_pre_hook(note_callers, prepend=True, with_kwargs=True)
-    unit.register_forward_pre_hook(note_copies, with_kwargs=True)
-    unit.register_forward_hook(copy_back, with_kwargs=True)
 
 
 # --------------------------------------------------------------------------- gradient norm / clipping

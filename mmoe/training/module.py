@@ -237,9 +237,16 @@ class MMoEModule(L.LightningModule):
 
     @torch.no_grad()
     def update_router_biases(self) -> None:
-        """DeepSeek-V3 bias step for every router, from the load seen since the last optimizer step
-        (summed over data-parallel ranks so every rank applies the same update)."""
-        routers = [m for m in self.model.modules() if isinstance(m, Router) and m.cfg.aux_free_bias]
+        """DeepSeek-V3 bias step for every trainable router, from the load seen since the last optimizer step
+        (summed over data-parallel ranks so every rank applies the same update). Routers inside modules frozen
+        by `stage.freeze` (gate weight not trainable) keep their bias, so a frozen tower's routing stays put."""
+        routers = []
+        for m in self.model.modules():
+            if isinstance(m, Router) and m.cfg.aux_free_bias:
+                if m.gate.weight.requires_grad:
+                    routers.append(m)
+                else:
+                    m.load_accum.zero_()
         if not routers:
             return
         loads = torch.cat([r.load_accum for r in routers])

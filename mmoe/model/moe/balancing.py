@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from mmoe.constants import MODALITY_NAMES
+from mmoe.constants import MODALITY_NAMES, MODALITY_TEXT
 
 from .routing import RoutingResult
 
@@ -35,11 +35,35 @@ def _fp_balance(counts: Tensor, mean_probs: Tensor) -> Tensor:
 
 
 def load_balance_loss(r: RoutingResult, mask: Tensor | None = None) -> Tensor:
-    """Switch/GShard loss E * sum_i f_i P_i (f: share of selected assignments, P: mean router prob)."""
+    """Switch/GShard loss E * sum_i f_i P_i (f: share of selected assignments, P: mean router prob).
+
+    With modality groups (hierarchy 'modality') it is the mean over modalities of the same loss inside each
+    modality's expert group, so it is 1 when every group is balanced."""
+    if r.expert_modality is not None:
+        return _modality_group_balance(r, mask)
     m = _mask(r, mask)
     n = m.sum().clamp_min(1)
     P = (r.probs * m[:, None]).sum(0) / n
     return _fp_balance(_selected_counts(r, m), P)
+
+
+def _token_modality(r: RoutingResult) -> Tensor:
+    """(N,) long modality per token (text where the router was given none)."""
+    return r.modality if r.modality is not None else torch.full_like(r.token_mask, MODALITY_TEXT, dtype=torch.long)
+
+
+def _modality_group_balance(r: RoutingResult, mask: Tensor | None = None) -> Tensor:
+    """Mean over the modalities present of Eg * sum_{i in group} f_i P_i over that modality's tokens."""
+    modality = _token_modality(r)
+    losses = []
+    for mod in MODALITY_NAMES:
+        m = _mask(r, mask) & (modality == mod)
+        if not bool(m.any()):
+            continue
+        group = r.expert_modality == mod
+        P = (r.probs * m[:, None]).sum(0)[group] / m.sum()
+        losses.append(_fp_balance(_selected_counts(r, m)[group], P))
+    return torch.stack(losses).mean() if losses else r.probs.new_zeros(())
 
 
 def z_loss(r: RoutingResult) -> Tensor:
@@ -70,7 +94,7 @@ def modality_balance_loss(r: RoutingResult) -> Tensor:
 
     Pooled balance can hide image tokens crowding a few experts while text tokens fill the rest.
     """
-    if r.modality is None:
+    if r.modality is None or r.expert_modality is not None:  # modality groups: balance is per modality already
         return load_balance_loss(r)
     losses = [load_balance_loss(r, r.modality == mod) for mod in MODALITY_NAMES
               if bool(((r.modality == mod) & r.token_mask).any())]
@@ -166,6 +190,8 @@ def routing_metrics(r: RoutingResult) -> dict[str, float]:
                 continue
             km = torch.bincount(r.expert_idx[r.kept & mm[:, None]], minlength=r.num_experts).float()
             sm = torch.bincount(r.expert_idx[r.selected & mm[:, None]], minlength=r.num_experts).float()
+            if r.expert_modality is not None:  # modality groups: that modality's experts only
+                km, sm = km[r.expert_modality == mod], sm[r.expert_modality == mod]
             out.update(_load_stats(km, f"{name}/"))
             out[f"{name}/drop_rate"] = 1.0 - km.sum() / sm.sum().clamp_min(1)
     if r.num_groups > 1:
