@@ -139,11 +139,10 @@ def check_compile_block(device, dtype, h) -> dict:
         x = torch.randn(2, 64, h, device=device, generator=torch.Generator(device).manual_seed(i))
         mask = torch.ones(2, 64, dtype=torch.bool, device=device)
         mask[i % 2, 60 - i:] = False
-        r_e, r_c = [], []
-        y_e = block(x, cos, sin, AttnMask(None, True), None, mask, None, r_e)
+        y_e, r_e = block(x, cos, sin, AttnMask(None, True), None, token_mask=mask, modality=None)
         stance = torch.compiler.set_stance("fail_on_recompile") if i else torch.compiler.set_stance("default")
         with stance:
-            y_c = compiled(x, cos, sin, AttnMask(None, True), None, mask, None, r_c)
+            y_c, _ = compiled(x, cos, sin, AttnMask(None, True), None, token_mask=mask, modality=None)
         worst = max(worst, (y_e - y_c).abs().max().item())
         routes.append(r_e[-1].expert_idx)
     out["max_abs_diff_fp32"] = worst

@@ -34,7 +34,8 @@ def _fresh_dynamo():
 
 
 def run_three_batches(eager: torch.nn.Module, make_inputs, route_of) -> None:
-    """Compile a copy; feed three batches; compare outputs and all gradients; forbid recompiles."""
+    """Compile a copy; feed three batches (make_inputs(i) -> (args, kwargs, x)); compare outputs and all gradients;
+    forbid recompiles. route_of(module, output) gives the routing decisions to compare."""
     compiled = copy.deepcopy(eager)
     compiled.compile(fullgraph=True, backend=BACKEND, dynamic=False)
     routes = []
@@ -42,16 +43,16 @@ def run_three_batches(eager: torch.nn.Module, make_inputs, route_of) -> None:
         outs = {}
         for name, mod in (("eager", eager), ("compiled", compiled)):
             mod.zero_grad(set_to_none=True)
-            args, x, extra = make_inputs(i)
+            args, kwargs, x = make_inputs(i)
             if name == "compiled" and i > 0:
                 with torch.compiler.set_stance("fail_on_recompile"):
-                    y = mod(*args)
+                    y = mod(*args, **kwargs)
             else:
-                y = mod(*args)
+                y = mod(*args, **kwargs)
             out = y[0] if isinstance(y, tuple) else y
             out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
             outs[name] = (out.detach(), x.grad.clone(), {n: p.grad for n, p in mod.named_parameters()},
-                          route_of(mod, y, extra))
+                          route_of(mod, y))
         (ye, ge, pe, re), (yc, gc, pc, rc) = outs["eager"], outs["compiled"]
         torch.testing.assert_close(yc, ye, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(gc, ge, rtol=1e-5, atol=1e-5)
@@ -74,7 +75,7 @@ DECODER_KINDS = {
     "group_limited_aux_free_two_level": (dict(num_experts=4, top_k=2, hierarchy="group_limited", num_groups=2,
                                               top_groups=1, score_func="sigmoid", aux_free_bias=True),
                                          dict(num_experts=4, top_k=2, hierarchy="two_level", num_groups=2,
-                                              top_groups=1, capacity_factor=1.5)),
+                                              top_groups=1, renormalize=False, capacity_factor=1.5)),
 }
 
 
@@ -105,10 +106,9 @@ def _decoder_block_case(kind):
         x = torch.randn(2, 7, 32, generator=g, requires_grad=True)
         tm = torch.ones(2, 7, dtype=torch.bool)
         tm[i % 2, 7 - i - 1:] = False  # padding changes with the batch, shapes do not
-        routing = []
-        return (x, cos, sin, mask, None, tm, None, routing), x, routing
+        return (x, cos, sin, mask, None), {"token_mask": tm, "modality": None}, x
 
-    run_three_batches(block, make_inputs, lambda mod, y, routing: torch.cat([r.expert_idx for r in routing], 1))
+    run_three_batches(block, make_inputs, lambda mod, y: torch.cat([r.expert_idx for r in y[1]], 1))
 
 
 @pytest.mark.parametrize("moe_kw", [dict(num_experts=4, top_k=2, capacity_factor=1.5),
@@ -125,10 +125,10 @@ def test_vision_moe_block_compiles_fullgraph_and_matches_eager(moe_kw):
 
     def make_inputs(i):
         x = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(20 + i), requires_grad=True)
-        return (x,), x, None
+        return (x,), {}, x
 
-    def route_of(mod, y, _):
-        return mod.mlp.routing.expert_idx * mod.mlp.routing.kept
+    def route_of(mod, y):  # the block returns (x, RoutingResult)
+        return y[1].expert_idx * y[1].kept
 
     run_three_batches(block, make_inputs, route_of)
 
@@ -143,9 +143,9 @@ def test_connector_moe_compiles_fullgraph_and_matches_eager():
     def make_inputs(i):
         x = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(30 + i), requires_grad=True)
         image_mask = torch.tensor([True, i != 1, True])  # a placeholder image in one batch
-        return (x, image_mask), x, None
+        return (x, image_mask), {}, x
 
-    run_three_batches(conn, make_inputs, lambda mod, y, _: y[1][0].expert_idx)
+    run_three_batches(conn, make_inputs, lambda mod, y: y[1][0].expert_idx)
 
 
 def test_compile_blocks_wires_every_block_and_the_connector():

@@ -128,7 +128,7 @@ SITES = {
                                                          top_k=2, score_func="sigmoid", aux_free_bias=True),
                                                     "swiglu", False, True),
     "ffn_two_level_shared": lambda: _ffn_site(dict(hierarchy="two_level", num_groups=2, top_groups=1, top_k=2,
-                                                   num_shared_experts=1), "swiglu", False, True),
+                                                   renormalize=False, num_shared_experts=1), "swiglu", False, True),
     "ffn_capacity": lambda: _ffn_site(dict(top_k=2, capacity_factor=0.75), "swiglu", False, True),
     "vision_gelu_bias": lambda: _ffn_site(dict(top_k=2), "gelu", True, False),
     "vision_expert_choice": lambda: _ffn_site(dict(router="expert_choice", top_k=2, capacity_factor=1.0),
