@@ -114,7 +114,7 @@ def variant_overrides(name: str, base_arch: dict) -> dict:
     if name == "no_vision_moe":
         return {"model": {"arch": {"vision": {"moe": None}, "connector": {"kind": "mlp", "moe": None}}}}
     if name == "flat_routing":
-        return {"model": {"arch": {"decoder": {"ffn_moe": {"hierarchy": "flat"}}},
+        return {"model": {"arch": {"decoder": {"ffn_moe": {"hierarchy": "flat", "top_groups": 1}}},  # (no group step)
                           "balance": {"ffn": {"group": 0.0}}}}
     if name == "modality":
         if not modality_routing_supported():
