@@ -8,7 +8,7 @@
 #
 # Steps: correctness (bf16 grouped_mm == loop == dense, no host sync at any MoE site, fullgraph inductor compile
 # of a MoE block == eager without recompiles, CUDA-graph decode == eager), moe_layer (issue shapes vs dense and
-# transformers' Mixtral), model_step (configs/mid_gpu.yaml, bf16 autocast, fused AdamW, MFU), train (`make train`
+# transformers' Mixtral), model_step (configs/model/mid.yaml, bf16 autocast, fused AdamW, MFU), train (`make train`
 # recipe with --trainer.accelerator gpu --trainer.precision bf16-mixed). `make train` needs jsonargparse: run
 # benchmarks/gpu_wheels.sh beforehand where a package index is reachable and carry .whl along.
 set -u
@@ -54,7 +54,7 @@ else
   nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv > "$OUT/nvidia_smi.log" 2>&1
   step correctness 110 "$PY" benchmarks/gpu_correctness.py --device cuda
   step moe_layer 130 "$PY" benchmarks/moe_layer.py --device cuda --dtype bf16
-  step model_step 130 "$PY" benchmarks/model_step.py --device cuda --config configs/mid_gpu.yaml --batch 8 \
+  step model_step 130 "$PY" benchmarks/model_step.py --device cuda --config configs/model/mid.yaml --batch 8 \
     --seq 1024 --repeats 5 --warmup 3
   # make train last, with what is left of the budget (a run(...) call allows 600 s in all)
   left=$(( BUDGET - ($(date +%s) - T0) )); [ "$left" -gt 300 ] && left=300; [ "$left" -lt 30 ] && left=30
