@@ -37,6 +37,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 from mmoe.model.moe.experts import GroupedExperts
+from mmoe.model.moe.routing import checkpoint_context_fn
 
 from .expert_parallel import ExpertParallel, find_state, sharded_linears
 
@@ -113,7 +114,8 @@ def checkpoint_blocks(model: nn.Module) -> int:
             if not hasattr(b, "_checkpoint_wrapped_module"):
                 # the ViT's token mask and every block's routing results travel through the call, so a
                 # recompute in backward routes exactly as the forward did
-                blocks[i] = checkpoint_wrapper(b, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+                blocks[i] = checkpoint_wrapper(b, checkpoint_impl=CheckpointImpl.NO_REENTRANT,
+                                               context_fn=checkpoint_context_fn)  # loads counted once
                 n += 1
     return n
 

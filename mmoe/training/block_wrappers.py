@@ -1,17 +1,12 @@
-"""Scale knobs: activation checkpointing per block and torch.compile of dense blocks."""
+"""Activation checkpointing per block (ViT blocks, connector projector, decoder layers), applied from outside
+the model. Per-block torch.compile lives in compile.py."""
 
 from __future__ import annotations
 
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
-from mmoe.model.moe import MoEFFN
 from mmoe.model.moe.routing import checkpoint_context_fn
-
-
-def _block_lists(model: nn.Module) -> list[nn.ModuleList]:
-    return [mod for name, mod in model.named_modules()
-            if isinstance(mod, nn.ModuleList) and name.split(".")[-1] in ("layers", "blocks")]
 
 
 def checkpointed_blocks(model: nn.Module) -> list[tuple[nn.Module, str]]:
@@ -47,15 +42,4 @@ def apply_activation_checkpointing(model: nn.Module) -> int:
         else:
             setattr(parent, attr, wrapped)
         n += 1
-    return n
-
-
-def compile_dense_blocks(model: nn.Module) -> int:
-    """torch.compile each block without MoE (MoE routing has data-dependent shapes); returns the count."""
-    n = 0
-    for blocks in _block_lists(model):
-        for b in blocks:
-            if not any(isinstance(m, MoEFFN) or type(m).__name__ == "MoAAttention" for m in b.modules()):
-                b.compile(dynamic=True)
-                n += 1
     return n
