@@ -1,4 +1,4 @@
-"""mmoe.infer CLI (streaming, sampling, several images, JSONL batch, errors) and mmoe.routing_map."""
+"""mmoe.infer CLI (streaming, sampling, several images, JSONL batch, errors) and mmoe.inference.routing_map."""
 
 from __future__ import annotations
 

@@ -194,7 +194,7 @@ def _ckpt_loss(model):
 def test_activation_checkpointing_same_losses_grads_and_loads_with_a_masked_placeholder(vision_router):
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
-    from mmoe.training.scale import apply_activation_checkpointing
+    from mmoe.training.block_wrappers import apply_activation_checkpointing
 
     plain, ckpt = _ckpt_vlm(vision_router), _ckpt_vlm(vision_router)
     n = apply_activation_checkpointing(ckpt)
