@@ -33,7 +33,7 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-def run_three_batches(eager: torch.nn.Module, make_inputs, route_of) -> None:
+def check_three_batches(eager: torch.nn.Module, make_inputs, route_of) -> None:
     """Compile a copy; feed three batches (make_inputs(i) -> (args, kwargs, x)); compare outputs and all gradients;
     forbid recompiles. route_of(module, output) gives the routing decisions to compare."""
     compiled = copy.deepcopy(eager)
@@ -108,7 +108,7 @@ def _decoder_block_case(kind):
         tm[i % 2, 7 - i - 1:] = False  # padding changes with the batch, shapes do not
         return (x, cos, sin, mask, None), {"token_mask": tm, "modality": None}, x
 
-    run_three_batches(block, make_inputs, lambda mod, y: torch.cat([r.expert_idx for r in y[1]], 1))
+    check_three_batches(block, make_inputs, lambda mod, y: torch.cat([r.expert_idx for r in y[1]], 1))
 
 
 @pytest.mark.parametrize("moe_kw", [dict(num_experts=4, top_k=2, capacity_factor=1.5),
@@ -130,7 +130,7 @@ def test_vision_moe_block_compiles_fullgraph_and_matches_eager(moe_kw):
     def route_of(mod, y):  # the block returns (x, RoutingResult)
         return y[1].expert_idx * y[1].kept
 
-    run_three_batches(block, make_inputs, route_of)
+    check_three_batches(block, make_inputs, route_of)
 
 
 def test_connector_moe_compiles_fullgraph_and_matches_eager():
@@ -145,7 +145,7 @@ def test_connector_moe_compiles_fullgraph_and_matches_eager():
         image_mask = torch.tensor([True, i != 1, True])  # a placeholder image in one batch
         return (x, image_mask), {}, x
 
-    run_three_batches(conn, make_inputs, lambda mod, y: y[1][0].expert_idx)
+    check_three_batches(conn, make_inputs, lambda mod, y: y[1][0].expert_idx)
 
 
 def test_compile_blocks_wires_every_block_and_the_connector():
