@@ -108,3 +108,14 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 90.0, init_pg: 
 
 
 __all__ = ["free_port", "run_distributed"]
+
+
+def export_vs_gathered(export_dir: str, full: dict) -> dict:
+    """How an export on disk compares with the gathered (one-process layout) state dict: the largest absolute
+    difference and the expert counts of the packed expert weights it holds."""
+    import safetensors.torch as st
+
+    exported = st.load_file(os.path.join(export_dir, "model.safetensors"))
+    return {"export_diff": max(float((exported[k] - full[k]).abs().max()) for k in exported),
+            "export_expert_rows": sorted({exported[k].shape[0] for k in exported
+                                          if ".experts.w_" in k and k.endswith("weight")})}

@@ -24,7 +24,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from _dist_utils import run_distributed
+from _dist_utils import export_vs_gathered, run_distributed
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, B, T, IMG = 3, 2, 10, 16
@@ -305,11 +305,7 @@ def _job_cli(rank: int, world: int, data_dir: str, config: str, root: str) -> di
                                            if hasattr(m, "dispatcher")}),
            "local_experts": sorted({tuple(p.shape)[0] for p in expert_parameters(module)})}
     if rank == 0:
-        import safetensors.torch as st
-        exported = st.load_file(os.path.join(root, "export", "model.safetensors"))
-        out["export_diff"] = max(float((exported[k] - full[k]).abs().max()) for k in exported)
-        out["export_expert_rows"] = sorted({tuple(exported[k].shape)[0] for k in exported
-                                            if ".experts.w_" in k and k.endswith("weight")})
+        out.update(export_vs_gathered(os.path.join(root, "export"), full))
     return out
 
 

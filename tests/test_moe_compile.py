@@ -83,10 +83,10 @@ DECODER_KINDS = {
 def test_decoder_block_compiles_fullgraph_and_matches_eager(kind, kernel):
     """auto: the CPU loop kernel as one custom op; dense: the static device-agnostic kernel."""
     with expert_kernel(kernel):
-        _decoder_block_case(kind)
+        check_decoder_block_case(kind)
 
 
-def _decoder_block_case(kind):
+def check_decoder_block_case(kind):
     ffn, moa = DECODER_KINDS[kind]
     torch.manual_seed(0)
     cfg = DecoderConfig(vocab_size=64, dim=32, n_layers=1, n_heads=8, n_kv_heads=2, hidden=48,
