@@ -269,7 +269,7 @@ def _trainer_args(args) -> list[str]:
             "--trainer.enable_progress_bar", "false"]
 
 
-def run_stage0(seed: int, tower: dict, args, data: Path, out: Path, runs: Path, env: dict) -> Path:
+def run_stage0(seed: int, tower: dict, args, *, data: Path, out: Path, runs: Path, env: dict) -> Path:
     """Pretrain the dense tower (stage 0) for one seed and tower shape, unless done; returns its export file."""
     from mmoe.training.vision_pretrain import VISION_FILE
 
@@ -294,7 +294,7 @@ def run_stage0(seed: int, tower: dict, args, data: Path, out: Path, runs: Path, 
     return export
 
 
-def run_vlm(variant: str, seed: int, tower: Path | None, args, data: Path, out: Path, runs: Path,
+def run_vlm(variant: str, seed: int, tower: Path | None, args, *, data: Path, out: Path, runs: Path,
             env: dict) -> dict:
     """Train one variant on one seed from its stage-0 tower, then score the test and held-out splits."""
     run = runs / f"{variant}_s{seed}"
@@ -584,8 +584,9 @@ def main(argv: list[str] | None = None) -> dict:
     t_start = time.time()
     tower_files: dict[tuple[int, str], Path] = {}
     failures: list[str] = []  # a failed run is reported at the end; the others still finish and are summarised
+    where = dict(data=data, out=out, runs=runs, env=env)
     with ThreadPoolExecutor(jobs) as pool:  # phase 1: stage-0 towers, shared per (seed, shape)
-        futures = {pool.submit(run_stage0, s, by_key[k], args, data, out, runs, env): (s, k) for s, k in stage0_jobs}
+        futures = {pool.submit(run_stage0, s, by_key[k], args, **where): (s, k) for s, k in stage0_jobs}
         for fut in as_completed(futures):
             try:
                 tower_files[futures[fut]] = fut.result()
@@ -598,8 +599,8 @@ def main(argv: list[str] | None = None) -> dict:
     if use_stage0:  # runs whose tower failed cannot start
         todo = [(v, s) for v, s in todo if (s, tower_key(towers[v])) in tower_files]
     with ThreadPoolExecutor(jobs) as pool:  # phase 2: the VLMs, then their evaluation
-        futures = {pool.submit(run_vlm, v, s, tower_files.get((s, tower_key(towers[v]))), args, data, out, runs,
-                               env): (v, s) for v, s in todo}
+        futures = {pool.submit(run_vlm, v, s, tower_files.get((s, tower_key(towers[v]))), args, **where): (v, s)
+                   for v, s in todo}
         for fut in as_completed(futures):
             v, s = futures[fut]
             try:

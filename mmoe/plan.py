@@ -109,7 +109,7 @@ class Plan:
         return max(0, int(free // per)) if per > 0 else 0
 
 
-def plan(counts: ModelCounts, gpus: int, gpu_mem_gib: float, strategy: str = "fsdp_ep", ep: int = 1,
+def plan(counts: ModelCounts, gpus: int, gpu_mem_gib: float, strategy: str = "fsdp_ep", ep: int = 1, *,
          param_bytes: int = 4, compute_bytes: int = 2, optim_states: int = 2, reserve: float = 0.10) -> Plan:
     """Per-rank bytes for `strategy` on `gpus` ranks with expert-parallel size `ep`."""
     if strategy not in ("ddp_ep", "fsdp_ep"):

@@ -222,7 +222,7 @@ def _bias_step(model, world: int | None):
         r.update_bias(load)
 
 
-def _train_compare(rank: int, world: int, ep: int, opt_kind: str, clip: float | None, steps: int = 3,
+def _train_compare(rank: int, world: int, ep: int, opt_kind: str, *, clip: float | None, steps: int = 3,
                    ckpt_dir: str | None = None, ac: bool = False) -> dict:
     from mmoe.parallel import clip_grad_norm_, enable_expert_parallel, finalize_expert_grads, wrap_ddp
     from mmoe.parallel.checkpoint import (consolidated_model, full_optimizer_state_dict, full_state_dict,

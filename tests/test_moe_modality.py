@@ -34,7 +34,7 @@ def _batch(n=40, seed=1):
     return x, modality, mask
 
 
-def _loop(x, modality, mask, W, bias, score_func, top_k, renormalize):
+def _loop(x, modality, mask, W, bias, *, score_func, top_k, renormalize):
     """Per token, plain Python floats: scores inside the token's group only, top-k by score + bias."""
     out = []
     for n in range(len(x)):
@@ -63,7 +63,8 @@ def test_modality_routing_matches_float64_loop_with_padding(score_func, renormal
         r.expert_bias.copy_(torch.tensor([0.3, -0.1, 0.2, 0.0, -0.2, 0.1]))
     x, modality, mask = _batch()
     res = r(x, mask, modality)
-    ref = _loop(x, modality, mask, r.gate.weight, r.expert_bias.tolist(), score_func, 2, renormalize)
+    ref = _loop(x, modality, mask, r.gate.weight, r.expert_bias.tolist(), score_func=score_func, top_k=2,
+                renormalize=renormalize)
     for n in range(len(x)):
         got = {e: w for e, w, k in zip(res.expert_idx[n].tolist(), res.weights[n].tolist(), res.kept[n].tolist()) if k}
         assert set(got) == set(ref[n]), n

@@ -79,6 +79,7 @@ class MMoEDataModule(L.LightningDataModule):
 
     def __init__(
         self,
+        *,
         data_dir: str = "data/synthetic",
         train_json: str = "train_llava.json",
         val_split: str = "val",

@@ -158,7 +158,7 @@ class ImageLabelsDataset(Dataset):
 class ImageLabelsDataModule(L.LightningDataModule):
     """Train / val COCO instances files under `data_dir` (the synthetic generator writes `{split}_instances.json`)."""
 
-    def __init__(self, data_dir: str = "data/synthetic", train_file: str = "train_instances.json",
+    def __init__(self, *, data_dir: str = "data/synthetic", train_file: str = "train_instances.json",
                  val_file: str = "val_instances.json", image_size: int = 64,
                  image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5),
                  image_std: tuple[float, float, float] = (0.5, 0.5, 0.5), batch_size: int = 32,

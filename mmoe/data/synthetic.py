@@ -17,7 +17,6 @@ star?"), and 13 held-out (shape, colour) combinations (up to two per shape and p
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import time
@@ -606,25 +605,42 @@ def generate_split(
     generator, so the files are the same as with one."""
     img_dir = out_dir / "images" / split
     img_dir.mkdir(parents=True, exist_ok=True)
-    args = (out_dir, split, n_images, first_image_id, seed, image_size, questions_per_image, heldout, preset)
+    job = _SplitJob(out_dir, split, n_images, first_image_id, seed, image_size, questions_per_image, heldout,
+                    preset)
     if workers <= 1 or n_images < 2 * workers:
-        return _render_range(*args, 0, n_images, log)
+        return _render_range(job, 0, n_images, log)
     from concurrent.futures import ProcessPoolExecutor
 
     bounds = [n_images * k // workers for k in range(workers + 1)]
+    starts, stops = bounds[:-1], bounds[1:]
     rec: dict[str, list] = {}
     with ProcessPoolExecutor(workers) as pool:
-        for part in pool.map(_render_range, *zip(*[(*args, a, b, None) for a, b in itertools.pairwise(bounds)])):
+        for part in pool.map(_render_range, [job] * workers, starts, stops, [None] * workers):
             for k, v in part.items():
                 rec.setdefault(k, []).extend(v)
     log(f"[make_synthetic] {split}: {n_images}/{n_images} images ({workers} workers)")
     return rec
 
 
-def _render_range(out_dir: Path, split: str, n_images: int, first_image_id: int, seed: int, image_size: int,
-                  questions_per_image: int, heldout: list[tuple[str, str]], preset: SyntheticPreset,
-                  start: int, stop: int, log: Callable[[str], None] | None) -> dict[str, list]:
+@dataclass(frozen=True)
+class _SplitJob:
+    """One split's rendering settings (see :func:`generate_split`), shared by the processes that render it."""
+
+    out_dir: Path
+    split: str
+    n_images: int
+    first_image_id: int
+    seed: int
+    image_size: int
+    questions_per_image: int
+    heldout: list[tuple[str, str]]
+    preset: SyntheticPreset
+
+
+def _render_range(job: _SplitJob, start: int, stop: int, log: Callable[[str], None] | None) -> dict[str, list]:
     """Images ``start``..``stop - 1`` of a split (see :func:`generate_split`)."""
+    out_dir, split, n_images, first_image_id = job.out_dir, job.split, job.n_images, job.first_image_id
+    seed, image_size, heldout, preset = job.seed, job.image_size, job.heldout, job.preset
     split_index = SPLITS.index(split)
     all_combos = preset.combos
     ho_set = set(heldout)
@@ -652,7 +668,7 @@ def _render_range(out_dir: Path, split: str, n_images: int, first_image_id: int,
         qas = select_questions(
             candidate_questions(scene, rng, image_size, ho_set, allow_heldout=is_ho_split, preset=preset),
             rng,
-            questions_per_image,
+            job.questions_per_image,
             prefer_heldout=is_ho_split,
         )
         turns: list[tuple[str, str]] = []

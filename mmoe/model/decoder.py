@@ -124,7 +124,7 @@ class KVCache:
     Layers write at [length, length + T); the decoder advances `length` once all layers ran.
     """
 
-    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
+    def __init__(self, n_layers: int, batch: int, max_len: int, *, n_kv_heads: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device=None):
         shape = (batch, n_kv_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
@@ -258,8 +258,8 @@ class Decoder(nn.Module):
         if max_len > cfg.max_seq_len:
             raise ValueError(f"KV cache length {max_len} exceeds decoder.max_seq_len={cfg.max_seq_len}")
         w = self.layers[0].self_attn.k_proj.weight
-        return KVCache(cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_size,
-                       dtype or w.dtype, device or w.device)
+        return KVCache(cfg.n_layers, batch, max_len, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_size,
+                       dtype=dtype or w.dtype, device=device or w.device)
 
     def rope(self, position_ids: Tensor) -> tuple[Tensor, Tensor]:
         """cos, sin (B, T, hd) in float32 for integer positions (computed on the fly: no table to outgrow)."""

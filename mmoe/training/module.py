@@ -78,6 +78,7 @@ class MMoEModule(L.LightningModule):
 
     def __init__(
         self,
+        *,
         arch: VLMConfig = VLMConfig(),
         optim: OptimConfig = OptimConfig(),
         balance: BalanceConfig = BalanceConfig(),
