@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 
 import pytest
 import torch
@@ -255,7 +254,6 @@ def test_param_count_large_cumo_config_on_meta():
     dim, hidden, L = 1024, 4096, 24
     mlp = 2 * dim * hidden + hidden + dim
     vit_l = 303_505_408  # timm vit_large_patch14_clip_336 without head
-    t0 = time.perf_counter()
     moe = MoEConfig(num_experts=4, top_k=2)
     full = vision_param_count(VisionConfig(timm_model_name="vit_large_patch14_clip_336", image_size=336,
                                            activation="quick_gelu", moe=moe, feature_layer=-1))
@@ -265,7 +263,6 @@ def test_param_count_large_cumo_config_on_meta():
                                            image_std=(0.26862954, 0.26130258, 0.27577711)))
     dense = vision_param_count(VisionConfig(timm_model_name="vit_large_patch14_clip_336", image_size=336,
                                             activation="quick_gelu", feature_layer=-1))
-    assert time.perf_counter() - t0 < 10
     assert dense["total"] == dense["active"] == vit_l
     router = dim * 4
     assert full["total"] == vit_l + L * (3 * mlp + router)
