@@ -64,7 +64,8 @@ def test_importing_every_model_module_pulls_no_training_stack():
 
 def test_importing_every_inference_module_pulls_no_training_stack():
     data = _import_everything("mmoe.inference")
-    assert {"mmoe.inference.pipeline", "mmoe.inference.cli", "mmoe.inference.routing_map"} <= set(data["imported"])
+    assert {"mmoe.inference.pipeline", "mmoe.inference.cli", "mmoe.inference.routing_map",
+            "mmoe.inference.lmms_plugin"} <= set(data["imported"])
     bad = [m for m in data["modules"] if _matches(m, LIGHTNING + ("mmoe.training", "mmoe.parallel"))]
     assert not bad, f"importing mmoe.inference pulled in {bad}"
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import tomllib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -9,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmoe.lmms_eval_plugin import HAVE_LMMS_EVAL, MMoELMMs, cut_at_stop
+from mmoe.inference.lmms_plugin import HAVE_LMMS_EVAL, MMoELMMs, cut_at_stop
 
 REPO = Path(__file__).resolve().parents[1]
 Q = "What shape is the yellow object?\nAnswer the question using a single word or phrase."
@@ -118,15 +120,17 @@ def test_loglikelihood_equals_forward_log_softmax_sum(lm):
 
 
 def test_registration_manifest_and_entry_point():
-    text = (REPO / "pyproject.toml").read_text()
-    assert '[project.entry-points."lmms_eval.models"]' in text
-    assert 'mmoe = "mmoe.lmms_eval_plugin:manifest"' in text
+    """The entry point pyproject.toml declares resolves to the manifest, which registers MMoELMMs as 'mmoe'."""
+    eps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["entry-points"]["lmms_eval.models"]
+    assert eps == {"mmoe": "mmoe.inference.lmms_plugin:manifest"}
+    module, _, attr = eps["mmoe"].partition(":")
+    manifest = getattr(importlib.import_module(module), attr)
     if not HAVE_LMMS_EVAL:
         pytest.skip("lmms-eval not installed")
     from lmms_eval.models.registry_v2 import ModelRegistryV2
 
     reg = ModelRegistryV2()
-    for m in reg._coerce_payload_to_manifests(__import__("mmoe.lmms_eval_plugin", fromlist=["manifest"]).manifest):
+    for m in reg._coerce_payload_to_manifests(manifest):
         reg.register_manifest(m)
     assert reg.get_model_class("mmoe") is MMoELMMs
 

@@ -1,7 +1,8 @@
 """Inference without the training stack: load an export, answer questions, draw routing maps.
 
 `pipeline` (load_model / load_pipeline / VLMPipeline), `cli` (``python -m mmoe.inference`` or ``mmoe-infer``),
-`routing_map` (which expert each image patch and generated token took).
+`routing_map` (which expert each image patch and generated token took), `lmms_plugin` (the lmms-eval model
+``mmoe``, registered by the ``lmms_eval.models`` entry point).
 """
 
 _PIPELINE = ("VLMPipeline", "load_model", "load_pipeline")

@@ -5,8 +5,8 @@ Install the harness next to mmoe (it pins nothing we need; keep our torch)::
     pip install lmms_eval        # full install, or for the API only: pip install --no-deps lmms_eval loguru pytz
 
 mmoe's ``pyproject.toml`` declares the entry point ``[project.entry-points."lmms_eval.models"]
-mmoe = "mmoe.lmms_eval_plugin:manifest"``, which lmms-eval (>= 0.5, ``ModelRegistryV2``) loads at start, so
-after ``pip install -e .`` the model is available by name::
+mmoe = "mmoe.inference.lmms_plugin:manifest"``, which lmms-eval (>= 0.5, ``ModelRegistryV2``) loads at
+start, so after ``pip install -e .`` the model is available by name::
 
     lmms-eval --model mmoe --model_args pretrained=EXPORT_DIR,device=cuda,batch_size=1 \
         --tasks vqav2_val,pope --log_samples --output_path results/
@@ -14,7 +14,7 @@ after ``pip install -e .`` the model is available by name::
 or programmatically::
 
     from lmms_eval.evaluator import simple_evaluate
-    from mmoe.lmms_eval_plugin import MMoELMMs
+    from mmoe.inference.lmms_plugin import MMoELMMs
     simple_evaluate(model=MMoELMMs(pretrained="EXPORT_DIR"), tasks=["pope"], limit=100)
 
 Model args (``--model_args k=v,...``): ``pretrained`` (export dir; ``model`` / ``model_dir`` are aliases),
