@@ -47,7 +47,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mmoe.config_io import from_dict, to_dict  # noqa: E402
+from mmoe.config_io import from_dict, merge_dicts, to_dict  # noqa: E402
 from mmoe.model.active_params import dense_equivalent_config  # noqa: E402
 from mmoe.model.vlm import VLMConfig  # noqa: E402
 
@@ -128,13 +128,6 @@ def variant_overrides(name: str, base_arch: dict) -> dict:
         return {"model": {"arch": {"vision": {"moe": on}, "connector": {"moe": on},
                                    "decoder": {"ffn_moe": on, "attn_moe": on}}}}
     raise ValueError(f"unknown variant {name!r}; choose from {', '.join(ALL_VARIANTS)}")
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
 
 
 def tower_config(arch: dict) -> dict:
@@ -260,7 +253,7 @@ def load_configs(paths: list[str]) -> dict:
     """The configs merged in order, as LightningCLI merges repeated --config files."""
     merged: dict = {}
     for p in paths:
-        merged = _merge(merged, yaml.safe_load((REPO / p).read_text()) or {})
+        merged = merge_dicts(merged, yaml.safe_load((REPO / p).read_text()) or {})
     return merged
 
 
@@ -569,7 +562,7 @@ def main(argv: list[str] | None = None) -> dict:
     towers: dict[str, dict] = {}
     for v in args.variants:
         (out / f"config_{v}.yaml").write_text(yaml.safe_dump(overrides[v]))
-        tower = tower_config(_merge(base, overrides[v])["model"]["arch"])
+        tower = tower_config(merge_dicts(base, overrides[v])["model"]["arch"])
         towers[v] = tower
         (out / f"stage0_tower_{tower_key(tower)}.yaml").write_text(yaml.safe_dump({"model": {"vision": tower}}))
     use_stage0 = args.stage0_config != ["none"]

@@ -23,6 +23,15 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
+def merge_dicts(base: dict, over: dict) -> dict:
+    """`over` laid over `base` as LightningCLI stacks repeated --config files: nested mappings merge key by key,
+    any other value (None, a list, a scalar) replaces. Neither input is modified."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def from_dict(cls: type, data: Any, path: str = "") -> Any:
     """Build dataclass `cls` from a dict, recursing into nested dataclass fields; unknown keys fail."""
     if dataclasses.is_dataclass(data):

@@ -91,14 +91,10 @@ def test_model_step_benchmark_tiny(tmp_path):
     """The MoE-vs-dense step benchmark on the tiny test VLM: the dense model it compares with has the same
     active parameter count (that is what makes the step-time ratio meaningful)."""
     import yaml
-    from conftest import TINY_OVERRIDES
+    from conftest import TINY_ARCH
 
-    def merge(a, b):
-        return {k: merge(a.get(k, {}), v) if isinstance(v, dict) and v and isinstance(a.get(k), dict) else v
-                for k, v in {**a, **b}.items()}
-    base = yaml.safe_load((REPO / "configs/default.yaml").read_text())["model"]["arch"]
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(yaml.safe_dump({"model": {"arch": merge(base, TINY_OVERRIDES["model"]["arch"])}}))
+    cfg = tmp_path / "tiny.yaml"  # TINY_ARCH overrides every field of configs/default.yaml (tests/test_presets.py)
+    cfg.write_text(yaml.safe_dump({"model": {"arch": TINY_ARCH}}))
     results = tmp_path / "results"
     result, _ = _run("benchmarks/model_step.py", "--config", str(cfg), "--batch", "2", "--seq", "16", "--repeats", "1",
                      "--threads", "1", "--device", "cpu", results=results)

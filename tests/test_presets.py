@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from conftest import REPO, TINY_OVERRIDES
-from mmoe.config_io import ConfigError
+from mmoe.config_io import ConfigError, merge_dicts
 from mmoe.interop.factory import MODEL_PRESETS, model_preset
 from mmoe.model.vlm import MMoEVLM
 
@@ -54,3 +54,12 @@ def test_unknown_presets_and_bad_fields_are_named(tmp_path):
     with pytest.raises(ValueError, match="no model.arch"):
         (tmp_path / "empty.yaml").write_text("trainer: {}\n")
         model_preset(tmp_path / "empty.yaml")
+
+
+def test_merge_dicts_stacks_configs_like_repeated_config_files():
+    base = {"a": {"x": 1, "y": {"p": 1}}, "b": [1, 2], "c": {"k": 1}, "d": 5}
+    over = {"a": {"y": {"q": 2}}, "b": [3], "c": None, "d": {"new": 1}, "e": 0}
+    merged = merge_dicts(base, over)
+    assert merged == {"a": {"x": 1, "y": {"p": 1, "q": 2}}, "b": [3], "c": None, "d": {"new": 1}, "e": 0}
+    assert base == {"a": {"x": 1, "y": {"p": 1}}, "b": [1, 2], "c": {"k": 1}, "d": 5}  # inputs untouched
+    assert over["a"] == {"y": {"q": 2}}

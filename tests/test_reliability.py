@@ -78,19 +78,12 @@ def test_eval_skips_and_counts_unreadable_images(tmp_path, tiny_data):
 
 
 def _tiny_export(tmp_path: Path, data: Path) -> Path:
-    import yaml
-
-    from conftest import TINY_OVERRIDES
+    from conftest import TINY_ARCH
     from mmoe.config_io import from_dict
     from mmoe.model.vlm import MMoEVLM, VLMConfig
     from mmoe.interop.export import export_model
-    base = yaml.safe_load((REPO / "configs/default.yaml").read_text())["model"]["arch"]
-
-    def merge(a, b):
-        return {k: merge(a.get(k, {}), v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
-                for k, v in {**a, **b}.items()}
-    torch.manual_seed(0)
-    model = MMoEVLM(from_dict(VLMConfig, merge(base, TINY_OVERRIDES["model"]["arch"])))
+    torch.manual_seed(0)  # TINY_ARCH overrides every field of configs/default.yaml (tests/test_presets.py)
+    model = MMoEVLM(from_dict(VLMConfig, TINY_ARCH))
     return export_model(model, tmp_path / "export", tokenizer=data)
 
 

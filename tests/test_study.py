@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from mmoe.config_io import from_dict
+from mmoe.config_io import from_dict, merge_dicts
 from mmoe.model.active_params import active_param_count
 from mmoe.model.moe import MoAAttention, MoEFFN
 from mmoe.model.vlm import MMoEVLM, VLMConfig
@@ -25,13 +25,6 @@ def _study():
     return mod
 
 
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def _build(arch: dict) -> MMoEVLM:
     with torch.device("meta"):
         return MMoEVLM(from_dict(VLMConfig, arch))
@@ -44,7 +37,7 @@ def test_variants_change_only_what_they_name():
     models = {}
     for v in ("moe", "dense", *study.ABLATIONS):
         over = study.variant_overrides(v, arch)
-        merged = _merge(base, over)
+        merged = merge_dicts(base, over)
         models[v] = (_build(merged["model"]["arch"]), merged)
     sites = {v: (sum(isinstance(m, MoEFFN) and m.site == "vision" for m in mod.modules()),
                  sum(isinstance(m, MoAAttention) for m in mod.modules()),
@@ -94,7 +87,7 @@ def test_dense_total_matches_total_params_and_modality_variant_is_refused_until_
     base = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
     arch = base["model"]["arch"]
     moe = _build(arch)
-    dense_total = _build(_merge(base, study.variant_overrides("dense_total", arch))["model"]["arch"])
+    dense_total = _build(merge_dicts(base, study.variant_overrides("dense_total", arch))["model"]["arch"])
     assert not any(isinstance(m, (MoEFFN, MoAAttention)) for m in dense_total.modules())
     n_moe, n_dt = (sum(p.numel() for p in m.parameters()) for m in (moe, dense_total))
     assert abs(n_moe - n_dt) / n_moe < 0.02, (n_moe, n_dt)

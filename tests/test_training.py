@@ -13,7 +13,7 @@ import yaml
 
 from conftest import REPO, TINY_OVERRIDES
 
-from mmoe.config_io import from_dict
+from mmoe.config_io import from_dict, merge_dicts
 from mmoe.model.vlm import MMoEVLM, VLMConfig
 from mmoe.training.cli import cli_main
 from mmoe.training.module import MMoEModule, lm_loss
@@ -160,15 +160,9 @@ def test_stage1_trains_only_the_connector(tiny_data, tiny_config, tmp_path, monk
 
 
 def _dense_and_moe(tiny_data):
-    tiny = TINY_OVERRIDES["model"]["arch"]
-    base = yaml.safe_load((REPO / "configs/default.yaml").read_text())["model"]["arch"]
-
-    def merge(a, b):
-        return {k: merge(a.get(k, {}), v) if isinstance(v, dict) and v and isinstance(a.get(k), dict) else v
-                for k, v in {**a, **b}.items()}
-    moe = merge(base, tiny)
-    dense = merge(moe, {"vision": {"moe": None}, "connector": {"kind": "mlp", "moe": None},
-                        "decoder": {"ffn_moe": None, "attn_moe": None}})
+    moe = TINY_OVERRIDES["model"]["arch"]  # overrides every field of configs/default.yaml (tests/test_presets.py)
+    dense = merge_dicts(moe, {"vision": {"moe": None}, "connector": {"kind": "mlp", "moe": None},
+                              "decoder": {"ffn_moe": None, "attn_moe": None}})
     return from_dict(VLMConfig, dense), from_dict(VLMConfig, moe)
 
 
