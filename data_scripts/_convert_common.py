@@ -29,7 +29,7 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -218,6 +218,19 @@ def read_manifest(out_dir: Path) -> dict:
 def wants_val_carve(args, role: str, out_dir: Path) -> bool:
     has_val = any(s.get("role") == "val" for s in read_manifest(out_dir)["splits"].values())
     return role == "train" and args.val_fraction > 0 and not has_val
+
+
+def split_parts(args, out_dir: Path, split: str, items: list,
+                key: Callable[[Any], Any] = lambda item: item) -> list[tuple[str, str, list]]:
+    """(name, role, items) of every split to write: `split` itself and, when it is a training split and OUT has no
+    validation split yet, ``<split>_val`` holding a seeded --val-fraction of the items (drawn by `key`)."""
+    role = resolve_role(args.role, split)
+    carve = wants_val_carve(args, role, out_dir)
+    val_keys = carve_val([key(x) for x in items], args.val_fraction, args.val_seed) if carve else set()
+    parts = [(split, role, [x for x in items if key(x) not in val_keys])]
+    if val_keys:
+        parts.append((val_split_name(split), "val", [x for x in items if key(x) in val_keys]))
+    return parts
 
 
 @dataclass

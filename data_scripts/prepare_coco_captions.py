@@ -37,13 +37,10 @@ from _convert_common import (  # noqa: E402
     ImageFinder,
     SplitOutput,
     add_common_args,
-    carve_val,
     finish,
     require,
-    resolve_role,
     run_main,
-    val_split_name,
-    wants_val_carve,
+    split_parts,
 )
 
 CAPTION_PROMPT = "Describe the image briefly."
@@ -108,15 +105,9 @@ def _main(argv: list[str] | None) -> None:
     if not kept_images:
         fail(f"no image listed in {args.captions} exists under {images_dir} with captions; nothing was written")
 
-    role = resolve_role(args.role, split)
-    val_ids = carve_val([img["id"] for img in kept_images], args.val_fraction, args.val_seed) \
-        if wants_val_carve(args, role, out_dir) else set()
-    parts = [(split, role, [img for img in kept_images if img["id"] not in val_ids])]
-    if val_ids:
-        parts.append((val_split_name(split), "val", [img for img in kept_images if img["id"] in val_ids]))
     rng = random.Random(args.seed)
     outputs, n_samples, n_captions = [], 0, 0
-    for name, part_role, part_images in parts:
+    for name, part_role, part_images in split_parts(args, out_dir, split, kept_images, key=lambda img: img["id"]):
         samples = []
         for img in part_images:
             chosen = caps[img["id"]] if args.mode == "per-caption" else [rng.choice(caps[img["id"]])]

@@ -30,14 +30,11 @@ from _convert_common import (  # noqa: E402
     ImageFinder,
     SplitOutput,
     add_common_args,
-    carve_val,
     finish,
     image_index,
     require,
-    resolve_role,
     run_main,
-    val_split_name,
-    wants_val_carve,
+    split_parts,
 )
 
 
@@ -86,14 +83,8 @@ def _main(argv: list[str] | None) -> None:
         fail(f"no question has an existing image under {images_dir} (pattern {args.image_pattern!r}, e.g. "
              f"{list(missing.values())[:3]}); nothing was written")
 
-    role = resolve_role(args.role, args.split)
-    val_ids = carve_val(list(per_image), args.val_fraction, args.val_seed) \
-        if wants_val_carve(args, role, out_dir) else set()
-    parts = [(args.split, role, [i for i in per_image if i not in val_ids])]
-    if val_ids:
-        parts.append((val_split_name(args.split), "val", [i for i in per_image if i in val_ids]))
     outputs = []
-    for name, part_role, image_ids in parts:
+    for name, part_role, image_ids in split_parts(args, out_dir, args.split, list(per_image)):
         samples, kept, index = [], {}, {}
         for image_id in image_ids:
             items = per_image[image_id]

@@ -35,12 +35,9 @@ from _convert_common import (  # noqa: E402
     load_json,
     SplitOutput,
     add_common_args,
-    carve_val,
     finish,
-    resolve_role,
     run_main,
-    val_split_name,
-    wants_val_carve,
+    split_parts,
 )
 
 ROLES = ("human", "gpt")
@@ -138,14 +135,8 @@ def _main(argv: list[str] | None) -> None:
         fail(f"{args.json}: {n_malformed} malformed samples (--strict); first: {examples[0]}; nothing was written")
     if not cleaned:
         fail(f"{args.json}: no valid sample with existing images remains; nothing was written")
-    role = resolve_role(args.role, args.split)
-    val_idx = carve_val(list(range(len(cleaned))), args.val_fraction, args.val_seed) \
-        if wants_val_carve(args, role, out_dir) else set()
-    outputs = [SplitOutput(args.split, role, "chat",
-                           {"llava": [s for i, s in enumerate(cleaned) if i not in val_idx]})]
-    if val_idx:
-        outputs.append(SplitOutput(val_split_name(args.split), "val", "chat",
-                                   {"llava": [s for i, s in enumerate(cleaned) if i in val_idx]}))
+    outputs = [SplitOutput(name, role, "chat", {"llava": [cleaned[i] for i in indices]})
+               for name, role, indices in split_parts(args, out_dir, args.split, list(range(len(cleaned))))]
     finish(args, out_dir, outputs, summary, sorted(set(missing_files)), f"llava -> {out_dir}")
 
 

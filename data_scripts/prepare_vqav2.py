@@ -45,7 +45,6 @@ from _convert_common import (  # noqa: E402
     ImageFinder,
     SplitOutput,
     add_common_args,
-    carve_val,
     check_images_dir,
     fail,
     finish,
@@ -54,10 +53,8 @@ from _convert_common import (  # noqa: E402
     image_index,
     load_json,
     require,
-    resolve_role,
     run_main,
-    val_split_name,
-    wants_val_carve,
+    split_parts,
 )
 
 DEFAULT_PATTERNS = {"vqav2": "COCO_{subtype}_{image_id:012d}.jpg", "okvqa": "COCO_{subtype}_{image_id:012d}.jpg",
@@ -158,15 +155,8 @@ def convert(questions: dict, ann_by_qid: dict[Any, dict], annotations: dict, arg
             continue
         per_image.setdefault(image_id, []).append(q)
 
-    role = resolve_role(args.role, split)
-    val_ids = carve_val(list(per_image), args.val_fraction, args.val_seed) \
-        if wants_val_carve(args, role, out_dir) else set()
-    parts = [(split, role, [i for i in per_image if i not in val_ids])]
-    if val_ids:
-        parts.append((val_split_name(split), "val", [i for i in per_image if i in val_ids]))
-
     outputs = []
-    for name, part_role, image_ids in parts:
+    for name, part_role, image_ids in split_parts(args, out_dir, split, list(per_image)):
         samples, kept_questions, index = [], [], {}
         for image_id in image_ids:
             qs = per_image[image_id]
