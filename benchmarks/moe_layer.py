@@ -26,6 +26,7 @@ import os
 import statistics
 import sys
 import time
+from functools import partial
 
 import torch
 
@@ -119,13 +120,7 @@ def gpu_main(args) -> None:
     x = torch.randn(1, t_train, h, device=device, dtype=dtype, requires_grad=True)
     gy = torch.randn(1, t_train, h, device=device, dtype=dtype)
 
-    def step(module, fn):
-        def run():
-            for p in module.parameters():
-                p.grad = None
-            x.grad = None
-            fn(x).backward(gy)
-        return run
+    step = partial(train_step, x=x, gy=gy)
 
     fns = {"moe": step(moe, lambda v: moe(v)[0]), "dense": step(dense, dense)}
     for name, block in hf.items():
@@ -170,6 +165,16 @@ def gpu_main(args) -> None:
     finish("moe_layer", result, device)
 
 
+def train_step(module, fn, *, x: torch.Tensor, gy: torch.Tensor):
+    """A timed training step of `module`: clear the gradients, then fn(x) forward and backward from gy."""
+    def run():
+        for p in module.parameters():
+            p.grad = None
+        x.grad = None
+        fn(x).backward(gy)
+    return run
+
+
 def first(y):
     """transformers' MoE blocks return the hidden states, or (hidden states, router logits) in some versions."""
     return y[0] if isinstance(y, tuple) else y
@@ -208,13 +213,7 @@ def main() -> None:
     x = torch.randn(1, 4096, H, requires_grad=True)
     gy = torch.randn(1, 4096, H)
 
-    def step(module, fn):
-        def run():
-            for p in module.parameters():
-                p.grad = None
-            x.grad = None
-            fn(x).backward(gy)
-        return run
+    step = partial(train_step, x=x, gy=gy)
 
     t = measure({"moe": step(moe, lambda v: moe(v)[0]), "dense": step(dense, dense)}, repeats=args.repeats,
                 warmup=2)
