@@ -188,19 +188,15 @@ def _mixtral_tensor(t: _Tensors, p: str, i: int, what: str, shape: tuple) -> tor
         if what == "experts.w_in.weight":
             return t.get(f"{blk}.experts.gate_up_proj", (E, b, a)).transpose(1, 2)
         return t.get(f"{blk}.experts.down_proj", (E, b, a)).transpose(1, 2)
-    if f"{blk}.experts.0.gate_proj.weight" in t:  # per-expert gate/up/down (DeepSeek, GLM-4.5 checkpoints)
-        if what == "experts.w_in.weight":
-            hid = b // 2
-            return torch.stack([torch.cat([t.get(f"{blk}.experts.{e}.gate_proj.weight", (hid, a)).t(),
-                                           t.get(f"{blk}.experts.{e}.up_proj.weight", (hid, a)).t()], dim=1)
-                                for e in range(E)])
-        return torch.stack([t.get(f"{blk}.experts.{e}.down_proj.weight", (b, a)).t() for e in range(E)])
-    if what == "experts.w_in.weight":
+    # one tensor per expert: gate/up/down_proj (DeepSeek, GLM-4.5 checkpoints) or Mixtral's legacy w1/w3/w2
+    per_expert = ("gate_proj", "up_proj", "down_proj") if f"{blk}.experts.0.gate_proj.weight" in t \
+        else ("w1", "w3", "w2")
+    gate, up, down = (f"{blk}.experts.{{}}.{proj}.weight" for proj in per_expert)
+    if what == "experts.w_in.weight":  # [gate | up] per expert: 2 x (hid, dim) -> (dim, 2 * hid)
         hid = b // 2
-        return torch.stack([torch.cat([t.get(f"{blk}.experts.{e}.w1.weight", (hid, a)).t(),
-                                       t.get(f"{blk}.experts.{e}.w3.weight", (hid, a)).t()], dim=1)
-                            for e in range(E)])
-    return torch.stack([t.get(f"{blk}.experts.{e}.w2.weight", (b, a)).t() for e in range(E)])
+        return torch.stack([torch.cat([t.get(gate.format(e), (hid, a)).t(), t.get(up.format(e), (hid, a)).t()],
+                                      dim=1) for e in range(E)])
+    return torch.stack([t.get(down.format(e), (b, a)).t() for e in range(E)])
 
 
 def load_decoder(path: str | Path, moe: dict | None = None,
