@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/data_loading.py [--data data/synthetic] [--batches 8] [--repeats 5]
 
-On a 2-core CPU the default run loads batches in the training process (a DataLoader worker competes with the
-two compute threads and measured no faster), so every millisecond here is a millisecond of the training step.
+On a 2-core CPU the default run loads batches in the training process (a DataLoader worker would compete with
+the two compute threads), so every millisecond here is a millisecond of the training step.
 The "reference" loader is the earlier pipeline, rebuilt here: torchvision's v2.Compose image transform and the
 tokenizer called through transformers' generic `encode`. "fast" is today's loader on its first epoch (Rust
 tokenizer, functional image kernels), "fast_cached" on later epochs (`data.cache_tokens`: no tokenizer at all),

@@ -1,4 +1,4 @@
-"""GPU correctness of the static MoE dispatch (issue 23), one JSON line at the end.
+"""GPU correctness of the static MoE dispatch (docs/moe_gpu.md), one JSON line at the end.
 
     python benchmarks/gpu_correctness.py [--device cuda] [--size tiny]
 

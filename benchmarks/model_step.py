@@ -9,7 +9,7 @@ steps (forward, backward, AdamW) are timed interleaved and compared by medians. 
 resident-set high-water mark of a fresh process per model running three steps (CPU) or
 torch.cuda.max_memory_allocated (GPU). Last stdout line: JSON with step_ratio_vs_dense (target <= 1.2).
 
-GPU mode (`--device cuda`, issue 23): `--config configs/model/mid.yaml --batch 8 --seq 1024` under bf16
+GPU mode (`--device cuda`): `--config configs/model/mid.yaml --batch 8 --seq 1024` under bf16
 autocast with fused AdamW; the two models are timed one after the other (each alone on the GPU) and the
 JSON adds model-FLOPs utilisation, 6 * active params * tokens / step time / --peak-tflops (989: H100/H200
 dense bf16). Targets: step_ratio_vs_dense <= 1.35 and moe_mfu >= 0.25. `--compile` compiles every block

@@ -11,7 +11,7 @@ interleaved and compared by medians. The last stdout line is JSON with:
   t1_ratio_vs_dense     forward at T=1 (decode), MoEFFN / dense     (target <= 1.5)
   t8_ratio_vs_hf        forward at T=8, MoEFFN / Mixtral eager      (target <= 1.0)
 
-GPU mode (`--device cuda --dtype bf16`, issue 23): H=2048, expert hidden 2048, E=8, k=2, bf16 weights and
+GPU mode (`--device cuda --dtype bf16`): H=2048, expert hidden 2048, E=8, k=2, bf16 weights and
 activations; fwd+bwd at T=16384 and forward at T=1, 8, 128 against the dense SwiGLU of the active width
 (k*2048) and transformers' MixtralSparseMoeBlock with grouped_mm experts (its GPU default; eager experts as a
 second row); decode also compiled (fullgraph, mode="reduce-overhead": CUDA graphs). CUDA-event timing.
@@ -86,7 +86,7 @@ def event_time(fns: dict, device: torch.device, iters: int, rounds: int = 5) -> 
 
 
 def gpu_main(args) -> None:
-    """The issue-23 GPU shapes (or `--size tiny` to rehearse them on a CPU)."""
+    """The GPU mode's shapes (or `--size tiny` to rehearse them on a CPU)."""
     from mmoe.model.moe.experts import expert_kernel
 
     device = torch.device(args.device)

@@ -1,4 +1,4 @@
-"""The MoE-versus-dense study on today's two-stage default recipe (issue 25), on the default or the hard setting.
+"""The MoE-versus-dense study on today's two-stage default recipe, on the default or the hard setting.
 
     .venv/bin/python benchmarks/moe_vs_dense.py [--setting default|hard] [--seeds 0 1 2]
         [--variants moe dense flat_routing dense_total] [--accelerator cpu|gpu] [--precision bf16-mixed]
@@ -64,7 +64,7 @@ class StudyError(SystemExit):
 
 
 def modality_routing_supported() -> bool:
-    """Whether the routing config accepts ``hierarchy: modality`` (issue 25 part 1, another branch)."""
+    """Whether the routing config accepts ``hierarchy: modality`` (modality-aware routing)."""
     from mmoe.model.moe.config import MoEConfig
 
     hint = typing.get_type_hints(MoEConfig).get("hierarchy")
@@ -119,7 +119,7 @@ def variant_overrides(name: str, base_arch: dict) -> dict:
     if name == "modality":
         if not modality_routing_supported():
             raise ValueError("variant 'modality' needs model.arch.decoder.ffn_moe.hierarchy='modality' (modality-"
-                             "aware routing, issue 25 part 1), which this checkout's MoEConfig.hierarchy does not "
+                             "aware routing), which this checkout's MoEConfig.hierarchy does not "
                              "accept; drop it from --variants")
         # the FFN's experts split into modality groups; group sizes and shared experts keep the routing defaults
         return {"model": {"arch": {"decoder": {"ffn_moe": {"hierarchy": "modality"}}}}}
@@ -356,7 +356,7 @@ def summarise(results: list[dict]) -> dict[str, dict]:
 
 
 def study_summary(results: list[dict], meta: dict) -> dict:
-    """summary.json: per-seed accuracies, paired deltas against the dense twin, routing health, issue-25 goals."""
+    """summary.json: per-seed accuracies, paired deltas against the dense twin, routing health, the study's goals."""
     by = {(r["variant"], r["seed"]): r for r in results}
     variants = list(dict.fromkeys(r["variant"] for r in sorted(results, key=lambda r: ALL_VARIANTS.index(r["variant"]))))
     seeds = sorted({r["seed"] for r in results})
@@ -387,7 +387,7 @@ def study_summary(results: list[dict], meta: dict) -> dict:
     out["routing_health"] = health
     moe_ok = "moe" in health
     d = out["heldout_delta_vs_dense"]
-    out["goals"] = {  # issue 25's targets, as measured (None: not measured in this study)
+    out["goals"] = {  # the study's targets (docs/moe_vs_dense_study.md), as measured (None: not measured in this study)
         "heldout_delta_mean_ge_3": None if d["mean"] is None else d["mean"] >= 3.0,
         "every_seed_ahead_on_heldout": None if d["min"] is None else d["min"] > 0,
         "moe_zero_dead_experts": health["moe"]["dead_experts_total"] == 0 if moe_ok else None,

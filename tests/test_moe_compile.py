@@ -1,5 +1,5 @@
 """torch.compile(fullgraph=True) of every MoE block kind equals eager (fp32, 1e-5) on three batches with
-different routing, forward and backward, without recompiling (issue 23).
+different routing, forward and backward, without recompiling.
 
 The CPU tests use the aot_eager backend: it runs dynamo's full-graph capture and AOTAutograd's
 functionalised forward/backward graphs (where graph breaks, data-dependent shapes and recompiles come

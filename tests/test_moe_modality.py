@@ -1,4 +1,4 @@
-"""Issue 25 part 1: modality-aware routing (hierarchy 'modality'): each token routes inside its own modality's
+"""Modality-aware routing (hierarchy 'modality'): each token routes inside its own modality's
 expert group. Checked against a per-token float64 loop, with padding and text-only batches; per-group balance
 loss and aux-free bias; exact upcycling; the decoder FFN and MoA inside a VLM."""
 

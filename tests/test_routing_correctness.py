@@ -1,4 +1,4 @@
-"""Issue 22, routing correctness: group-score rules against transformers' DeepSeek routers and a float64 loop,
+"""Routing correctness: group-score rules against transformers' DeepSeek routers and a float64 loop,
 options that must change behaviour wherever they are accepted (or be refused), activation checkpointing that
 covers the ViT and recomputes routing exactly, frozen routers, and fp32 routers under pure bf16."""
 

@@ -122,8 +122,8 @@ class MMoEDataModule(L.LightningDataModule):
                 (shared-prefix packing: one image encode, no answer visible to later turns, see
                 `mmoe.data.template.encode_independent_turns`); False trains conversations as chats.
             cache_tokens: keep every training sample's token ids after its first epoch (the tokenizer then runs
-                once per sample, not once per epoch: a tenth of a 2-core CPU step on the synthetic data; costs ~12
-                bytes per token in each loader process, so leave it off for very large sets).
+                once per sample, not once per epoch; timings in docs/results.md); costs ~12 bytes per token in
+                each loader process, so leave it off for very large sets.
             cache_images: decode each training image once and keep its resized uint8 pixels (12 KiB per 64²
                 image, per loader process): for small image sets such as the synthetic one.
             truncation_check: at setup, tokenize up to this many training samples (seeded) and report how many

@@ -61,7 +61,7 @@ class LlavaJsonDataset(Dataset):
     ``<image>`` tokens must equal the number of images. ``short_answer=True`` appends the short-answer suffix to
     every human turn that lacks it (for raw VQA-style data; the synthetic data already carries it).
     ``cache_tokens=True`` keeps each sample's token ids (int32) after its first encoding: later epochs skip the
-    tokenizer (about 1 ms per synthetic sample, a tenth of a CPU training step) at ~12 bytes per token per worker.
+    tokenizer (timings in docs/results.md) at ~12 bytes per token per worker.
     ``cache_images=True`` decodes each image file once (`ImageCache`: resized uint8 pixels, for small image sets).
     """
 

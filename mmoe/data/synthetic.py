@@ -701,8 +701,7 @@ def _render_range(job: _SplitJob, start: int, stop: int, log: Callable[[str], No
         ]
         if split == "train":
             # at a random turn on purpose: questions after the caption can be answered from its text, and that
-            # easier lesson teaches the QA skill that image tokens then reuse (measured: caption last, or each
-            # question alone via data.independent_turns, learned colour/shape questions far more slowly)
+            # easier lesson teaches the QA skill that image tokens then reuse (docs/results.md, caption position)
             turns.insert(int(rng.integers(len(turns) + 1)), (CAPTION_PROMPT, _pick(rng, captions)))
         if turns:
             turns[0] = (f"{IMAGE_TOKEN}\n{turns[0][0]}", turns[0][1])

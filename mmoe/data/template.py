@@ -35,7 +35,7 @@ def _encode_text(tokenizer, text: str) -> list[int]:
     if not text:
         return []
     backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
-    # The Rust tokenizer itself: the same ids without transformers' per-call Python (2x faster), as long as the
+    # The Rust tokenizer itself: the same ids without transformers' per-call Python overhead, as long as the
     # backend holds no state `encode` would reset first (padding or truncation from a tokenizer.json, or a
     # split_special_tokens setting it has not synced yet); the one `encode` call below resets it.
     if (backend is not None and backend.padding is None and backend.truncation is None

@@ -112,7 +112,7 @@ def caption_metrics(results: Sequence[Mapping[str, Any]], coco_gt: Mapping[str, 
         results: one caption per image.
         coco_gt: loaded COCO captions JSON (``{"images", "annotations": [{"image_id", "caption"}]}``).
         allow_subset: score only the images that have a result (default: every GT image must have one).
-        meteor: set False to skip METEOR (its Java start-up loads a 62 MB paraphrase table, ~10 s) for
+        meteor: set False to skip METEOR (its Java start-up loads a 62 MB paraphrase table) for
             quick smoke evaluations; it is then reported as ``None`` with a note.
 
     Returns:

@@ -14,7 +14,7 @@ Layout on W = edp x ep ranks (the (edp, ep) mesh of `mmoe.parallel.mesh`):
   the same experts) on dim 1 (the input features: dim 0 is the local expert count, often 1 or 2, too small
   to split evenly). Its gradient is reduce-scattered over EDP and scaled to SUM over EDP / W, not a mean: the
   local expert gradient already sums the contributions of every EP rank's tokens (the all-to-all backward
-  brings them home), so SUM over EDP / W is the data-parallel mean (shared/reference/expert_parallel.md).
+  brings them home), so SUM over EDP / W is the data-parallel mean (docs/fsdp_ep.md).
 So every weight element lives on exactly one rank, and state bytes per rank are ~1/W of the model's.
 
 Mixed precision is FSDP2's MixedPrecisionPolicy (bf16 compute, fp32 master weights and fp32 reductions by

@@ -3,7 +3,7 @@
     python train.py fit --config configs/default.yaml --trainer.devices 2 --trainer.strategy ddp_ep \\
         --model.parallel.ep_size 2
 
-Why DDP with experts excluded, not ModelParallelStrategy + DTensor experts (both were measured):
+Why DDP with experts excluded, not ModelParallelStrategy + DTensor experts (both were tried):
 * DDPStrategy is Lightning's stable, default multi-GPU path: bucketed all-reduce overlapped with backward
   for every replicated weight, NCCL on GPUs and gloo on CPU, torchrun / SLURM / multi-node environments, all
   unchanged. Parameters stay plain tensors, so optimizers, param groups, `p._mmoe_expert` tags, grad hooks,
