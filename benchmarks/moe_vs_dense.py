@@ -38,7 +38,6 @@ import statistics
 import subprocess
 import sys
 import time
-import typing
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
@@ -61,14 +60,6 @@ TOWER_ONLY_KEYS = ("moe", "moe_layers", "checkpoint")  # VLM vision fields stage
 
 class StudyError(SystemExit):
     """A study that cannot run as asked (bad variant, missing support, failed run): exits with the message."""
-
-
-def modality_routing_supported() -> bool:
-    """Whether the routing config accepts ``hierarchy: modality`` (modality-aware routing)."""
-    from mmoe.model.moe.config import MoEConfig
-
-    hint = typing.get_type_hints(MoEConfig).get("hierarchy")
-    return "modality" in typing.get_args(hint)
 
 
 def dense_total_config(cfg: VLMConfig) -> VLMConfig:
@@ -117,12 +108,12 @@ def variant_overrides(name: str, base_arch: dict) -> dict:
         return {"model": {"arch": {"decoder": {"ffn_moe": {"hierarchy": "flat", "top_groups": 1}}},  # (no group step)
                           "balance": {"ffn": {"group": 0.0}}}}
     if name == "modality":
-        if not modality_routing_supported():
-            raise ValueError("variant 'modality' needs model.arch.decoder.ffn_moe.hierarchy='modality' (modality-"
-                             "aware routing), which this checkout's MoEConfig.hierarchy does not "
-                             "accept; drop it from --variants")
-        # the FFN's experts split into modality groups; group sizes and shared experts keep the routing defaults
-        return {"model": {"arch": {"decoder": {"ffn_moe": {"hierarchy": "modality"}}}}}
+        # the FFN's experts split evenly into an image and a text group (each token routes top-k inside its own);
+        # the modality groups replace the default's expert groups, so the group loss goes too
+        n = base_arch["decoder"]["ffn_moe"]["num_experts"]
+        return {"model": {"arch": {"decoder": {"ffn_moe": {"hierarchy": "modality", "image_experts": n // 2,
+                                                           "num_groups": 1, "top_groups": 1}}},
+                          "balance": {"ffn": {"group": 0.0}}}}
     if name == "aux_free_bias":
         on = {"aux_free_bias": True, "bias_update_rate": 0.001}
         return {"model": {"arch": {"vision": {"moe": on}, "connector": {"moe": on},

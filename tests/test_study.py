@@ -82,7 +82,7 @@ def test_summary_means_and_routing_health(tmp_path):
     json.dumps(table)  # the summary is written as JSON
 
 
-def test_dense_total_matches_total_params_and_modality_variant_is_refused_until_supported():
+def test_dense_total_matches_total_params_and_modality_variant_routes_by_modality():
     study = _study()
     base = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())
     arch = base["model"]["arch"]
@@ -92,14 +92,9 @@ def test_dense_total_matches_total_params_and_modality_variant_is_refused_until_
     n_moe, n_dt = (sum(p.numel() for p in m.parameters()) for m in (moe, dense_total))
     assert abs(n_moe - n_dt) / n_moe < 0.02, (n_moe, n_dt)
     assert active_param_count(dense_total) > 1.5 * active_param_count(moe)  # all of it active: an upper reference
-    if study.modality_routing_supported():
-        over = study.variant_overrides("modality", arch)
-        assert over["model"]["arch"]["decoder"]["ffn_moe"]["hierarchy"] == "modality"
-    else:
-        with pytest.raises(ValueError, match="hierarchy='modality'"):
-            study.variant_overrides("modality", arch)
-        with pytest.raises(SystemExit, match="drop it from --variants"):
-            study.main(["--variants", "moe", "modality", "--out", "/nonexistent/never-written"])
+    modality = _build(merge_dicts(base, study.variant_overrides("modality", arch))["model"]["arch"])
+    routers = [m.router for m in modality.decoder.modules() if isinstance(m, MoEFFN)]
+    assert routers and all(r.cfg.hierarchy == "modality" for r in routers)
 
 
 @pytest.mark.slow
