@@ -30,6 +30,8 @@ def _run(script: str, *args: str, results: Path, timeout: int = 300) -> tuple[di
     assert prov["date"][:4].isdigit() and "T" in prov["date"]
     assert prov["commit"] is None or len(prov["commit"]) == 40
     assert prov["machine"]["cores"] >= 1 and prov["machine"]["torch"] and prov["machine"]["cpu"]
+    load = prov["machine"]["load_avg_1_5_15_min"]  # how busy the machine was when the timing ended
+    assert len(load) == 3 and all(x >= 0 for x in load)
     return last, prov
 
 

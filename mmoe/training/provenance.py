@@ -33,7 +33,8 @@ def _cpu_model() -> str:
 
 
 def provenance(device: str | None = None) -> dict[str, object]:
-    """{date (UTC, ISO), commit, dirty, machine: {cpu, cores, memory_gib, os, python, torch[, gpu]}}."""
+    """{date (UTC, ISO), commit, dirty, machine: {cpu, cores, memory_gib, os, python, torch, load_avg_1_5_15_min
+    [, gpu]}}."""
     import torch
 
     status = _git("status", "--porcelain", "--untracked-files=no")
@@ -44,6 +45,8 @@ def provenance(device: str | None = None) -> dict[str, object]:
         machine["memory_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30, 1)
     except (ValueError, OSError, AttributeError):
         pass
+    if hasattr(os, "getloadavg"):  # a timing taken while other work shared the cores says so
+        machine["load_avg_1_5_15_min"] = [round(x, 2) for x in os.getloadavg()]
     if torch.cuda.is_available() and (device is None or str(device).startswith("cuda")):
         machine["gpu"] = torch.cuda.get_device_name(0)
     return {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
