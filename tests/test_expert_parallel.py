@@ -63,6 +63,19 @@ def _moe_ffn(seed: int = 0, bias: bool = True, shared: int = 1, E: int = 4, k: i
     return layer
 
 
+def _moe_ffn_modality(seed: int = 0):
+    """Decoder FFN with modality groups: experts 0-1 serve image tokens, 2-3 text (with ep=2 each EP rank holds one
+    modality group, so every token travels to the rank of its own modality)."""
+    from mmoe.model.moe import MoEConfig, MoEFFN
+
+    torch.manual_seed(seed)
+    cfg = MoEConfig(num_experts=4, top_k=1, hierarchy="modality", image_experts=2, num_shared_experts=1)
+    layer = MoEFFN(8, 12, cfg, "swiglu", bias=True, causal=True, site="ffn", layer=0).double()
+    with torch.no_grad():
+        layer.router.gate.weight.normal_(0, 0.5)
+    return layer
+
+
 def _moa(seed: int = 0):
     from mmoe.model.moe import MoEConfig
     from mmoe.model.moe.attention import MoAAttention
@@ -104,8 +117,8 @@ def _compare_layer(kind: str, rank: int, world: int, force_rank0: bool) -> dict:
     from mmoe.parallel import enable_expert_parallel, finalize_expert_grads
     from mmoe.parallel.expert_parallel import sharded_linears
 
-    layer = _moe_ffn() if kind == "ffn" else _moa()
-    D = 8 if kind == "ffn" else 16
+    layer = {"ffn": _moe_ffn, "ffn_modality": _moe_ffn_modality, "moa": _moa}[kind]()
+    D = 16 if kind == "moa" else 8
     ref = copy.deepcopy(layer)
     B, T = 2, 5
     g = torch.Generator().manual_seed(123)
@@ -127,9 +140,18 @@ def _compare_layer(kind: str, rank: int, world: int, force_rank0: bool) -> dict:
     x = X[sl].clone().requires_grad_(True)
     xr = X.clone().requires_grad_(True)
 
+    from mmoe.constants import MODALITY_IMAGE, MODALITY_TEXT
+
+    modality = torch.full((world * B, T), MODALITY_TEXT, dtype=torch.long)
+    modality[:, :2] = MODALITY_IMAGE  # two image tokens, then text, in every sequence
+    modality[-1, :4] = MODALITY_IMAGE
+
     def run(m, inp, msk):
         if kind == "ffn":
             return m(inp, msk)
+        if kind == "ffn_modality":
+            rows = slice(None) if inp.shape[0] == world * B else sl
+            return m(inp, msk, modality[rows])
         cos, sin = _rope(inp.shape[0], T, 4)
         return m(inp, cos, sin, AttnMask(None, True), token_mask=msk)
 
@@ -347,6 +369,7 @@ def _job2(rank: int, world: int, ckpt_dir: str) -> dict:
     res = {}
     res["ffn"] = _compare_layer("ffn", rank, world, force_rank0=False)
     res["moa"] = _compare_layer("moa", rank, world, force_rank0=False)
+    res["ffn_modality"] = _compare_layer("ffn_modality", rank, world, force_rank0=False)
     res["ffn_zero"] = _compare_layer("ffn", rank, world, force_rank0=True)
     res["moa_zero"] = _compare_layer("moa", rank, world, force_rank0=True)
     res["sgd_clip"] = _train_compare(rank, world, world, "sgd", clip=0.05, ckpt_dir=None)
@@ -413,8 +436,9 @@ def job2():
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("kind", ["ffn", "moa"])
+@pytest.mark.parametrize("kind", ["ffn", "moa", "ffn_modality"])
 def test_layer_forward_backward_equals_single_process(job2, kind):
+    """Every site's EP layer equals the full layer on the global batch, modality-aware routing included."""
     for rank, res in enumerate(job2):
         r = res[kind]
         assert r["fwd"] < TOL and r["dx"] < TOL, r
@@ -424,6 +448,8 @@ def test_layer_forward_backward_equals_single_process(job2, kind):
         assert not r["none_grads"], r
         assert all(abs(x - 2.0) < 1e-9 for x in r["raw_ratio"]), r  # raw expert grad is W x reference
     assert job2[0][kind]["recv_tokens"] + job2[1][kind]["recv_tokens"] > 0
+    if kind == "ffn_modality":  # top-1: EP rank 0 (experts 0-1) gets the 10 image tokens, rank 1 the 7 real text ones
+        assert [job2[r][kind]["recv_tokens"] for r in (0, 1)] == [10, 7]
 
 
 @pytest.mark.distributed
