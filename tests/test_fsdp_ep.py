@@ -25,7 +25,7 @@ STEPS, B, T, IMG, CLIP, LR, WD = 3, 2, 10, 16, 0.05, 0.01, 0.1
 TOL = 1e-10
 
 
-def _arch(dim: int = 16):
+def _arch(dim: int = 16, aux_free: bool = False):
     from mmoe.model.connector import ConnectorConfig
     from mmoe.model.decoder import DecoderConfig
     from mmoe.model.moe import MoEConfig
@@ -33,7 +33,7 @@ def _arch(dim: int = 16):
     from mmoe.model.vlm import VLMConfig
 
     def moe(**kw):
-        return MoEConfig(num_experts=4, top_k=2, **kw)
+        return MoEConfig(num_experts=4, top_k=2, aux_free_bias=aux_free, **kw)
 
     return VLMConfig(
         vision=VisionConfig(image_size=IMG, patch_size=8, dim=16, depth=2, n_heads=2, mlp_ratio=2.0, moe=moe(),
@@ -387,3 +387,68 @@ def test_fsdp_cuda_check_rehearses_on_cpu():
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "ok", out.stdout
+
+
+# =========================================================================== global-batch balance maths
+def _balance_module():
+    from mmoe.training.config import BalanceConfig, LossCoefs, ParallelConfig
+    from mmoe.training.module import MMoEModule
+    torch.manual_seed(0)
+    coefs = [LossCoefs(balance=0.0, z=0.0, device=1.0) for _ in range(4)]
+    module = MMoEModule(arch=_arch(aux_free=True), balance=BalanceConfig(*coefs), parallel=ParallelConfig(ep_size=2))
+    return module.double().train()
+
+
+def _balance_step(module, batches) -> dict:
+    """Device balance losses (per site), router-gate gradients of their sum, router biases after one update."""
+    from mmoe.model.moe import Router
+    outs = [module.model(b[0], b[1], b[3], b[2], logits_at_labels=True) for b in batches]
+    routing = [r for o in outs for r in o.routing]
+    aux, parts = module.balancing_loss(routing)
+    aux.backward()
+    gates = {n: m.gate.weight.grad.clone() for n, m in module.model.named_modules() if isinstance(m, Router)}
+    module.update_router_biases()
+    biases = {n: m.expert_bias.clone() for n, m in module.model.named_modules()
+              if isinstance(m, Router) and m.cfg.aux_free_bias}
+    return {"parts": {k: float(v) for k, v in parts.items()}, "gates": gates, "biases": biases}
+
+
+def _job_balance(rank: int, world: int) -> dict:
+    from mmoe.model.moe import balancing_loss
+    module = _balance_module()
+    batch = _batch(0, rank)
+    local = module.model(batch[0], batch[1], batch[3], batch[2], logits_at_labels=True)
+    per_rank = [float(balancing_loss("device", r, 2)) for r in local.routing]  # this rank's batch alone
+    module.zero_grad()
+    for m in module.model.modules():  # forget the loads of the probe forward
+        if hasattr(m, "load_accum"):
+            m.load_accum.zero_()
+    res = _balance_step(module, [batch])
+    for g in res["gates"].values():  # the data-parallel mean DDP / FSDP take of every gradient
+        dist.all_reduce(g)
+        g.div_(world)
+    res["per_rank"] = per_rank
+    return res
+
+
+@pytest.mark.distributed
+def test_fsdp_ddp_ep_device_balance_loss_and_aux_free_bias_use_the_global_batch():
+    """Under ddp_ep / fsdp_ep (ep_size 2) every rank's device balance loss, the data-parallel mean of its
+    gradient, and the aux-free bias update equal one process on the concatenated batch (2 gloo processes,
+    float64) - the training module reduces expert loads and probability sums over all ranks."""
+    res = run_distributed(_job_balance, 2, timeout=240)
+    ref_module = _balance_module()
+    ref = _balance_step(ref_module, [tuple(torch.cat([_batch(0, r)[i] for r in range(2)]) for i in range(4))])
+    assert ref["parts"] and all(k.endswith("/device") for k in ref["parts"])
+    for r in res:
+        assert set(r["parts"]) == set(ref["parts"])
+        for k, v in ref["parts"].items():
+            assert abs(r["parts"][k] - v) < TOL, (k, r["parts"][k], v)
+        for k, g in ref["gates"].items():
+            assert float((r["gates"][k] - g).abs().max()) < TOL, k
+        for k, b in ref["biases"].items():
+            assert torch.equal(r["biases"][k], b), (k, r["biases"][k], b)
+    assert any(float(b.abs().max()) > 0 for b in ref["biases"].values())  # the update moved something
+    # the comparison is not vacuous: a rank's own batch gives a different device loss than the global one
+    ref_layers = [float(v) for v in ref["parts"].values()]
+    assert max(abs(a - b) for a, b in zip(res[0]["per_rank"], res[1]["per_rank"])) > 1e-6, ref_layers

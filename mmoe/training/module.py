@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Literal
 
@@ -135,6 +136,8 @@ class MMoEModule(L.LightningModule):
         if self.lora_cfg.r:
             apply_lora(self.model, self.lora_cfg)  # after the weights are loaded: adapters start at zero
         self._val_results: list[dict] = []
+        # element-wise sum over data-parallel ranks (None: resolved from the process group, `_rank_sum`)
+        self.sum_over_ranks: Callable[[Tensor], Tensor] | None = None
         self.expert_load_history: list[dict] = []  # (step, layer name, load vector) for plots
 
     # ------------------------------------------------------------------ setup
@@ -173,10 +176,19 @@ class MMoEModule(L.LightningModule):
         return consolidated_model(self.model)
 
     # ------------------------------------------------------------------ objective
+    def _rank_sum(self) -> Callable[[Tensor], Tensor] | None:
+        """The reducer that makes expert loads and the device balance loss global-batch quantities: the
+        injected `sum_over_ranks`, else mmoe.parallel's whenever several processes train, else None."""
+        if self.sum_over_ranks is not None:
+            return self.sum_over_ranks
+        from mmoe.parallel.collectives import sum_over_ranks, world_size
+        return sum_over_ranks if world_size() > 1 else None
+
     def balancing_loss(self, routing: list[RoutingResult]) -> tuple[Tensor, dict[str, Tensor]]:
         """Sum over layers of coef[site][kind] * loss_kind(layer); also per-site-kind totals for logging."""
         total = torch.zeros((), device=self.device)
         parts: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
+        reduce = self._rank_sum() if self.parallel_cfg.ep_size > 1 else None
         for r in routing:
             coefs = getattr(self.balance_cfg, r.site, None)
             if coefs is None:
@@ -186,7 +198,7 @@ class MMoEModule(L.LightningModule):
                     continue
                 if kind == "device" and self.parallel_cfg.ep_size <= 1:
                     continue  # one device: nothing to balance across
-                value = balancing_loss(kind, r, self.parallel_cfg.ep_size)
+                value = balancing_loss(kind, r, self.parallel_cfg.ep_size, reduce if kind == "device" else None)
                 total = total + coef * value
                 parts[f"{r.site}/{kind}"] = parts[f"{r.site}/{kind}"] + value.detach()
         return total, dict(parts)
@@ -251,8 +263,9 @@ class MMoEModule(L.LightningModule):
         if not routers:
             return
         loads = torch.cat([r.load_accum for r in routers])
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(loads)
+        reduce = self._rank_sum()
+        if reduce is not None:  # the global batch's loads: every rank applies the same update
+            loads = reduce(loads)
         for r, load in zip(routers, loads.split([r.cfg.num_experts for r in routers])):
             r.update_bias(load)
 
