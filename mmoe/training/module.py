@@ -21,7 +21,7 @@ from torch import Tensor
 from mmoe.constants import IGNORE_INDEX
 from mmoe.model.moe import Router, RoutingResult, balancing_loss, expert_load, routing_metrics
 from mmoe.interop.factory import build_model
-from mmoe.model.vlm import VLMConfig
+from mmoe.model.vlm import MMoEVLM, VLMConfig
 
 from .config import BalanceConfig, OptimConfig, ParallelConfig, StageConfig
 from .stage_init import apply_freeze, load_hf_decoder, load_stage_weights
@@ -122,7 +122,14 @@ class MMoEModule(L.LightningModule):
             raise ValueError(f"model.loss_reduction must be one of {sorted(LOSS_REDUCTIONS)}, "
                              f"got {loss_reduction!r}")
         self.loss_reduction = loss_reduction
-        self.model = build_model(arch)  # + the vision / connector checkpoints the arch names
+        self._sharded_init = None  # the recorded meta build (parallel.sharded_init) until the strategy shards it
+        if parallel.sharded_init:
+            from mmoe.parallel.sharded_init import record_build
+            refuse_sharded_init(arch, stage, lora)
+            self._sharded_init = record_build(lambda: MMoEVLM(arch))
+            self.model = self._sharded_init.model  # on the meta device
+        else:
+            self.model = build_model(arch)  # + the vision / connector checkpoints the arch names
         if stage.hf_decoder:
             load_hf_decoder(self.model, stage.hf_decoder)
         if stage.init_from:
@@ -157,6 +164,11 @@ class MMoEModule(L.LightningModule):
     def configure_model(self) -> None:
         if self._trainer is not None and self.trainer.world_size > 1:
             self.model.always_encode_images = True  # text-only batches must not skip collectives on one rank
+        if self._sharded_init is not None and self._trainer is not None:
+            from mmoe.parallel.fsdp_strategy import FSDPExpertParallelStrategy
+            if not isinstance(self.trainer.strategy, FSDPExpertParallelStrategy):
+                raise ValueError("model.parallel.sharded_init=true needs --trainer.strategy fsdp_ep (it initialises "
+                                 f"the FSDP shards), got {type(self.trainer.strategy).__name__}")
         if self.parallel_cfg.ep_size > 1:
             from mmoe.parallel.expert_parallel import enable_expert_parallel
             if self._trainer is not None:  # experts need the EP-aware DDP (ignore list, grads, checkpoints)
@@ -339,6 +351,22 @@ class MMoEModule(L.LightningModule):
         total = max(1, int(self.trainer.estimated_stepping_batches))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(cfg, total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def refuse_sharded_init(arch: VLMConfig, stage: StageConfig, lora: LoraSettings) -> None:
+    """parallel.sharded_init initialises the shards from the model's own random init; what it cannot do yet is
+    refused here, naming the field."""
+    unsupported = [
+        (arch.vision.checkpoint, "model.arch.vision.checkpoint"),
+        (arch.connector.checkpoint, "model.arch.connector.checkpoint"),
+        (stage.hf_decoder, "model.stage.hf_decoder"),
+        (stage.init_from, "model.stage.init_from"),
+        (lora.r, "model.lora.r"),
+    ]
+    for value, name in unsupported:
+        if value:
+            raise ValueError(f"model.parallel.sharded_init=true does not support {name} (set to {value!r}): "
+                             "sharded init fills the shards from the model's own initialisation only")
 
 
 def skips_weight_decay(name: str, p: Tensor) -> bool:
