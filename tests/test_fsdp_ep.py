@@ -526,3 +526,92 @@ def test_fsdp_sharded_init_refuses_what_it_cannot_initialise():
     module._trainer = SimpleNamespace(world_size=1, strategy=SimpleNamespace())  # e.g. ddp / single device
     with pytest.raises(ValueError, match=r"model.parallel.sharded_init=true needs --trainer.strategy fsdp_ep"):
         module.configure_model()
+
+
+# =========================================================================== streaming upcycling into the shards
+def _write_dense_checkpoints(root: Path) -> tuple[str, str]:
+    """A tiny dense Llama (transformers save_pretrained) and a tiny dense timm ViT (.safetensors) that fit
+    `_arch` (decoder dim 16, hidden 24, 8 / 2 heads, vocab 40; ViT dim 16, depth 2, 2 heads, mlp 2x)."""
+    import transformers
+    from safetensors.torch import save_file
+    from timm.models.vision_transformer import VisionTransformer
+    torch.manual_seed(5)
+    cfg = transformers.LlamaConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=8,
+                                   num_key_value_heads=2, vocab_size=40, max_position_embeddings=64)
+    llama = transformers.LlamaForCausalLM(cfg)
+    vit = VisionTransformer(img_size=IMG, patch_size=8, embed_dim=16, depth=2, num_heads=2, mlp_ratio=2.0,
+                            num_classes=0)
+    with torch.no_grad():  # away from the default init, so a tensor left at its init cannot pass as loaded
+        for p in list(llama.parameters()) + list(vit.parameters()):
+            p.normal_(0.0, 0.15)
+    llama.save_pretrained(root / "llama")
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(root / "vit.safetensors"))
+    return str(root / "llama"), str(root / "vit.safetensors")
+
+
+def _stream_arch(vit: str):
+    arch = _arch()
+    arch.decoder.attn_moe = None  # MoA upcycling is not streamed (refused)
+    arch.vision.checkpoint = vit
+    return arch
+
+
+def _job_stream(rank: int, world: int, ep: int, llama: str, vit: str) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from mmoe.parallel.fsdp import apply_fsdp_ep
+    from mmoe.parallel.fsdp_checkpoint import full_state_dict
+    from mmoe.parallel.sharded_load import fill_sharded_module
+    from mmoe.training.config import ParallelConfig, StageConfig
+    from mmoe.training.module import MMoEModule
+    torch.manual_seed(0)
+    module = MMoEModule(arch=_stream_arch(vit), stage=StageConfig(hf_decoder=llama),
+                        parallel=ParallelConfig(ep_size=ep, sharded_init=True))
+    assert all(p.is_meta for p in module.model.parameters())
+    module.configure_model()  # expert parallel (no trainer here)
+    apply_fsdp_ep(module.model, init_device_mesh("cpu", (world,)))
+    stats = fill_sharded_module(module, "cpu")  # what the fsdp_ep strategy runs after sharding
+    return {"stats": stats, "full": full_state_dict(module.model)}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("ep", [1, 2], ids=["fsdp_shard2_ep1", "fsdp_shard1_ep2"])
+def test_fsdp_sharded_init_streams_hf_decoder_and_vit_upcycled_equal_ordinary_load(tmp_path, ep):
+    """sharded_init + stage.hf_decoder (tiny Llama) + vision.checkpoint (tiny timm ViT .safetensors) on 2 gloo
+    processes: tensors read one at a time into each rank's shards, dense FFNs / MLPs upcycled slice-wise into
+    the (EP- and FSDP-sharded) experts, shared experts silenced - gathered, equal to the ordinary unsharded
+    load (MMoEModule without sharded_init, same seed) exactly."""
+    from mmoe.training.config import StageConfig
+    from mmoe.training.module import MMoEModule
+    llama, vit = _write_dense_checkpoints(tmp_path)
+    torch.manual_seed(0)
+    want = MMoEModule(arch=_stream_arch(vit), stage=StageConfig(hf_decoder=llama)).model.state_dict()
+    res = run_distributed(_job_stream, 2, ep, llama, vit, timeout=240)
+    assert res[0]["stats"]["loaded"]["decoder"]["upcycled"] == 6  # 2 layers x gate, up, down
+    assert res[0]["stats"]["loaded"]["vision"]["upcycled"] == 4  # 2 blocks x fc1, fc2
+    full = res[0]["full"]
+    assert set(full) == set(want)
+    bad = [k for k, v in want.items() if not torch.equal(full[k], v)]
+    assert not bad, bad[:5]
+    from safetensors.torch import load_file
+    fc1 = load_file(vit)["blocks.0.mlp.fc1.weight"]
+    assert torch.equal(full["vision.vit.blocks.0.mlp.moe.experts.w_in.weight"][3], fc1.t())  # really upcycled
+
+
+def test_fsdp_sharded_init_refuses_what_it_cannot_stream(tmp_path):
+    from mmoe.training.config import ParallelConfig, StageConfig
+    from mmoe.training.module import MMoEModule
+    llama, vit = _write_dense_checkpoints(tmp_path)
+    sharded = ParallelConfig(sharded_init=True)
+    with pytest.raises(ValueError, match=r"does not upcycle MoA attention \(model.arch.decoder.attn_moe\)"):
+        MMoEModule(arch=_arch(), stage=StageConfig(hf_decoder=llama), parallel=sharded)
+    pt = tmp_path / "vit.pt"
+    torch.save({}, pt)
+    with pytest.raises(ValueError, match=r"streams .safetensors vision checkpoints only; model.arch.vision.checkpoint"):
+        MMoEModule(arch=_stream_arch(str(pt)), parallel=sharded)
+    import json
+    cfg = json.loads((Path(llama) / "config.json").read_text())
+    (Path(llama) / "config.json").write_text(json.dumps({**cfg, "model_type": "mixtral", "num_local_experts": 4,
+                                                         "num_experts_per_tok": 2}))
+    with pytest.raises(ValueError, match=r"does not stream MoE sources: model.stage.hf_decoder=.* mixtral"):
+        MMoEModule(arch=_stream_arch(vit), stage=StageConfig(hf_decoder=llama), parallel=sharded)

@@ -13,7 +13,8 @@ resume at another world size or EP size (`mmoe.parallel.fsdp_checkpoint`); the e
 ordinary one-process format (the full weights are gathered tensor by tensor at the end of fit).
 
 With `model.parallel.sharded_init` the module's model is built on the meta device and filled shard by shard
-after sharding (`mmoe.parallel.sharded_init`): no rank ever holds the whole model.
+after sharding (`mmoe.parallel.sharded_init`), then the vision checkpoint and HF decoder the config names are
+streamed into the shards (`mmoe.parallel.sharded_load`): no rank ever holds the whole model.
 
 Validation by generation is refused: ranks stop decoding at different steps, and every FSDP unit needs all
 ranks in its all-gather (set `--trainer.limit_val_batches 0`; evaluate the export instead).
@@ -95,13 +96,11 @@ class FSDPExpertParallelStrategy(ModelParallelStrategy):
                                  activation_checkpointing=bool(getattr(module, "activation_checkpointing", False)))
             log.info(f"{STRATEGY_NAME}: {info.units} FSDP units ({info.expert_units} expert banks), "
                      f"EP {info.ep.mesh if info.ep else 'off'}")
-        record = getattr(module, "_sharded_init", None)
-        if record is not None:  # model.parallel.sharded_init: the model is still on the meta device
-            from .sharded_init import materialize_sharded
-            stats = materialize_sharded(inner, record, self.root_device)
-            module._sharded_init = None
-            log.info(f"{STRATEGY_NAME}: sharded init filled {stats['filled']} tensors "
-                     f"(replay peak {stats['peak_bytes'] / 2**20:.1f} MiB)")
+        from .sharded_load import fill_sharded_module
+        stats = fill_sharded_module(module, self.root_device)  # model.parallel.sharded_init: still on meta
+        if stats is not None:
+            log.info(f"{STRATEGY_NAME}: sharded init filled {stats['filled']} tensors (replay peak "
+                     f"{stats['peak_bytes'] / 2**20:.1f} MiB), streamed {stats['loaded'] or 'no checkpoints'}")
         super().setup(trainer)
         self._patch_clipping()
 

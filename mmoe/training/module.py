@@ -130,7 +130,7 @@ class MMoEModule(L.LightningModule):
             self.model = self._sharded_init.model  # on the meta device
         else:
             self.model = build_model(arch)  # + the vision / connector checkpoints the arch names
-        if stage.hf_decoder:
+        if stage.hf_decoder and not parallel.sharded_init:  # sharded: streamed by the strategy after sharding
             load_hf_decoder(self.model, stage.hf_decoder)
         if stage.init_from:
             load_stage_weights(self.model, stage.init_from, strict=stage.strict_init)
@@ -354,19 +354,16 @@ class MMoEModule(L.LightningModule):
 
 
 def refuse_sharded_init(arch: VLMConfig, stage: StageConfig, lora: LoraSettings) -> None:
-    """parallel.sharded_init initialises the shards from the model's own random init; what it cannot do yet is
-    refused here, naming the field."""
-    unsupported = [
-        (arch.vision.checkpoint, "model.arch.vision.checkpoint"),
-        (arch.connector.checkpoint, "model.arch.connector.checkpoint"),
-        (stage.hf_decoder, "model.stage.hf_decoder"),
-        (stage.init_from, "model.stage.init_from"),
-        (lora.r, "model.lora.r"),
-    ]
-    for value, name in unsupported:
+    """parallel.sharded_init initialises the shards from the model's own random init and streams the vision
+    checkpoint and HF decoder into them (`mmoe.parallel.sharded_load`); anything else is refused here, naming
+    the field."""
+    from mmoe.parallel.sharded_load import check_streamable
+    for value, name in ((stage.init_from, "model.stage.init_from"), (lora.r, "model.lora.r")):
         if value:
             raise ValueError(f"model.parallel.sharded_init=true does not support {name} (set to {value!r}): "
-                             "sharded init fills the shards from the model's own initialisation only")
+                             "sharded init fills the shards from the model's own initialisation and streams only "
+                             "model.arch.vision.checkpoint and model.stage.hf_decoder")
+    check_streamable(arch, stage)
 
 
 def skips_weight_decay(name: str, p: Tensor) -> bool:
