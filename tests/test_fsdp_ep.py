@@ -615,3 +615,47 @@ def test_fsdp_sharded_init_refuses_what_it_cannot_stream(tmp_path):
                                                          "num_experts_per_tok": 2}))
     with pytest.raises(ValueError, match=r"does not stream MoE sources: model.stage.hf_decoder=.* mixtral"):
         MMoEModule(arch=_stream_arch(vit), stage=StageConfig(hf_decoder=llama), parallel=sharded)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "default"])
+def test_fsdp_sharded_init_replay_equals_ordinary_build_of_presets(preset):
+    """One process: the recorded meta build of a preset (timm ViT, MoE everywhere), replayed, hands every
+    parameter and buffer exactly the ordinary build's value (same seed), holding one full tensor at a time."""
+    from mmoe.interop.factory import model_preset
+    from mmoe.model.vlm import MMoEVLM
+    from mmoe.parallel.sharded_init import record_build, replay
+    arch = model_preset(preset)
+    torch.manual_seed(3)
+    ref = MMoEVLM(arch)
+    want = {**dict(ref.named_buffers()), **ref.state_dict()}
+    torch.manual_seed(3)
+    rec = record_build(lambda: MMoEVLM(arch))
+    got: dict = {}
+    stats = replay(rec, lambda name, v: got.__setitem__(name, v.clone()))
+    assert set(got) == set(want)
+    assert all(torch.equal(got[k], v) for k, v in want.items())
+    total = sum(v.numel() * v.element_size() for v in want.values())
+    assert stats["peak_bytes"] == stats["largest_bytes"] < total / 4, (stats, total)  # one tensor at a time
+
+
+def test_fsdp_sharded_init_replays_constants_and_refuses_outside_meta_tensors():
+    from mmoe.parallel.sharded_init import record_build, replay
+    scale = torch.tensor(3.0)  # a real tensor made before the build
+
+    class Scaled(torch.nn.Module):
+        def __init__(self, extra=None):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.empty(4, 3))
+            torch.nn.init.normal_(self.w)
+            with torch.no_grad():
+                self.w.mul_(scale if extra is None else extra)
+
+    torch.manual_seed(1)
+    want = Scaled().w.detach().clone()
+    torch.manual_seed(1)
+    got = {}
+    replay(record_build(Scaled), lambda n, v: got.__setitem__(n, v.clone()))
+    assert torch.equal(got["w"], want)
+    outside = torch.ones(4, 3, device="meta")
+    with pytest.raises(RuntimeError, match="reads meta tensors created outside it"):
+        record_build(lambda: Scaled(outside))

@@ -126,7 +126,8 @@ def apply_fsdp_ep(model: nn.Module, world_mesh: DeviceMesh, mp: MixedPrecisionPo
     """Shard `model` in place with FSDP2 (see the module docstring). Collective; call after
     `enable_expert_parallel` (if any) and activation checkpointing, before the optimizer is built.
 
-    `world_mesh` is 1-D over every rank (data parallel = all ranks; EP is carved out of them)."""
+    `world_mesh` is 1-D over every rank (data parallel = all ranks; EP is carved out of them);
+    `reshard_after_forward` applies to the block and expert units (the root keeps its weights)."""
     if find_fsdp(model) is not None:
         return find_fsdp(model)
     if world_mesh.ndim != 1:

@@ -57,8 +57,9 @@ class FSDPExpertParallelStrategy(ModelParallelStrategy):
             param_dtype: compute dtype of the all-gathered weights: 'auto' = bfloat16 on CUDA, the parameters'
                 own dtype elsewhere (CPU tests); 'bfloat16', 'float32', ... or None (= own dtype).
             reduce_dtype: gradient reduce-scatter dtype (fp32 by default: bf16 compute, fp32 reductions).
-            reshard_after_forward: free all-gathered weights after each unit's forward (ZeRO-3); False keeps
-                them until backward (ZeRO-2-like: more memory, fewer all-gathers).
+            reshard_after_forward: free all-gathered weights after each block unit's forward (ZeRO-3); False
+                keeps them until backward (ZeRO-2-like: more memory, fewer all-gathers). The root unit
+                (embeddings, head, norms) never reshards after forward (`apply_fsdp_ep`).
             **kwargs: ModelParallelStrategy's (process_group_backend, timeout).
         """
         kwargs.setdefault("tensor_parallel_size", 1)

@@ -86,6 +86,7 @@ class BuildRecord:
     events: list[_Event]
     finals: dict[int, list[tuple[str, _Ref]]]  # storage key -> (state name, tensor view) of params / buffers
     rng_state: Tensor
+    constants: dict[int, Tensor] = field(default_factory=dict)
     stats: dict = field(default_factory=dict)
 
 
@@ -101,6 +102,7 @@ class _Recorder(TorchDispatchMode):
         self.events: list[_Event] = []
         self.known: set[int] = set()
         self.keep: list[Tensor] = []  # keeps every storage alive so no storage address is reused
+        self.constants: dict[int, Tensor] = {}  # real (non-meta) tensors made before the build and read by it
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -122,6 +124,9 @@ class _Recorder(TorchDispatchMode):
                     self_key, self_ref = _ref(v).key, _ref(v)
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
         reads = {_ref(t).key for t in inputs}
+        for t in inputs:
+            if not t.is_meta and _ref(t).key not in self.known:
+                self.constants[_ref(t).key] = t.detach().clone()
         full: set[int] = set()
         name = schema.name.split("::")[-1]
         if self_ref is not None and name in _OVERWRITE and self_ref.covers_storage:
@@ -161,11 +166,11 @@ def record_build(build: Callable[[], nn.Module]) -> BuildRecord:
             if r.key not in rec.known:
                 raise RuntimeError(f"sharded init: {name} was created outside the recorded build")
             finals.setdefault(r.key, []).append((name, r))
-    events = _plan(rec.events, set(finals))
-    return BuildRecord(model, events, finals, rng_state)
+    events = _plan(rec.events, set(finals), set(rec.constants))
+    return BuildRecord(model, events, finals, rng_state, rec.constants)
 
 
-def _plan(events: list[_Event], final_keys: set[int]) -> list[_Event]:
+def _plan(events: list[_Event], final_keys: set[int], constants: set[int]) -> list[_Event]:
     """Insert the 'final value complete' pseudo-events, then mark which events must run and what each frees."""
     last_write: dict[int, int] = {}
     for i, e in enumerate(events):
@@ -190,13 +195,17 @@ def _plan(events: list[_Event], final_keys: set[int]) -> list[_Event]:
             e.free_after = tuple((e.reads | e.writes) - live)
             live -= e.full
             live |= e.reads
+    if live - constants:  # values read before the build made them: meta tensors from outside the recording
+        raise RuntimeError("sharded init: the model build reads meta tensors created outside it; build the model "
+                           "inside record_build")
     return out
 
 
 def replay(rec: BuildRecord, sink: Callable[[str, Tensor], None]) -> dict:
     """Re-run the recorded build on the CPU, handing each parameter / buffer's final (full) value to
-    `sink(state_name, tensor)` as soon as it is complete; returns {'peak_bytes': largest live bytes}."""
-    env: dict[int, Tensor] = {}
+    `sink(state_name, tensor)` as soon as it is complete; returns {'peak_bytes': most bytes live at once,
+    'largest_bytes': the largest single tensor it made}."""
+    env: dict[int, Tensor] = {k: v.clone() for k, v in rec.constants.items()}
 
     def resolve(r):
         if not isinstance(r, _Ref):
@@ -210,7 +219,7 @@ def replay(rec: BuildRecord, sink: Callable[[str, Tensor], None]) -> dict:
 
     saved = torch.get_rng_state()
     torch.set_rng_state(rec.rng_state)
-    peak = 0
+    peak = largest = 0
     try:
         for e in rec.events:
             if e.extract is not None:
@@ -222,12 +231,13 @@ def replay(rec: BuildRecord, sink: Callable[[str, Tensor], None]) -> dict:
                 for r, t in zip(e.outputs, tree_flatten(out)[0]):
                     if r is not None and r.key in e.full and r.key not in env:
                         env[r.key] = t
-            peak = max(peak, sum(t.untyped_storage().nbytes() for t in env.values()))
+            sizes = [t.untyped_storage().nbytes() for t in env.values()]
+            peak, largest = max(peak, sum(sizes)), max([largest, *sizes])
             for k in e.free_after:
                 env.pop(k, None)
     finally:
         torch.set_rng_state(saved)
-    return {"peak_bytes": peak}
+    return {"peak_bytes": peak, "largest_bytes": largest}
 
 
 def _local_region(t: DTensor) -> tuple[slice, ...]:
