@@ -659,3 +659,70 @@ def test_fsdp_sharded_init_replays_constants_and_refuses_outside_meta_tensors():
     outside = torch.ones(4, 3, device="meta")
     with pytest.raises(RuntimeError, match="reads meta tensors created outside it"):
         record_build(lambda: Scaled(outside))
+
+
+def _write_open_clip(root: Path) -> str:
+    """A tiny open_clip CLIP (ViT 64 wide, 3 layers, 4 heads, patch 8, 32 px) as .safetensors."""
+    import json
+
+    import open_clip
+    from safetensors.torch import save_file
+    name = "mmoe-fsdp-tiny-clip"
+    cfg = {"embed_dim": 32, "quick_gelu": True,
+           "vision_cfg": {"image_size": 32, "layers": 3, "width": 64, "head_width": 16, "patch_size": 8},
+           "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}}
+    (root / "oc_cfg").mkdir()
+    (root / "oc_cfg" / f"{name}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(root / "oc_cfg")
+    torch.manual_seed(7)
+    model = open_clip.create_model(name, pretrained=None)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.15)
+    save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()},
+              str(root / "clip.safetensors"))
+    return str(root / "clip.safetensors")
+
+
+def _open_clip_arch(path: str):
+    from mmoe.model.moe import MoEConfig
+    from mmoe.model.vision import VisionConfig
+    arch = _arch()
+    arch.decoder.attn_moe = None
+    arch.vision = VisionConfig(backend="open_clip", image_size=32, patch_size=8, dim=64, depth=3, n_heads=4,
+                               activation="quick_gelu", moe=MoEConfig(num_experts=4, top_k=2), moe_layers="all",
+                               feature_layer=-1, checkpoint=path)
+    return arch
+
+
+def _job_stream_open_clip(rank: int, world: int, path: str) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from mmoe.parallel.fsdp import apply_fsdp_ep
+    from mmoe.parallel.fsdp_checkpoint import full_state_dict
+    from mmoe.parallel.sharded_load import fill_sharded_module
+    from mmoe.training.config import ParallelConfig
+    from mmoe.training.module import MMoEModule
+    torch.manual_seed(0)
+    module = MMoEModule(arch=_open_clip_arch(path), parallel=ParallelConfig(ep_size=2, sharded_init=True))
+    module.configure_model()
+    apply_fsdp_ep(module.model, init_device_mesh("cpu", (world,)))
+    stats = fill_sharded_module(module, "cpu")
+    return {"stats": stats, "full": full_state_dict(module.model)}
+
+
+@pytest.mark.distributed
+def test_fsdp_sharded_init_streams_open_clip_tower_equal_ordinary_load(tmp_path):
+    """An open_clip .safetensors (OpenAI-CLIP layout, text tower ignored) streamed into the sharded model
+    (2 gloo processes, ep 2) equals the ordinary upcycled load exactly."""
+    pytest.importorskip("open_clip")
+    from mmoe.training.module import MMoEModule
+    path = _write_open_clip(tmp_path)
+    torch.manual_seed(0)
+    want = MMoEModule(arch=_open_clip_arch(path)).model.state_dict()
+    res = run_distributed(_job_stream_open_clip, 2, path, timeout=240)
+    assert res[0]["stats"]["loaded"]["vision"]["upcycled"] == 6  # 3 blocks x c_fc, c_proj
+    full = res[0]["full"]
+    assert set(full) == set(want)
+    bad = [k for k, v in want.items() if not torch.equal(full[k], v)]
+    assert not bad, bad[:5]
