@@ -7,7 +7,8 @@ into expert weights (sharded over EP) and the rest, and prints per-rank bytes of
 * state: fp32 master parameters, fp32 gradients, AdamW moments (2 x fp32) - ddp_ep keeps every non-expert
   weight on every rank plus 1/ep of the experts; fsdp_ep keeps 1/W of everything. fsdp_ep adds the
   all-gathered compute copies of the two largest FSDP units (the current one and the prefetched next one),
-  in the compute dtype, and their unsharded gradients.
+  in the compute dtype, and their unsharded gradients, plus the root unit (embeddings, head, norms), which
+  stays unsharded from forward through backward.
 * activations per micro-batch sample, with and without activation checkpointing (an estimate, below);
 then the largest micro-batch that fits in `--gpu-mem` less a reserve (default 10 %: allocator fragmentation,
 CUDA context, communication buffers) and a plain verdict. The state bytes are exact (checked against a real
@@ -40,6 +41,7 @@ class ModelCounts:
     act_per_sample_ckpt: int  # with per-block checkpointing
     logits_values: int  # fp32 logits values per sample
     seq_len: int  # decoder positions per sample (text + image tokens)
+    root_unit: int = 0  # parameters of the FSDP root (embeddings, head, norms): unsharded for the whole step
 
 
 def count_model(arch, freeze: list[str] | None = None, text_len: int | None = None) -> ModelCounts:
@@ -65,6 +67,10 @@ def count_model(arch, freeze: list[str] | None = None, text_len: int | None = No
     units = [b for n, m in model.named_modules() if n.split(".")[-1] in ("layers", "blocks")
              and isinstance(m, (torch.nn.ModuleList, torch.nn.Sequential)) for b in m]
     largest = max([sum(p.numel() for p in u.parameters()) for u in units] or [0])
+    connector = getattr(model, "connector", None)
+    in_units = {id(p) for u in units + ([connector] if isinstance(connector, torch.nn.Module) else [])
+                for p in u.parameters()}
+    root = sum(p.numel() for p in model.parameters() if id(p) not in in_units)
 
     img_tokens = model.num_image_tokens
     max_seq = arch.decoder.max_seq_len
@@ -76,7 +82,7 @@ def count_model(arch, freeze: list[str] | None = None, text_len: int | None = No
         act += width_tokens * per_token_layer * layers
         ckpt += width_tokens * dim * layers + width_tokens * per_token_layer  # inputs + one recomputed block
     logits = seq * arch.decoder.vocab_size
-    return ModelCounts(dense, expert, frozen, largest, act, ckpt, logits, seq)
+    return ModelCounts(dense, expert, frozen, largest, act, ckpt, logits, seq, root)
 
 
 def _towers(arch, img_tokens: int, seq: int):
@@ -125,6 +131,8 @@ def plan(counts: ModelCounts, gpus: int, gpu_mem_gib: float, strategy: str = "fs
         frozen = counts.frozen / gpus
         # two live units (current + prefetched) in the compute dtype, and one unit's unsharded gradient
         gathered = 2 * counts.largest_unit * compute_bytes + counts.largest_unit * compute_bytes
+        # the root unit is not resharded after forward: its compute copy and, in backward, its gradient
+        gathered += 2 * counts.root_unit * compute_bytes
     act = (counts.act_per_sample * compute_bytes + counts.logits_values * 4)
     act_ckpt = (counts.act_per_sample_ckpt * compute_bytes + counts.logits_values * 4)
     return Plan(strategy, gpus, ep, params=trainable * param_bytes + frozen * compute_bytes,

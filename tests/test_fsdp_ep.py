@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ STEPS, B, T, IMG, CLIP, LR, WD = 3, 2, 10, 16, 0.05, 0.01, 0.1
 TOL = 1e-10
 
 
-def _arch(dim: int = 16):
+def _arch(dim: int = 16, aux_free: bool = False):
     from mmoe.model.connector import ConnectorConfig
     from mmoe.model.decoder import DecoderConfig
     from mmoe.model.moe import MoEConfig
@@ -33,7 +34,7 @@ def _arch(dim: int = 16):
     from mmoe.model.vlm import VLMConfig
 
     def moe(**kw):
-        return MoEConfig(num_experts=4, top_k=2, **kw)
+        return MoEConfig(num_experts=4, top_k=2, aux_free_bias=aux_free, **kw)
 
     return VLMConfig(
         vision=VisionConfig(image_size=IMG, patch_size=8, dim=16, depth=2, n_heads=2, mlp_ratio=2.0, moe=moe(),
@@ -276,6 +277,7 @@ def _job_cli(rank: int, world: int, data_dir: str, config: str, root: str) -> di
                           "--data.data_dir", data_dir, "--trainer.devices", "2", "--trainer.strategy", "fsdp_ep",
                           "--trainer.limit_val_batches", "0", "--trainer.num_sanity_val_steps", "0",
                           "--trainer.max_steps", "3", "--model.parallel.ep_size", "2",
+                          "--model.parallel.sharded_init", "true",  # meta build, shards filled, then resumed
                           "--trainer.default_root_dir", root + "_resumed", "--ckpt_path", ckpts[-1],
                           "--export_dir", os.path.join(root, "export_resumed")])
         out["resumed_step"] = int(again.trainer.global_step)
@@ -313,3 +315,414 @@ def test_fsdp_plan_cli_says_whether_cumo_large_fits(capsys):
     assert main(["--config", str(REPO / "configs/cumo_large.yaml"), "--gpus", "8", "--gpu-mem", "80",
                  "--strategy", "ddp_ep"]) == 1
     assert "DOES NOT FIT" in capsys.readouterr().out
+
+
+# =========================================================================== root unit, bf16 compute
+def _root_params(model) -> dict:
+    """Parameters the FSDP root unit manages itself (not inside a child FSDP unit), by name."""
+    from torch.distributed.fsdp import FSDPModule
+    inner = {id(p) for m in model.modules() if isinstance(m, FSDPModule) and m is not model for p in m.parameters()}
+    return {n: p for n, p in model.named_parameters() if id(p) not in inner}
+
+
+def _job_root_bf16(rank: int, world: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    from mmoe.parallel.fsdp import apply_fsdp_ep, mixed_precision
+    from mmoe.parallel.fsdp_checkpoint import clean_name
+    from mmoe.training.module import lm_loss
+    model = _model().float()
+    apply_fsdp_ep(model, init_device_mesh("cpu", (world,)), mixed_precision(torch.bfloat16, torch.float32),
+                  activation_checkpointing=True)
+    ids, mask, labels, pix = _batch(0, rank)
+    out = model(ids, mask, pix.float(), labels, logits_at_labels=True)  # a VLMOutput dataclass
+    root = _root_params(model)
+    res = {"root_names": sorted(root), "root_sharded_after_forward": [n for n, p in root.items()
+                                                                       if isinstance(p, DTensor)]}
+    lm_loss(out.logits, out.labels).backward()
+    grads = {clean_name(n): p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
+    res["missing_grads"] = [n for n, p in model.named_parameters() if p.grad is None]
+    if rank == 0:
+        res["grads"] = grads
+    return res
+
+
+@pytest.mark.distributed
+def test_fsdp_root_unit_keeps_weights_after_forward_bf16_backward_through_dataclass_output():
+    """The root FSDP unit (embeddings, head, norms) is not resharded after forward: FSDP2 does not look inside
+    the VLMOutput dataclass to unshard the root before backward. Two gloo processes, fp32 master weights, bf16
+    compute / fp32 reductions: after forward the root's weights are unsharded, and backward gives every weight
+    a gradient close (bf16) to the one-process fp32 gradient of the mean of the ranks' losses."""
+    from mmoe.training.module import lm_loss
+    res = run_distributed(_job_root_bf16, 2, timeout=240)
+    for r in res:
+        assert r["root_names"] and not r["root_sharded_after_forward"], r["root_sharded_after_forward"]
+        assert not r["missing_grads"], r["missing_grads"]
+    assert any("embed" in n for n in res[0]["root_names"]), res[0]["root_names"]
+    ref = _model().float()
+    loss = 0.0
+    for rank in range(2):
+        ids, mask, labels, pix = _batch(0, rank)
+        out = ref(ids, mask, pix.float(), labels, logits_at_labels=True)
+        loss = loss + lm_loss(out.logits, out.labels) / 2
+    loss.backward()
+    got = res[0]["grads"]
+    ref_grads = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    assert set(got) == set(ref_grads)
+    for n, g in ref_grads.items():
+        if float(g.norm()) > 1e-6:
+            rel = float((got[n] - g).norm() / g.norm())
+            assert rel < 0.1, (n, rel)  # bf16 compute; a missing or mis-scaled gradient is >= 0.5 off
+
+
+@pytest.mark.distributed
+def test_fsdp_cuda_check_rehearses_on_cpu():
+    """benchmarks/fsdp_ep_cuda_check.py --device cpu (gloo, bf16 compute) runs the GPU check's path and says ok."""
+    import subprocess
+    import sys
+
+    from _dist_utils import free_port
+    env = dict(os.environ, MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks/fsdp_ep_cuda_check.py"), "--device", "cpu",
+                          "--dim", "32", "--layers", "2"], capture_output=True, text=True, cwd=REPO, env=env,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "ok", out.stdout
+
+
+# =========================================================================== global-batch balance maths
+def _balance_module():
+    from mmoe.training.config import BalanceConfig, LossCoefs, ParallelConfig
+    from mmoe.training.module import MMoEModule
+    torch.manual_seed(0)
+    coefs = [LossCoefs(balance=0.0, z=0.0, device=1.0) for _ in range(4)]
+    module = MMoEModule(arch=_arch(aux_free=True), balance=BalanceConfig(*coefs), parallel=ParallelConfig(ep_size=2))
+    return module.double().train()
+
+
+def _balance_step(module, batches) -> dict:
+    """Device balance losses (per site), router-gate gradients of their sum, router biases after one update."""
+    from mmoe.model.moe import Router
+    outs = [module.model(b[0], b[1], b[3], b[2], logits_at_labels=True) for b in batches]
+    routing = [r for o in outs for r in o.routing]
+    aux, parts = module.balancing_loss(routing)
+    aux.backward()
+    gates = {n: m.gate.weight.grad.clone() for n, m in module.model.named_modules() if isinstance(m, Router)}
+    module.update_router_biases()
+    biases = {n: m.expert_bias.clone() for n, m in module.model.named_modules()
+              if isinstance(m, Router) and m.cfg.aux_free_bias}
+    return {"parts": {k: float(v) for k, v in parts.items()}, "gates": gates, "biases": biases}
+
+
+def _job_balance(rank: int, world: int) -> dict:
+    from mmoe.model.moe import balancing_loss
+    module = _balance_module()
+    batch = _batch(0, rank)
+    local = module.model(batch[0], batch[1], batch[3], batch[2], logits_at_labels=True)
+    per_rank = [float(balancing_loss("device", r, 2)) for r in local.routing]  # this rank's batch alone
+    module.zero_grad()
+    for m in module.model.modules():  # forget the loads of the probe forward
+        if hasattr(m, "load_accum"):
+            m.load_accum.zero_()
+    res = _balance_step(module, [batch])
+    for g in res["gates"].values():  # the data-parallel mean DDP / FSDP take of every gradient
+        dist.all_reduce(g)
+        g.div_(world)
+    res["per_rank"] = per_rank
+    return res
+
+
+@pytest.mark.distributed
+def test_fsdp_ddp_ep_device_balance_loss_and_aux_free_bias_use_the_global_batch():
+    """Under ddp_ep / fsdp_ep (ep_size 2) every rank's device balance loss, the data-parallel mean of its
+    gradient, and the aux-free bias update equal one process on the concatenated batch (2 gloo processes,
+    float64) - the training module reduces expert loads and probability sums over all ranks."""
+    res = run_distributed(_job_balance, 2, timeout=240)
+    ref_module = _balance_module()
+    ref = _balance_step(ref_module, [tuple(torch.cat([_batch(0, r)[i] for r in range(2)]) for i in range(4))])
+    assert ref["parts"] and all(k.endswith("/device") for k in ref["parts"])
+    for r in res:
+        assert set(r["parts"]) == set(ref["parts"])
+        for k, v in ref["parts"].items():
+            assert abs(r["parts"][k] - v) < TOL, (k, r["parts"][k], v)
+        for k, g in ref["gates"].items():
+            assert float((r["gates"][k] - g).abs().max()) < TOL, k
+        for k, b in ref["biases"].items():
+            assert torch.equal(r["biases"][k], b), (k, r["biases"][k], b)
+    assert any(float(b.abs().max()) > 0 for b in ref["biases"].values())  # the update moved something
+    # the comparison is not vacuous: a rank's own batch gives a different device loss than the global one
+    ref_layers = [float(v) for v in ref["parts"].values()]
+    assert max(abs(a - b) for a, b in zip(res[0]["per_rank"], res[1]["per_rank"])) > 1e-6, ref_layers
+
+
+# =========================================================================== sharded init (no rank holds the model)
+def _job_sharded_init(rank: int, world: int, ep: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from mmoe.model.vlm import MMoEVLM
+    from mmoe.parallel.expert_parallel import enable_expert_parallel
+    from mmoe.parallel.fsdp import apply_fsdp_ep
+    from mmoe.parallel.fsdp_checkpoint import clean_name, full_state_dict
+    from mmoe.parallel.sharded_init import materialize_sharded, record_build
+    torch.manual_seed(0)
+    rec = record_build(lambda: MMoEVLM(_arch()))
+    model = rec.model
+    assert all(p.is_meta for p in model.parameters())
+    enable_expert_parallel(model, ep)
+    apply_fsdp_ep(model, init_device_mesh("cpu", (world,)), activation_checkpointing=True)
+    stats = materialize_sharded(model, rec, "cpu")
+    res = {"stats": stats, "local_param_bytes": sum(p.to_local().numel() * p.element_size()
+                                                    for p in model.parameters())}
+    res["full"] = full_state_dict(model)
+    res["buffers"] = {clean_name(n): b.clone() for n, b in model.named_buffers()}
+    ids, mask, labels, pix = _batch(0, rank)
+    out = model(ids, mask, pix.float(), labels, logits_at_labels=True)
+    res["loss"] = float(_loss_from(out))
+    return res
+
+
+def _loss_from(out):
+    from mmoe.training.module import lm_loss
+    return lm_loss(out.logits, out.labels)
+
+
+@pytest.mark.distributed
+def test_fsdp_sharded_init_equals_ordinary_build():
+    """model.parallel.sharded_init: built on the meta device, EP-sliced and FSDP-sharded over 2 gloo processes
+    (ep 2), then filled shard by shard - the gathered parameters and every buffer equal the ordinary build
+    with the same seed exactly, each rank holds ~1/W of the parameter bytes, the replay's scratch never
+    exceeds the largest single tensor, and the forward matches the ordinary model."""
+    from mmoe.model.vlm import MMoEVLM
+    torch.manual_seed(0)
+    ref = MMoEVLM(_arch())
+    want = ref.state_dict()
+    res = run_distributed(_job_sharded_init, 2, 2, timeout=240)
+    full = res[0]["full"]
+    assert set(full) == set(want)
+    bad = [k for k, v in want.items() if not torch.equal(full[k], v)]
+    assert not bad, bad[:5]
+    total = sum(p.numel() * p.element_size() for p in ref.parameters())
+    largest = max(t.numel() * t.element_size() for t in list(ref.parameters()) + list(ref.buffers()))
+    for rank, r in enumerate(res):
+        assert r["local_param_bytes"] <= 1.2 * total / 2, (r["local_param_bytes"], total)
+        assert r["stats"]["peak_bytes"] <= largest, (r["stats"], largest)
+        buffers = dict(ref.named_buffers())
+        assert set(r["buffers"]) == set(buffers)
+        assert all(torch.equal(r["buffers"][k], v) for k, v in buffers.items())
+        ids, mask, labels, pix = _batch(0, rank)
+        want_loss = float(_loss_from(ref(ids, mask, pix.float(), labels, logits_at_labels=True)))
+        assert abs(r["loss"] - want_loss) < 1e-5, (r["loss"], want_loss)
+    assert sum(r["local_param_bytes"] for r in res) == total
+
+
+def test_fsdp_sharded_init_refuses_what_it_cannot_initialise():
+    from mmoe.training.config import ParallelConfig, StageConfig
+    from mmoe.training.module import MMoEModule
+    with pytest.raises(ValueError, match=r"sharded_init=true does not support model.stage.init_from"):
+        MMoEModule(arch=_arch(), stage=StageConfig(init_from="x.ckpt"), parallel=ParallelConfig(sharded_init=True))
+    module = MMoEModule(arch=_arch(), parallel=ParallelConfig(sharded_init=True))
+    assert all(p.is_meta for p in module.model.parameters())
+    module._trainer = SimpleNamespace(world_size=1, strategy=SimpleNamespace())  # e.g. ddp / single device
+    with pytest.raises(ValueError, match=r"model.parallel.sharded_init=true needs --trainer.strategy fsdp_ep"):
+        module.configure_model()
+
+
+# =========================================================================== streaming upcycling into the shards
+def _write_dense_checkpoints(root: Path) -> tuple[str, str]:
+    """A tiny dense Llama (transformers save_pretrained) and a tiny dense timm ViT (.safetensors) that fit
+    `_arch` (decoder dim 16, hidden 24, 8 / 2 heads, vocab 40; ViT dim 16, depth 2, 2 heads, mlp 2x)."""
+    import transformers
+    from safetensors.torch import save_file
+    from timm.models.vision_transformer import VisionTransformer
+    torch.manual_seed(5)
+    cfg = transformers.LlamaConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=8,
+                                   num_key_value_heads=2, vocab_size=40, max_position_embeddings=64)
+    llama = transformers.LlamaForCausalLM(cfg)
+    vit = VisionTransformer(img_size=IMG, patch_size=8, embed_dim=16, depth=2, num_heads=2, mlp_ratio=2.0,
+                            num_classes=0)
+    with torch.no_grad():  # away from the default init, so a tensor left at its init cannot pass as loaded
+        for p in list(llama.parameters()) + list(vit.parameters()):
+            p.normal_(0.0, 0.15)
+    llama.save_pretrained(root / "llama")
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(root / "vit.safetensors"))
+    return str(root / "llama"), str(root / "vit.safetensors")
+
+
+def _stream_arch(vit: str):
+    arch = _arch()
+    arch.decoder.attn_moe = None  # MoA upcycling is not streamed (refused)
+    arch.vision.checkpoint = vit
+    return arch
+
+
+def _job_stream(rank: int, world: int, ep: int, llama: str, vit: str) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from mmoe.parallel.fsdp import apply_fsdp_ep
+    from mmoe.parallel.fsdp_checkpoint import full_state_dict
+    from mmoe.parallel.sharded_load import fill_sharded_module
+    from mmoe.training.config import ParallelConfig, StageConfig
+    from mmoe.training.module import MMoEModule
+    torch.manual_seed(0)
+    module = MMoEModule(arch=_stream_arch(vit), stage=StageConfig(hf_decoder=llama),
+                        parallel=ParallelConfig(ep_size=ep, sharded_init=True))
+    assert all(p.is_meta for p in module.model.parameters())
+    module.configure_model()  # expert parallel (no trainer here)
+    apply_fsdp_ep(module.model, init_device_mesh("cpu", (world,)))
+    stats = fill_sharded_module(module, "cpu")  # what the fsdp_ep strategy runs after sharding
+    return {"stats": stats, "full": full_state_dict(module.model)}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("ep", [1, 2], ids=["fsdp_shard2_ep1", "fsdp_shard1_ep2"])
+def test_fsdp_sharded_init_streams_hf_decoder_and_vit_upcycled_equal_ordinary_load(tmp_path, ep):
+    """sharded_init + stage.hf_decoder (tiny Llama) + vision.checkpoint (tiny timm ViT .safetensors) on 2 gloo
+    processes: tensors read one at a time into each rank's shards, dense FFNs / MLPs upcycled slice-wise into
+    the (EP- and FSDP-sharded) experts, shared experts silenced - gathered, equal to the ordinary unsharded
+    load (MMoEModule without sharded_init, same seed) exactly."""
+    from mmoe.training.config import StageConfig
+    from mmoe.training.module import MMoEModule
+    llama, vit = _write_dense_checkpoints(tmp_path)
+    torch.manual_seed(0)
+    want = MMoEModule(arch=_stream_arch(vit), stage=StageConfig(hf_decoder=llama)).model.state_dict()
+    res = run_distributed(_job_stream, 2, ep, llama, vit, timeout=240)
+    assert res[0]["stats"]["loaded"]["decoder"]["upcycled"] == 6  # 2 layers x gate, up, down
+    assert res[0]["stats"]["loaded"]["vision"]["upcycled"] == 4  # 2 blocks x fc1, fc2
+    full = res[0]["full"]
+    assert set(full) == set(want)
+    bad = [k for k, v in want.items() if not torch.equal(full[k], v)]
+    assert not bad, bad[:5]
+    from safetensors.torch import load_file
+    fc1 = load_file(vit)["blocks.0.mlp.fc1.weight"]
+    assert torch.equal(full["vision.vit.blocks.0.mlp.moe.experts.w_in.weight"][3], fc1.t())  # really upcycled
+
+
+def test_fsdp_sharded_init_refuses_what_it_cannot_stream(tmp_path):
+    from mmoe.training.config import ParallelConfig, StageConfig
+    from mmoe.training.module import MMoEModule
+    llama, vit = _write_dense_checkpoints(tmp_path)
+    sharded = ParallelConfig(sharded_init=True)
+    with pytest.raises(ValueError, match=r"does not upcycle MoA attention \(model.arch.decoder.attn_moe\)"):
+        MMoEModule(arch=_arch(), stage=StageConfig(hf_decoder=llama), parallel=sharded)
+    pt = tmp_path / "vit.pt"
+    torch.save({}, pt)
+    with pytest.raises(ValueError, match=r"streams .safetensors vision checkpoints only; model.arch.vision.checkpoint"):
+        MMoEModule(arch=_stream_arch(str(pt)), parallel=sharded)
+    import json
+    cfg = json.loads((Path(llama) / "config.json").read_text())
+    (Path(llama) / "config.json").write_text(json.dumps({**cfg, "model_type": "mixtral", "num_local_experts": 4,
+                                                         "num_experts_per_tok": 2}))
+    with pytest.raises(ValueError, match=r"does not stream MoE sources: model.stage.hf_decoder=.* mixtral"):
+        MMoEModule(arch=_stream_arch(vit), stage=StageConfig(hf_decoder=llama), parallel=sharded)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "default"])
+def test_fsdp_sharded_init_replay_equals_ordinary_build_of_presets(preset):
+    """One process: the recorded meta build of a preset (timm ViT, MoE everywhere), replayed, hands every
+    parameter and buffer exactly the ordinary build's value (same seed), holding one full tensor at a time."""
+    from mmoe.interop.factory import model_preset
+    from mmoe.model.vlm import MMoEVLM
+    from mmoe.parallel.sharded_init import record_build, replay
+    arch = model_preset(preset)
+    torch.manual_seed(3)
+    ref = MMoEVLM(arch)
+    want = {**dict(ref.named_buffers()), **ref.state_dict()}
+    torch.manual_seed(3)
+    rec = record_build(lambda: MMoEVLM(arch))
+    got: dict = {}
+    stats = replay(rec, lambda name, v: got.__setitem__(name, v.clone()))
+    assert set(got) == set(want)
+    assert all(torch.equal(got[k], v) for k, v in want.items())
+    total = sum(v.numel() * v.element_size() for v in want.values())
+    assert stats["peak_bytes"] == stats["largest_bytes"] < total / 4, (stats, total)  # one tensor at a time
+
+
+def test_fsdp_sharded_init_replays_constants_and_refuses_outside_meta_tensors():
+    from mmoe.parallel.sharded_init import record_build, replay
+    scale = torch.tensor(3.0)  # a real tensor made before the build
+
+    class Scaled(torch.nn.Module):
+        def __init__(self, extra=None):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.empty(4, 3))
+            torch.nn.init.normal_(self.w)
+            with torch.no_grad():
+                self.w.mul_(scale if extra is None else extra)
+
+    torch.manual_seed(1)
+    want = Scaled().w.detach().clone()
+    torch.manual_seed(1)
+    got = {}
+    replay(record_build(Scaled), lambda n, v: got.__setitem__(n, v.clone()))
+    assert torch.equal(got["w"], want)
+    outside = torch.ones(4, 3, device="meta")
+    with pytest.raises(RuntimeError, match="reads meta tensors created outside it"):
+        record_build(lambda: Scaled(outside))
+
+
+def _write_open_clip(root: Path) -> str:
+    """A tiny open_clip CLIP (ViT 64 wide, 3 layers, 4 heads, patch 8, 32 px) as .safetensors."""
+    import json
+
+    import open_clip
+    from safetensors.torch import save_file
+    name = "mmoe-fsdp-tiny-clip"
+    cfg = {"embed_dim": 32, "quick_gelu": True,
+           "vision_cfg": {"image_size": 32, "layers": 3, "width": 64, "head_width": 16, "patch_size": 8},
+           "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 1}}
+    (root / "oc_cfg").mkdir()
+    (root / "oc_cfg" / f"{name}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(root / "oc_cfg")
+    torch.manual_seed(7)
+    model = open_clip.create_model(name, pretrained=None)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.15)
+    save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()},
+              str(root / "clip.safetensors"))
+    return str(root / "clip.safetensors")
+
+
+def _open_clip_arch(path: str):
+    from mmoe.model.moe import MoEConfig
+    from mmoe.model.vision import VisionConfig
+    arch = _arch()
+    arch.decoder.attn_moe = None
+    arch.vision = VisionConfig(backend="open_clip", image_size=32, patch_size=8, dim=64, depth=3, n_heads=4,
+                               activation="quick_gelu", moe=MoEConfig(num_experts=4, top_k=2), moe_layers="all",
+                               feature_layer=-1, checkpoint=path)
+    return arch
+
+
+def _job_stream_open_clip(rank: int, world: int, path: str) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from mmoe.parallel.fsdp import apply_fsdp_ep
+    from mmoe.parallel.fsdp_checkpoint import full_state_dict
+    from mmoe.parallel.sharded_load import fill_sharded_module
+    from mmoe.training.config import ParallelConfig
+    from mmoe.training.module import MMoEModule
+    torch.manual_seed(0)
+    module = MMoEModule(arch=_open_clip_arch(path), parallel=ParallelConfig(ep_size=2, sharded_init=True))
+    module.configure_model()
+    apply_fsdp_ep(module.model, init_device_mesh("cpu", (world,)))
+    stats = fill_sharded_module(module, "cpu")
+    return {"stats": stats, "full": full_state_dict(module.model)}
+
+
+@pytest.mark.distributed
+def test_fsdp_sharded_init_streams_open_clip_tower_equal_ordinary_load(tmp_path):
+    """An open_clip .safetensors (OpenAI-CLIP layout, text tower ignored) streamed into the sharded model
+    (2 gloo processes, ep 2) equals the ordinary upcycled load exactly."""
+    pytest.importorskip("open_clip")
+    from mmoe.training.module import MMoEModule
+    path = _write_open_clip(tmp_path)
+    torch.manual_seed(0)
+    want = MMoEModule(arch=_open_clip_arch(path)).model.state_dict()
+    res = run_distributed(_job_stream_open_clip, 2, path, timeout=240)
+    assert res[0]["stats"]["loaded"]["vision"]["upcycled"] == 6  # 3 blocks x c_fc, c_proj
+    full = res[0]["full"]
+    assert set(full) == set(want)
+    bad = [k for k, v in want.items() if not torch.equal(full[k], v)]
+    assert not bad, bad[:5]

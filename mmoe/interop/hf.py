@@ -145,6 +145,30 @@ def _glm_name(name: str) -> str | None:
     return f"{base}.shared_experts.{m.group(3)}"
 
 
+def dense_source_name(name: str, prefix: str) -> str:
+    """Checkpoint name of a dense decoder tensor (our names are the HF ones, under the checkpoint's prefix)."""
+    return name if name == "lm_head.weight" else prefix + name
+
+
+def check_leftovers(t: _Tensors, tied: bool, kind: str) -> None:
+    """Every checkpoint tensor must have been used (rotary caches and a tied head excepted)."""
+    leftovers = [k for k in t.where if k not in t.used and not k.endswith("rotary_emb.inv_freq")
+                 and not (k == "lm_head.weight" and tied)]
+    if leftovers:
+        raise CheckpointError(f"unexpected tensors not used by the {kind} mapping: {leftovers[:8]}"
+                              f"{' ...' if len(leftovers) > 8 else ''} (in {t.where[leftovers[0]]})")
+
+
+def open_checkpoint(path: str | Path) -> tuple[dict, DecoderConfig, _Tensors]:
+    """(HF config.json, its DecoderConfig, lazy tensor access) of a transformers save_pretrained directory."""
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise CheckpointError(f"{path}: no config.json (expected a transformers save_pretrained directory)")
+    hf = json.loads(cfg_file.read_text())
+    return hf, decoder_config_from_hf(hf, str(cfg_file)), _Tensors(_checkpoint_files(path))
+
+
 def _load_into(model: Decoder, t: _Tensors, mixtral: bool, glm: bool = False) -> None:
     """Fill every tensor of `model` from the checkpoint (names, shapes and leftovers checked)."""
     p = _prefix(t)
@@ -163,14 +187,8 @@ def _load_into(model: Decoder, t: _Tensors, mixtral: bool, glm: bool = False) ->
         if (mixtral or glm) and m:
             new[name] = _mixtral_tensor(t, p, int(m.group(1)), m.group(2) + ".weight", tuple(ref.shape))
             continue
-        src = name if name == "lm_head.weight" else p + name
-        new[name] = t.get(src, tuple(ref.shape))
-    leftovers = [k for k in t.where if k not in t.used and not k.endswith("rotary_emb.inv_freq")
-                 and not (k == "lm_head.weight" and model.cfg.tie_embeddings)]
-    if leftovers:
-        kind = "mixtral" if mixtral else "dense"
-        raise CheckpointError(f"unexpected tensors not used by the {kind} mapping: {leftovers[:8]}"
-                              f"{' ...' if len(leftovers) > 8 else ''} (in {t.where[leftovers[0]]})")
+        new[name] = t.get(dense_source_name(name, p), tuple(ref.shape))
+    check_leftovers(t, model.cfg.tie_embeddings, "mixtral" if mixtral else "dense")
     dtype = model.embed_tokens.weight.dtype
     model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in new.items()},
                           strict=False)
@@ -206,12 +224,7 @@ def load_decoder(path: str | Path, moe: dict | None = None,
     `moe` overrides DecoderConfig fields (ffn_moe, ffn_moe_layers, attn_moe, attn_moe_layers) and upcycles
     the dense layers it selects. `dtype` defaults to float32. Returns the model in eval mode and its config.
     """
-    path = Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.exists():
-        raise CheckpointError(f"{path}: no config.json (expected a transformers save_pretrained directory)")
-    hf = json.loads(cfg_file.read_text())
-    cfg = decoder_config_from_hf(hf, str(cfg_file))
+    hf, cfg, tensors = open_checkpoint(path)
     mixtral = hf["model_type"] == "mixtral"
     glm = hf["model_type"] == "glm4_moe"
     moe = dict(moe or {})
@@ -222,7 +235,6 @@ def load_decoder(path: str | Path, moe: dict | None = None,
         raise CheckpointError("moe: a Mixtral checkpoint already has MoE FFNs; only attn_moe/attn_moe_layers "
                               "apply")
     dtype = dtype or torch.float32
-    tensors = _Tensors(_checkpoint_files(path))
     if glm:  # a nonzero selection bias is DeepSeek-V3's aux-loss-free balancing: keep it on
         biases = [k for k in tensors.where if k.endswith("e_score_correction_bias")]
         cfg.ffn_moe.aux_free_bias = any(bool(tensors.handles[tensors.where[k]].get_tensor(k).any()) for k in biases)

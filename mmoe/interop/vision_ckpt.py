@@ -22,22 +22,38 @@ if TYPE_CHECKING:  # pragma: no cover
     from mmoe.model.vision import VisionEncoder
 
 
-def to_timm_layout(sd: dict[str, Tensor], path="<state dict>") -> tuple[dict[str, Tensor], str]:
-    """(state dict in timm ViT naming, detected format 'open_clip' | 'timm')."""
+def timm_layout_of(keys, path="<state dict>") -> tuple[str, str]:
+    """(format 'open_clip' | 'timm', key prefix) of a ViT checkpoint, from its tensor names alone."""
+    keys = list(keys)
     for prefix in ("visual.", ""):
-        if f"{prefix}class_embedding" in sd and f"{prefix}conv1.weight" in sd:
-            from timm.models.vision_transformer import _convert_openai_clip
-
-            return _convert_openai_clip(sd, None, prefix=prefix), "open_clip"
+        if f"{prefix}class_embedding" in keys and f"{prefix}conv1.weight" in keys:
+            return "open_clip", prefix
     for stem_key in STEM_KEYS.values():
-        keys = [k for k in sd if k.endswith(stem_key)]
-        if len(keys) == 1:
-            prefix = keys[0][: -len(stem_key)]
-            return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}, "timm"
+        found = [k for k in keys if k.endswith(stem_key)]
+        if len(found) == 1:
+            return "timm", found[0][: -len(stem_key)]
     raise CheckpointError(
         f"{path}: not a timm ViT (no unique '*patch_embed.proj.weight', or '*patch_embed.inner.proj.0.weight' "
         f"for a conv stem) nor an open_clip ViT ('visual.class_embedding' + 'visual.conv1.weight'); "
-        f"first keys: {sorted(sd)[:8]}")
+        f"first keys: {sorted(keys)[:8]}")
+
+
+def to_timm_layout_one(name: str, t: Tensor, fmt: str, prefix: str) -> dict[str, Tensor]:
+    """One checkpoint tensor in timm ViT naming ({} when it is outside the tower); see `to_timm_layout`."""
+    if fmt == "open_clip":
+        from timm.models.vision_transformer import _convert_openai_clip
+
+        return _convert_openai_clip({name: t}, None, prefix=prefix)
+    return {name[len(prefix):]: t} if name.startswith(prefix) else {}
+
+
+def to_timm_layout(sd: dict[str, Tensor], path="<state dict>") -> tuple[dict[str, Tensor], str]:
+    """(state dict in timm ViT naming, detected format 'open_clip' | 'timm')."""
+    fmt, prefix = timm_layout_of(sd, path)
+    out: dict[str, Tensor] = {}
+    for k, v in sd.items():
+        out.update(to_timm_layout_one(k, v, fmt, prefix))
+    return out, fmt
 
 
 STEM_KEYS = {"patch": "patch_embed.proj.weight", "conv": "patch_embed.inner.proj.0.weight"}
@@ -77,6 +93,18 @@ def load_vision_checkpoint(encoder: "VisionEncoder", path) -> str:
     """
     raw = read_state_dict(path)
     sd, fmt = to_timm_layout(raw, path)
+    new, upcycle = vision_load_plan(encoder, sd, path, fmt)
+    encoder.vit.load_state_dict(new, strict=True)
+    for i, (w1, b1, w2, b2) in upcycle.items():
+        encoder.moe_mlps[i].upcycle_(_DenseMLP(_linear(w1, b1), _linear(w2, b2)))
+    return fmt
+
+
+def vision_load_plan(encoder: "VisionEncoder", sd: dict[str, Tensor], path, fmt: str
+                     ) -> tuple[dict[str, Tensor], dict[int, tuple]]:
+    """What loading timm-layout `sd` into `encoder` does, checked (names and shapes only, so `sd` may hold
+    meta tensors): {vit state name: tensor (sd's, or the encoder's own for experts and routers)} and
+    {MoE layer: (fc1 weight, fc1 bias, fc2 weight, fc2 bias)} of the dense MLPs to upcycle."""
     stem = checkpoint_stem(sd)
     if stem != encoder.cfg.stem:
         raise CheckpointError(f"{path}: the checkpoint has a {stem} stem but vision.stem={encoder.cfg.stem!r};"
@@ -147,13 +175,8 @@ def load_vision_checkpoint(encoder: "VisionEncoder", path) -> str:
             parts.append(f"shape mismatch {len(mismatched)}: {_fmt(mismatched)}")
         if unexpected:
             parts.append(f"unexpected {len(unexpected)}: {_fmt(sorted(unexpected))}")
-        raise CheckpointError(f"{path} ({fmt} checkpoint) does not fit the vision encoder: "
-                                      + "; ".join(parts))
-
-    vit.load_state_dict(new, strict=True)
-    for i, (w1, b1, w2, b2) in upcycle.items():
-        encoder.moe_mlps[i].upcycle_(_DenseMLP(_linear(w1, b1), _linear(w2, b2)))
-    return fmt
+        raise CheckpointError(f"{path} ({fmt} checkpoint) does not fit the vision encoder: " + "; ".join(parts))
+    return new, upcycle
 
 
-__all__ = ["to_timm_layout", "load_vision_checkpoint"]
+__all__ = ["to_timm_layout", "to_timm_layout_one", "timm_layout_of", "load_vision_checkpoint", "vision_load_plan"]

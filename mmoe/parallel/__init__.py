@@ -4,6 +4,7 @@
 * `dispatcher`      - AllToAllDispatcher: drop-in for LocalDispatcher (uneven all-to-all with autograd).
 * `expert_parallel` - enable_expert_parallel (shard experts, swap dispatchers), DDP ignore list, expert-grad
                       reduction (SUM over EDP / W), global-norm clipping, per-rank load metrics.
+* `collectives`     - sum_over_ranks: the global-batch reducer training code injects into balancing losses.
 * `checkpoint`      - gather/shard model and optimizer state, consolidated model for export.
 * `fsdp`            - apply_fsdp_ep: FSDP2 over all ranks for dense blocks, over EDP for expert banks; global-norm
                       clipping over every shard.
@@ -26,6 +27,7 @@ _EXPORTS = {
     "find_state": "expert_parallel", "expert_parameters": "expert_parallel", "wrap_ddp": "expert_parallel",
     "finalize_expert_grads": "expert_parallel", "grad_norm": "expert_parallel",
     "clip_grad_norm_": "expert_parallel", "ep_load_metrics": "expert_parallel",
+    "sum_over_ranks": "collectives",
     "full_state_dict": "checkpoint", "shard_state_dict": "checkpoint", "consolidated_model": "checkpoint",
     "gather_experts_locally": "checkpoint",
     "apply_fsdp_ep": "fsdp", "clip_grad_norm_fsdp_": "fsdp", "fsdp_grad_norm": "fsdp", "find_fsdp": "fsdp",

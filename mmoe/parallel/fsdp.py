@@ -7,7 +7,8 @@
 
 Layout on W = edp x ep ranks (the (edp, ep) mesh of `mmoe.parallel.mesh`):
 * non-expert weights: one FSDP unit per ViT block / decoder layer, one for the connector, and the root unit
-  (embeddings, head, norms, patch embedding) - each sharded over all W ranks on dim 0. FSDP averages their
+  (embeddings, head, norms, patch embedding) - each sharded over all W ranks on dim 0. The root never
+  reshards after forward (its weights are the first backward needs). FSDP averages their
   gradients over W, the data-parallel mean.
 * experts: each rank holds the experts of its EP rank (E/ep of them, sliced by `enable_expert_parallel`);
   that block is a separate FSDP unit sharded over the rank's expert-data-parallel group (edp ranks holding
@@ -125,7 +126,8 @@ def apply_fsdp_ep(model: nn.Module, world_mesh: DeviceMesh, mp: MixedPrecisionPo
     """Shard `model` in place with FSDP2 (see the module docstring). Collective; call after
     `enable_expert_parallel` (if any) and activation checkpointing, before the optimizer is built.
 
-    `world_mesh` is 1-D over every rank (data parallel = all ranks; EP is carved out of them)."""
+    `world_mesh` is 1-D over every rank (data parallel = all ranks; EP is carved out of them);
+    `reshard_after_forward` applies to the block and expert units (the root keeps its weights)."""
     if find_fsdp(model) is not None:
         return find_fsdp(model)
     if world_mesh.ndim != 1:
@@ -155,7 +157,10 @@ def apply_fsdp_ep(model: nn.Module, world_mesh: DeviceMesh, mp: MixedPrecisionPo
         units.append(connector)
     for u in units:
         fully_shard(u, mesh=world_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=world_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    # The root (embeddings, head, norms, patch embedding) keeps its weights after forward: backward needs them
+    # first, and FSDP2 does not look inside the dataclass VLMOutput to register the root's pre-backward
+    # unshard, so a resharded root would meet backward without its weights (bf16 on CUDA fails there).
+    fully_shard(model, mesh=world_mesh, mp_policy=mp, reshard_after_forward=False)
     info.units = len(units) + info.expert_units + 1
     if hasattr(model, "always_encode_images"):  # every rank must run every FSDP unit (text-only batches too)
         model.always_encode_images = True

@@ -12,6 +12,10 @@ Gradient clipping uses one global norm over every FSDP and EP shard. Checkpoints
 resume at another world size or EP size (`mmoe.parallel.fsdp_checkpoint`); the export after fit is the
 ordinary one-process format (the full weights are gathered tensor by tensor at the end of fit).
 
+With `model.parallel.sharded_init` the module's model is built on the meta device and filled shard by shard
+after sharding (`mmoe.parallel.sharded_init`), then the vision checkpoint and HF decoder the config names are
+streamed into the shards (`mmoe.parallel.sharded_load`): no rank ever holds the whole model.
+
 Validation by generation is refused: ranks stop decoding at different steps, and every FSDP unit needs all
 ranks in its all-gather (set `--trainer.limit_val_batches 0`; evaluate the export instead).
 """
@@ -53,8 +57,9 @@ class FSDPExpertParallelStrategy(ModelParallelStrategy):
             param_dtype: compute dtype of the all-gathered weights: 'auto' = bfloat16 on CUDA, the parameters'
                 own dtype elsewhere (CPU tests); 'bfloat16', 'float32', ... or None (= own dtype).
             reduce_dtype: gradient reduce-scatter dtype (fp32 by default: bf16 compute, fp32 reductions).
-            reshard_after_forward: free all-gathered weights after each unit's forward (ZeRO-3); False keeps
-                them until backward (ZeRO-2-like: more memory, fewer all-gathers).
+            reshard_after_forward: free all-gathered weights after each block unit's forward (ZeRO-3); False
+                keeps them until backward (ZeRO-2-like: more memory, fewer all-gathers). The root unit
+                (embeddings, head, norms) never reshards after forward (`apply_fsdp_ep`).
             **kwargs: ModelParallelStrategy's (process_group_backend, timeout).
         """
         kwargs.setdefault("tensor_parallel_size", 1)
@@ -92,6 +97,11 @@ class FSDPExpertParallelStrategy(ModelParallelStrategy):
                                  activation_checkpointing=bool(getattr(module, "activation_checkpointing", False)))
             log.info(f"{STRATEGY_NAME}: {info.units} FSDP units ({info.expert_units} expert banks), "
                      f"EP {info.ep.mesh if info.ep else 'off'}")
+        from .sharded_load import fill_sharded_module
+        stats = fill_sharded_module(module, self.root_device)  # model.parallel.sharded_init: still on meta
+        if stats is not None:
+            log.info(f"{STRATEGY_NAME}: sharded init filled {stats['filled']} tensors (replay peak "
+                     f"{stats['peak_bytes'] / 2**20:.1f} MiB), streamed {stats['loaded'] or 'no checkpoints'}")
         super().setup(trainer)
         self._patch_clipping()
 

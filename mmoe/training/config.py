@@ -101,3 +101,6 @@ class ParallelConfig:
 
     ep_size: int = 1
     """Ranks an expert set is sharded across (all-to-all dispatch among them)."""
+    sharded_init: bool = False
+    """Build the model on the meta device and initialise it shard by shard after FSDP sharding, so no rank
+    ever holds the whole model (`--trainer.strategy fsdp_ep` only); the values equal the ordinary build's."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Literal
 
@@ -20,7 +21,7 @@ from torch import Tensor
 from mmoe.constants import IGNORE_INDEX
 from mmoe.model.moe import Router, RoutingResult, balancing_loss, expert_load, routing_metrics
 from mmoe.interop.factory import build_model
-from mmoe.model.vlm import VLMConfig
+from mmoe.model.vlm import MMoEVLM, VLMConfig
 
 from .config import BalanceConfig, OptimConfig, ParallelConfig, StageConfig
 from .stage_init import apply_freeze, load_hf_decoder, load_stage_weights
@@ -121,8 +122,15 @@ class MMoEModule(L.LightningModule):
             raise ValueError(f"model.loss_reduction must be one of {sorted(LOSS_REDUCTIONS)}, "
                              f"got {loss_reduction!r}")
         self.loss_reduction = loss_reduction
-        self.model = build_model(arch)  # + the vision / connector checkpoints the arch names
-        if stage.hf_decoder:
+        self._sharded_init = None  # the recorded meta build (parallel.sharded_init) until the strategy shards it
+        if parallel.sharded_init:
+            from mmoe.parallel.sharded_init import record_build
+            refuse_sharded_init(arch, stage, lora)
+            self._sharded_init = record_build(lambda: MMoEVLM(arch))
+            self.model = self._sharded_init.model  # on the meta device
+        else:
+            self.model = build_model(arch)  # + the vision / connector checkpoints the arch names
+        if stage.hf_decoder and not parallel.sharded_init:  # sharded: streamed by the strategy after sharding
             load_hf_decoder(self.model, stage.hf_decoder)
         if stage.init_from:
             load_stage_weights(self.model, stage.init_from, strict=stage.strict_init)
@@ -135,6 +143,8 @@ class MMoEModule(L.LightningModule):
         if self.lora_cfg.r:
             apply_lora(self.model, self.lora_cfg)  # after the weights are loaded: adapters start at zero
         self._val_results: list[dict] = []
+        # element-wise sum over data-parallel ranks (None: resolved from the process group, `_rank_sum`)
+        self.sum_over_ranks: Callable[[Tensor], Tensor] | None = None
         self.expert_load_history: list[dict] = []  # (step, layer name, load vector) for plots
 
     # ------------------------------------------------------------------ setup
@@ -154,6 +164,11 @@ class MMoEModule(L.LightningModule):
     def configure_model(self) -> None:
         if self._trainer is not None and self.trainer.world_size > 1:
             self.model.always_encode_images = True  # text-only batches must not skip collectives on one rank
+        if self._sharded_init is not None and self._trainer is not None:
+            from mmoe.parallel.fsdp_strategy import FSDPExpertParallelStrategy
+            if not isinstance(self.trainer.strategy, FSDPExpertParallelStrategy):
+                raise ValueError("model.parallel.sharded_init=true needs --trainer.strategy fsdp_ep (it initialises "
+                                 f"the FSDP shards), got {type(self.trainer.strategy).__name__}")
         if self.parallel_cfg.ep_size > 1:
             from mmoe.parallel.expert_parallel import enable_expert_parallel
             if self._trainer is not None:  # experts need the EP-aware DDP (ignore list, grads, checkpoints)
@@ -173,10 +188,19 @@ class MMoEModule(L.LightningModule):
         return consolidated_model(self.model)
 
     # ------------------------------------------------------------------ objective
+    def _rank_sum(self) -> Callable[[Tensor], Tensor] | None:
+        """The reducer that makes expert loads and the device balance loss global-batch quantities: the
+        injected `sum_over_ranks`, else mmoe.parallel's whenever several processes train, else None."""
+        if self.sum_over_ranks is not None:
+            return self.sum_over_ranks
+        from mmoe.parallel.collectives import sum_over_ranks, world_size
+        return sum_over_ranks if world_size() > 1 else None
+
     def balancing_loss(self, routing: list[RoutingResult]) -> tuple[Tensor, dict[str, Tensor]]:
         """Sum over layers of coef[site][kind] * loss_kind(layer); also per-site-kind totals for logging."""
         total = torch.zeros((), device=self.device)
         parts: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), device=self.device))
+        reduce = self._rank_sum() if self.parallel_cfg.ep_size > 1 else None
         for r in routing:
             coefs = getattr(self.balance_cfg, r.site, None)
             if coefs is None:
@@ -186,7 +210,7 @@ class MMoEModule(L.LightningModule):
                     continue
                 if kind == "device" and self.parallel_cfg.ep_size <= 1:
                     continue  # one device: nothing to balance across
-                value = balancing_loss(kind, r, self.parallel_cfg.ep_size)
+                value = balancing_loss(kind, r, self.parallel_cfg.ep_size, reduce if kind == "device" else None)
                 total = total + coef * value
                 parts[f"{r.site}/{kind}"] = parts[f"{r.site}/{kind}"] + value.detach()
         return total, dict(parts)
@@ -251,8 +275,9 @@ class MMoEModule(L.LightningModule):
         if not routers:
             return
         loads = torch.cat([r.load_accum for r in routers])
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(loads)
+        reduce = self._rank_sum()
+        if reduce is not None:  # the global batch's loads: every rank applies the same update
+            loads = reduce(loads)
         for r, load in zip(routers, loads.split([r.cfg.num_experts for r in routers])):
             r.update_bias(load)
 
@@ -326,6 +351,19 @@ class MMoEModule(L.LightningModule):
         total = max(1, int(self.trainer.estimated_stepping_batches))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(cfg, total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def refuse_sharded_init(arch: VLMConfig, stage: StageConfig, lora: LoraSettings) -> None:
+    """parallel.sharded_init initialises the shards from the model's own random init and streams the vision
+    checkpoint and HF decoder into them (`mmoe.parallel.sharded_load`); anything else is refused here, naming
+    the field."""
+    from mmoe.parallel.sharded_load import check_streamable
+    for value, name in ((stage.init_from, "model.stage.init_from"), (lora.r, "model.lora.r")):
+        if value:
+            raise ValueError(f"model.parallel.sharded_init=true does not support {name} (set to {value!r}): "
+                             "sharded init fills the shards from the model's own initialisation and streams only "
+                             "model.arch.vision.checkpoint and model.stage.hf_decoder")
+    check_streamable(arch, stage)
 
 
 def skips_weight_decay(name: str, p: Tensor) -> bool:

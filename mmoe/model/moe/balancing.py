@@ -101,16 +101,30 @@ def modality_balance_loss(r: RoutingResult) -> Tensor:
     return torch.stack(losses).mean() if losses else r.probs.new_zeros(())
 
 
-def device_balance_loss(r: RoutingResult, num_devices: int) -> Tensor:
-    """D * sum_d f_d P_d with experts split into `num_devices` contiguous shards (DeepSeek-V2)."""
+def device_balance_loss(r: RoutingResult, num_devices: int,
+                        sum_over_ranks: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """D * sum_d f_d P_d with experts split into `num_devices` contiguous shards (DeepSeek-V2).
+
+    With `sum_over_ranks` (an element-wise sum over data-parallel ranks, injected by the training code) f and
+    P are those of the global batch: the value is the global loss on every rank, and each rank's gradient is
+    W x its own tokens' share, so the data-parallel mean of the gradients is the global loss's gradient."""
     if num_devices <= 1:
         return r.probs.new_zeros(())
     if r.num_experts % num_devices:
         raise ValueError(f"num_experts={r.num_experts} is not divisible by num_devices={num_devices}")
     m = r.token_mask
-    counts = _selected_counts(r, m).view(num_devices, -1).sum(-1)
-    P = (r.probs * m[:, None]).sum(0).view(num_devices, -1).sum(-1) / m.sum().clamp_min(1)
-    return _fp_balance(counts, P)
+    S = (r.probs * m[:, None]).sum(0).view(num_devices, -1).sum(-1)
+    counts = _selected_counts(r, m).view(num_devices, -1).sum(-1).to(S.dtype)  # f in the probs' precision
+    n = m.sum()
+    if sum_over_ranks is None:
+        return _fp_balance(counts, S / n.clamp_min(1))
+    D = num_devices
+    stats = torch.cat([counts, S.detach(), n.to(S.dtype).reshape(1), S.new_ones(1)])
+    total = sum_over_ranks(stats)  # one collective: counts, prob sums, tokens, world size
+    n_all, world = total[2 * D].clamp_min(1), total[2 * D + 1]
+    local = world * S / n_all
+    P = total[D:2 * D] / n_all + (local - local.detach())  # global value, W x local gradient
+    return _fp_balance(total[:D], P)
 
 
 def sequence_balance_loss(r: RoutingResult) -> Tensor:
@@ -140,12 +154,14 @@ logs `train/balance/<site>/<kind>`."""
 LOSS_KINDS = tuple(BALANCING_LOSSES)
 
 
-def balancing_loss(kind: str, r: RoutingResult, num_devices: int = 1) -> Tensor:
-    """One layer's balancing loss of `kind` (a key of BALANCING_LOSSES)."""
+def balancing_loss(kind: str, r: RoutingResult, num_devices: int = 1,
+                   sum_over_ranks: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """One layer's balancing loss of `kind` (a key of BALANCING_LOSSES); `sum_over_ranks` makes the device
+    loss one of the global batch (see `device_balance_loss`)."""
     if kind not in BALANCING_LOSSES:
         raise KeyError(f"unknown balancing-loss kind {kind!r}; known: {list(LOSS_KINDS)}")
     fn = BALANCING_LOSSES[kind]
-    return fn(r, num_devices) if kind == "device" else fn(r)
+    return fn(r, num_devices, sum_over_ranks) if kind == "device" else fn(r)
 
 
 def balancing_losses(r: RoutingResult, num_devices: int = 1) -> dict[str, Tensor]:
