@@ -17,7 +17,8 @@ Conventions every converter follows, so the training loader and the eval CLIs ca
 * A training split (``--role train``, the default unless the split name says val/test) gets a validation
   split carved out by image (``--val-fraction``) when OUT has no validation split of its task (vqa, gqa,
   caption, chat) yet; ``OUT/dataset.json`` records every split and its role; a tokenizer is trained on the
-  training text plus the chat template's strings (``OUT/tokenizer.json``) and the token-length distribution is reported against ``data.max_len``.
+  training text plus the chat template's strings (``OUT/tokenizer.json``) and the token-length distribution
+  is reported against ``data.max_len``.
 """
 
 from __future__ import annotations
