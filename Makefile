@@ -7,6 +7,9 @@ PYTHON  := $(VENV)/bin/python
 # LightningCLI flags, e.g. TRAIN_ARGS="--trainer.max_steps=2000".
 DATA    ?= data/synthetic
 TRAIN_ARGS ?=
+# SUMMARY_OUT: where `make train` also writes its summary with date, commit and machine (main_job itself writes
+# only <run-dir>/summary.json)
+SUMMARY_OUT ?= benchmarks/results/make_train.json
 STAMP   := $(VENV)/.installed
 
 .PHONY: install data train test bench bench-gpu study mutation clean
@@ -27,7 +30,8 @@ data: install
 		$(PYTHON) data_scripts/make_synthetic.py --out $(DATA) --seed 0
 
 train: install data
-	$(PYTHON) -m mmoe.training.main_job --config configs/default.yaml --data $(DATA) -- $(TRAIN_ARGS)
+	$(PYTHON) -m mmoe.training.main_job --config configs/default.yaml --data $(DATA) \
+		--summary-out $(SUMMARY_OUT) -- $(TRAIN_ARGS)
 
 test: install
 	$(PYTHON) -m pytest -q tests

@@ -3,8 +3,10 @@
     python benchmarks/int8_accuracy.py --model runs/default/export --data data/synthetic [--device cuda] [--limit N]
 
 Runs eval/vqa.py twice on the synthetic test split (same questions, greedy decoding), once as exported and once
-with ``--quantize int8``, and prints a table and one final JSON line: both accuracies, their difference, and
-the bytes of the weights the quantisation stores in int8.
+with ``--quantize int8``, and prints a table and one final JSON line: both accuracies (overall and per answer
+type), their difference, how many answers are identical, and how many weight elements are stored in int8. The
+record is also written with date, commit and machine to benchmarks/results/int8_accuracy-<cpu|cuda>.json (or
+$MMOE_BENCH_RESULTS; 'none' writes nothing).
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from _util import finish  # noqa: E402  (benchmarks/ is on sys.path: the script's directory)
+
 from eval import vqa  # noqa: E402
 
 
-def accuracy(args, quantize: str | None, out_dir: Path) -> float:
+def accuracy(args, quantize: str | None, out_dir: Path) -> tuple[dict, dict]:
+    """(metrics of eval/vqa.py, {question_id: answer}) for the model as exported or quantised."""
     out = out_dir / f"answers_{quantize or 'float'}.json"
     data = Path(args.data)
     argv = ["--model", args.model, "--questions", str(data / f"{args.split}_questions.json"),
@@ -33,7 +38,8 @@ def accuracy(args, quantize: str | None, out_dir: Path) -> float:
     argv += ["--quantize", quantize] if quantize else []
     if vqa.main(argv) != 0:
         raise SystemExit(f"eval/vqa.py failed for quantize={quantize}")
-    return float(json.loads(out.with_suffix(".metrics.json").read_text())["overall"])
+    answers = {a["question_id"]: a["answer"] for a in json.loads(out.read_text())}
+    return json.loads(out.with_suffix(".metrics.json").read_text()), answers
 
 
 def main() -> None:
@@ -51,12 +57,18 @@ def main() -> None:
 
     stats = quantize_for_inference(load_model(args.model, "cpu"), "int8")
     with tempfile.TemporaryDirectory() as tmp:
-        fp = accuracy(args, None, Path(tmp))
-        q = accuracy(args, "int8", Path(tmp))
-    print(f"{'model':<12}{'VQA accuracy':>14}\n{'float':<12}{fp:>14.2f}\n{'int8 weights':<12}{q:>14.2f}")
-    print(json.dumps({"split": args.split, "limit": args.limit, "accuracy_float": fp, "accuracy_int8": q,
-                      "delta": round(q - fp, 2), "int8_linears": stats["linears"],
-                      "int8_weight_elements": stats["weights"]}))
+        fp, fp_answers = accuracy(args, None, Path(tmp))
+        q, q_answers = accuracy(args, "int8", Path(tmp))
+    same = sum(fp_answers[k] == q_answers.get(k) for k in fp_answers)
+    print(f"{'model':<14}{'VQA accuracy':>14}\n{'float':<14}{fp['overall']:>14.2f}\n"
+          f"{'int8 weights':<14}{q['overall']:>14.2f}\nidentical answers: {same} of {len(fp_answers)}")
+    finish("int8_accuracy", {
+        "benchmark": "int8_accuracy", "model": args.model, "data": args.data, "split": args.split,
+        "limit": args.limit, "questions": len(fp_answers), "accuracy_float": fp["overall"],
+        "accuracy_int8": q["overall"], "delta": round(q["overall"] - fp["overall"], 2),
+        "per_answer_type_float": fp.get("per_answer_type"), "per_answer_type_int8": q.get("per_answer_type"),
+        "identical_answers": same, "int8_linears": stats["linears"], "int8_weight_elements": stats["weights"],
+    }, args.device)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,10 @@ Conventions every converter follows, so the training loader and the eval CLIs ca
 * Nothing is written until the whole conversion succeeded (all outputs are staged and moved into OUT at
   the end), so a failed conversion never leaves empty or partial files.
 * A training split (``--role train``, the default unless the split name says val/test) gets a validation
-  split carved out by image (``--val-fraction``) when OUT has none yet; ``OUT/dataset.json`` records
-  every split and its role; a tokenizer is trained on the training text plus the chat template's strings
-  (``OUT/tokenizer.json``) and the token-length distribution is reported against ``data.max_len``.
+  split carved out by image (``--val-fraction``) when OUT has no validation split of its task (vqa, gqa,
+  caption, chat) yet; ``OUT/dataset.json`` records every split and its role; a tokenizer is trained on the
+  training text plus the chat template's strings (``OUT/tokenizer.json``) and the token-length distribution
+  is reported against ``data.max_len``.
 """
 
 from __future__ import annotations
@@ -169,7 +170,7 @@ def add_common_args(p, *, default_val_fraction: float = 0.05) -> None:
                         "else 'train'")
     g.add_argument("--val-fraction", type=float, default=default_val_fraction,
                    help="a training split gets this fraction of its images carved out as '<split>_val' (or 'val' "
-                        "for split 'train') when OUT has no validation split yet; 0 disables")
+                        "for split 'train') when OUT has no validation split of its task yet; 0 disables")
     g.add_argument("--val-seed", type=int, default=0, help="seed of the validation carve-out")
     g.add_argument("--tokenizer", choices=("auto", "word", "bpe", "none"), default="auto",
                    help="train OUT/tokenizer.json on the training text of OUT plus the chat template's strings "
@@ -215,17 +216,20 @@ def read_manifest(out_dir: Path) -> dict:
     return data
 
 
-def wants_val_carve(args, role: str, out_dir: Path) -> bool:
-    has_val = any(s.get("role") == "val" for s in read_manifest(out_dir)["splits"].values())
+def wants_val_carve(args, role: str, out_dir: Path, task: str) -> bool:
+    """A training split gets a validation part unless OUT already has one for the same task: each task's
+    evaluation (VQA, GQA, captions) needs its own, and one per task is enough."""
+    has_val = any(s.get("role") == "val" and s.get("task") == task
+                  for s in read_manifest(out_dir)["splits"].values())
     return role == "train" and args.val_fraction > 0 and not has_val
 
 
-def split_parts(args, out_dir: Path, split: str, items: list,
+def split_parts(args, out_dir: Path, split: str, items: list, *, task: str,
                 key: Callable[[Any], Any] = lambda item: item) -> list[tuple[str, str, list]]:
     """(name, role, items) of every split to write: `split` itself and, when it is a training split and OUT has no
-    validation split yet, ``<split>_val`` holding a seeded --val-fraction of the items (drawn by `key`)."""
+    validation split of `task` yet, ``<split>_val`` holding a seeded --val-fraction of the items (drawn by `key`)."""
     role = resolve_role(args.role, split)
-    carve = wants_val_carve(args, role, out_dir)
+    carve = wants_val_carve(args, role, out_dir, task)
     val_keys = carve_val([key(x) for x in items], args.val_fraction, args.val_seed) if carve else set()
     parts = [(split, role, [x for x in items if key(x) not in val_keys])]
     if val_keys:

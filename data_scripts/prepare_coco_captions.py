@@ -107,7 +107,8 @@ def _main(argv: list[str] | None) -> None:
 
     rng = random.Random(args.seed)
     outputs, n_samples, n_captions = [], 0, 0
-    for name, part_role, part_images in split_parts(args, out_dir, split, kept_images, key=lambda img: img["id"]):
+    for name, part_role, part_images in split_parts(args, out_dir, split, kept_images, task="caption",
+                                                        key=lambda img: img["id"]):
         samples = []
         for img in part_images:
             chosen = caps[img["id"]] if args.mode == "per-caption" else [rng.choice(caps[img["id"]])]
@@ -119,8 +120,11 @@ def _main(argv: list[str] | None) -> None:
                                       {"from": "gpt", "value": ann["caption"].strip()}],
                 })
         kept_ids = {img["id"] for img in part_images}
+        # file_name as found on disk (extension detected, path as --relative says), so eval/caption.py --images OUT
+        # opens the same file the training samples name
         gt = {**{k: v for k, v in data.items() if k not in ("images", "annotations")},
-              "images": part_images, "annotations": [a for a in anns if a["image_id"] in kept_ids]}
+              "images": [{**img, "file_name": paths[img["id"]]} for img in part_images],
+              "annotations": [a for a in anns if a["image_id"] in kept_ids]}
         outputs.append(SplitOutput(name, part_role, "caption", {"llava": samples, "captions": gt}))
         n_samples, n_captions = n_samples + len(samples), n_captions + len(gt["annotations"])
     finish(args, out_dir, outputs, [

@@ -84,7 +84,7 @@ def _main(argv: list[str] | None) -> None:
              f"{list(missing.values())[:3]}); nothing was written")
 
     outputs = []
-    for name, part_role, image_ids in split_parts(args, out_dir, args.split, list(per_image)):
+    for name, part_role, image_ids in split_parts(args, out_dir, args.split, list(per_image), task="gqa"):
         samples, kept, index = [], {}, {}
         for image_id in image_ids:
             items = per_image[image_id]

@@ -136,7 +136,8 @@ def _main(argv: list[str] | None) -> None:
     if not cleaned:
         fail(f"{args.json}: no valid sample with existing images remains; nothing was written")
     outputs = [SplitOutput(name, role, "chat", {"llava": [cleaned[i] for i in indices]})
-               for name, role, indices in split_parts(args, out_dir, args.split, list(range(len(cleaned))))]
+               for name, role, indices in split_parts(args, out_dir, args.split, list(range(len(cleaned))),
+                                                                   task="chat")]
     finish(args, out_dir, outputs, summary, sorted(set(missing_files)), f"llava -> {out_dir}")
 
 

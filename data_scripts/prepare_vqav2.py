@@ -156,7 +156,7 @@ def convert(questions: dict, ann_by_qid: dict[Any, dict], annotations: dict, arg
         per_image.setdefault(image_id, []).append(q)
 
     outputs = []
-    for name, part_role, image_ids in split_parts(args, out_dir, split, list(per_image)):
+    for name, part_role, image_ids in split_parts(args, out_dir, split, list(per_image), task="vqa"):
         samples, kept_questions, index = [], [], {}
         for image_id in image_ids:
             qs = per_image[image_id]

@@ -104,3 +104,25 @@ def test_model_step_benchmark_tiny(tmp_path):
     assert result["active_params_ratio"] == pytest.approx(1.0, abs=0.05)
     assert result["moe_peak_mem_gib"] > 0 and result["dense_peak_mem_gib"] > 0
     assert result["step_ratio_vs_dense"] > 0 and result["step_ratio_vs_dense_min"] > 0
+
+
+def test_int8_accuracy_benchmark_compares_the_same_questions(tiny_data, tmp_path):
+    """Float and int8 runs answer the same questions; the reported accuracies are those of the saved answers
+    (eval/vqa.py's metrics), the delta their difference. Skipped without torchao (an optional extra)."""
+    pytest.importorskip("torchao")
+    import torch
+
+    from mmoe.interop.export import export_model
+    from mmoe.model.vlm import MMoEVLM
+    from mmoe.interop.factory import model_preset
+
+    torch.manual_seed(0)
+    export = export_model(MMoEVLM(model_preset("tiny")), tmp_path / "export", tokenizer=tiny_data)
+    results = tmp_path / "results"
+    result, _ = _run("benchmarks/int8_accuracy.py", "--model", str(export), "--data", str(tiny_data),
+                     "--limit", "4", "--batch-size", "4", "--device", "cpu", results=results)
+    assert result["questions"] == 4 and 0 <= result["identical_answers"] <= 4
+    assert 0 <= result["accuracy_float"] <= 100 and 0 <= result["accuracy_int8"] <= 100
+    assert result["delta"] == pytest.approx(result["accuracy_int8"] - result["accuracy_float"], abs=0.01)
+    assert result["int8_linears"] > 0 and result["int8_weight_elements"] > 0
+    assert (results / "int8_accuracy-cpu.json").is_file()

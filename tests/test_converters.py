@@ -166,7 +166,9 @@ def test_prepare_coco_captions(tmp_path: Path) -> None:
     assert [s["conversations"][1]["value"] for s in llava] == ["A red square.", "a small red image"]
     assert llava[0]["conversations"][0]["value"] == "<image>\nDescribe the image briefly."
     gt = json.loads((tmp_path / "out" / "val_captions.json").read_text())
-    assert gt["images"] == [coco["images"][0]] and gt["annotations"] == coco["annotations"][:2]
+    # file_name as found on disk, like the LLaVA samples' image: eval/caption.py --images OUT opens it
+    assert gt["images"] == [{"id": 1, "file_name": str((tmp_path / "img" / "val" / "x1.jpg").resolve())}]
+    assert gt["annotations"] == coco["annotations"][:2] and llava[0]["image"] == gt["images"][0]["file_name"]
     assert gt["info"] == {"year": 2014}
 
     proc = run("data_scripts/prepare_coco_captions.py", "--captions", cpath, "--images", tmp_path / "img",

@@ -4,6 +4,7 @@ dataset lowers its loss; the export after a LoRA fit is the plain format."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import sys
 from pathlib import Path
@@ -87,14 +88,20 @@ def _fit(args: list[str]):
         return cli_main(["fit", *args])
 
 
-@pytest.mark.parametrize("train_routers", [False, True])
-def test_lora_only_adapter_params_change(train_routers, tiny_data, tiny_config, tmp_path):
+@pytest.mark.parametrize("train_routers,checkpointing", [(False, False), (True, False), (False, True)])
+def test_lora_only_adapter_params_change(train_routers, checkpointing, tiny_data, tiny_config, tmp_path):
+    """Also with model.activation_checkpointing (the packed-weight adapters re-run in the recompute)."""
     base = _export_base(tmp_path, tiny_data)
     cli = _fit(["--config", str(REPO / "configs/default.yaml"), "--config", str(tiny_config),
                 "--data.data_dir", str(tiny_data), "--trainer.default_root_dir", str(tmp_path / "run"),
                 "--trainer.limit_val_batches=0", "--trainer.max_steps=3", "--model.optim.warmup_steps=0",
                 "--model.stage.init_from", str(base), "--model.lora.r=4",
-                f"--model.lora.train_routers={str(train_routers).lower()}", "--export_dir", str(tmp_path / "out")])
+                f"--model.lora.train_routers={str(train_routers).lower()}",
+                f"--model.activation_checkpointing={str(checkpointing).lower()}",
+                "--export_dir", str(tmp_path / "out")])
+    if checkpointing:
+        from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+        assert all(isinstance(b, CheckpointWrapper) for b in cli.model.model.decoder.layers)
     before = load_file(str(base / "model.safetensors"))
     after = {k: v.detach() for k, v in cli.model.model.state_dict().items()}
     changed_base, changed_routers = [], []
@@ -150,3 +157,54 @@ def test_lora_with_expert_parallel_is_refused_naming_the_fields():
 
     with pytest.raises(ValueError, match=r"model.lora.r > 0 with model.parallel.ep_size > 1"):
         MMoEModule(arch=tiny_arch(), parallel=ParallelConfig(ep_size=2), lora=LoraSettings(r=2))
+
+
+@pytest.mark.slow  # aot_eager compile of every block
+def test_lora_linear_targets_compiled_with_checkpointing_match_eager():
+    """model.compile + model.activation_checkpointing + LoRA on the nn.Linear targets: the compiled,
+    checkpointed model gives the eager LoRA model's logits and adapter gradients (fp32, 1e-5)."""
+    from mmoe.training.block_wrappers import apply_activation_checkpointing
+    from mmoe.training.compile import compile_blocks
+
+    torch.manual_seed(0)
+    eager = MMoEVLM(tiny_arch()).train()
+    apply_lora(eager, LoraSettings(r=4, targets=["attention", "mlp"]))
+    with torch.no_grad():
+        for name, p in eager.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)  # adapters that change the output
+    compiled = copy.deepcopy(eager)
+    apply_activation_checkpointing(compiled, compiled=True)
+    torch._dynamo.reset()
+    try:
+        assert compile_blocks(compiled, backend="aot_eager") > 0
+        assert all(b._compiled_call_impl is not None for b in compiled.decoder.layers)
+        ids, am, px = _inputs()
+        outs = {}
+        for name, model in (("eager", eager), ("compiled", compiled)):
+            logits = model(ids, am, px).logits
+            logits.float().pow(2).mean().backward()
+            grads = {k.replace("._checkpoint_wrapped_module", ""): p.grad for k, p in model.named_parameters()
+                     if p.requires_grad}
+            outs[name] = (logits.detach(), grads)
+    finally:
+        torch._dynamo.reset()
+    (le, ge), (lc, gc) = outs["eager"], outs["compiled"]
+    torch.testing.assert_close(lc, le, rtol=1e-5, atol=1e-5)
+    assert ge.keys() == gc.keys() and ge and all("lora_" in k for k in ge)
+    for k in ge:
+        torch.testing.assert_close(gc[k], ge[k], rtol=1e-5, atol=1e-5, msg=k)
+    assert any(g.abs().sum() > 0 for k, g in ge.items() if "mlp" in k)
+
+
+@pytest.mark.parametrize("targets", [["moa"], ["attention", "experts"]])
+def test_lora_on_packed_weights_with_compile_is_refused_naming_the_fields(targets):
+    """peft's ParamWrapper (target_parameters: MoA projections, MoE experts) registers a parametrization in
+    every forward, which torch.compile(fullgraph=True) cannot trace: refused, not a failure at the first step."""
+    from mmoe.training.module import MMoEModule
+
+    with pytest.raises(ValueError, match=r"model.compile=true with model.lora.targets .*model.lora.targets from "
+                                         r"\[attention, mlp\]"):
+        MMoEModule(arch=tiny_arch(), compile=True, lora=LoraSettings(r=2, targets=targets))
+    MMoEModule(arch=tiny_arch(), compile=True, lora=LoraSettings(r=2, targets=["attention", "mlp"]))  # allowed
+    MMoEModule(arch=tiny_arch(), compile=True, lora=LoraSettings(r=0, targets=targets))  # LoRA off

@@ -87,6 +87,8 @@ def test_makefile_targets_name_files_that_exist(tmp_path):
     stamp: dict[str, str] = {}
     train = _dry_run("train", DATA=str(tmp_path / "data"), **stamp)
     assert "-m mmoe.training.main_job --config configs/default.yaml" in train
+    # only `make train` writes the committed record; main_job alone writes into its run directory
+    assert re.search(r"--summary-out benchmarks/results/make_train\.json\b", train)
     assert "data_scripts/make_synthetic.py" in train
     test = _dry_run("test", **stamp)
     assert re.search(r"-m pytest\b.*\btests\b", test)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -150,6 +151,11 @@ def test_own_data_every_data_option_has_help(capsys):
         assert len(described.split()) >= 3, f"--data.{name} has no help text: {block!r}"
 
 
+def _benchmark_results_state() -> dict[str, bytes]:
+    """The committed benchmark records (main_job wrote make_train.json there by default once)."""
+    return {str(p): p.read_bytes() for p in sorted((REPO / "benchmarks" / "results").rglob("*")) if p.is_file()}
+
+
 @pytest.mark.slow  # two eval subprocesses: ~1 min on 2 CPU cores
 def test_own_data_main_job_trains_validates_and_evaluates(own_data, tmp_path, capsys):
     from mmoe.training.main_job import main
@@ -158,10 +164,14 @@ def test_own_data_main_job_trains_validates_and_evaluates(own_data, tmp_path, ca
     vlm = tmp_path / "vlm.yaml"
     vlm.write_text(yaml.safe_dump(TINY_OVERRIDES))
     run = tmp_path / "run"
+    before = _benchmark_results_state()
     summary = main(["--data", str(out), "--run-dir", str(run), "--eval-limit", "4", "--",
                     "--config", str(vlm), "--trainer.max_steps=2", "--trainer.enable_progress_bar=true",
                     "--data.val_max_questions=2"])
     stdout = capsys.readouterr().out
+    assert _benchmark_results_state() == before  # no --summary-out: nothing written outside the run directory
+    assert json.loads((run / "summary.json").read_text())["provenance"]["machine"]
+    assert summary["evals_skipped"] == {}
     assert "stage 0 (vision pretraining on object boxes) skipped" in stdout
     assert "a tower trained from scratch inside the VLM" in stdout
     assert "training samples checked" in stdout and "exceed data.max_len=128" in stdout
@@ -215,36 +225,128 @@ def test_own_data_sigterm_saves_a_resumable_checkpoint(tiny_data, tiny_config, t
     assert resumed.trainer.global_step == 5
 
 
-@pytest.mark.slow  # two converter subprocesses that train tokenizers
-def test_own_data_gqa_and_captions_share_one_manifest_and_tokenizer(tmp_path):
-    """A second source converted into the same directory joins the manifest, gets its own carved validation
-    split (none is carved twice) and the tokenizer is retrained on all training text."""
-    from mmoe.data.tokenizer import load_tokenizer
-
-    images = tmp_path / "img"
-    images.mkdir()
-    for i in range(6):
+def convert_gqa_and_captions(root: Path, n_images: int = 12) -> Path:
+    """A GQA-format and a COCO-captions source (PNG images, no val split) converted into one directory by
+    data_scripts/prepare_gqa.py and prepare_coco_captions.py (the captions' file_name say .jpg)."""
+    images = root / "img"
+    images.mkdir(parents=True)
+    for i in range(n_images):
         Image.new("RGB", (16, 16), list(COLORS.values())[i % 3]).save(images / f"n{i}.png")
-    gqa = {f"q{i}": {"imageId": f"n{i}", "question": "Which shape is it?", "answer": f"zebra{i}"} for i in range(6)}
-    (tmp_path / "g.json").write_text(json.dumps(gqa))
-    out = tmp_path / "out"
-    run = [sys.executable, str(REPO / "data_scripts/prepare_gqa.py"), "--questions", str(tmp_path / "g.json"),
-           "--images", str(images), "--out", str(out), "--split", "train", "--val-fraction", "0.34"]
+    gqa = {f"q{i}": {"imageId": f"n{i}", "question": "Which color is the zebra?", "answer": list(COLORS)[i % 3]}
+           for i in range(n_images)}
+    (root / "g.json").write_text(json.dumps(gqa))
+    out = root / "out"
+    run = [sys.executable, str(REPO / "data_scripts/prepare_gqa.py"), "--questions", str(root / "g.json"),
+           "--images", str(images), "--out", str(out), "--split", "train", "--val-fraction", "0.25"]
     proc = subprocess.run(run, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    coco = {"images": [{"id": i, "file_name": f"n{i}.jpg"} for i in range(6)],
-            "annotations": [{"id": i, "image_id": i, "caption": f"a quokka number {i}"} for i in range(6)]}
-    (tmp_path / "c.json").write_text(json.dumps(coco))
-    run = [sys.executable, str(REPO / "data_scripts/prepare_coco_captions.py"), "--captions", str(tmp_path / "c.json"),
-           "--images", str(images), "--out", str(out), "--split", "captions_train"]
+    coco = {"images": [{"id": i, "file_name": f"n{i}.jpg"} for i in range(n_images)],
+            "annotations": [{"id": i, "image_id": i, "caption": f"a {list(COLORS)[i % 3]} quokka square"}
+                            for i in range(n_images)]}
+    (root / "c.json").write_text(json.dumps(coco))
+    run = [sys.executable, str(REPO / "data_scripts/prepare_coco_captions.py"), "--captions", str(root / "c.json"),
+           "--images", str(images), "--out", str(out), "--split", "captions_train", "--val-fraction", "0.25"]
     proc = subprocess.run(run, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "image_extension_detected: .png" in proc.stdout
+    return out
+
+
+@pytest.fixture(scope="module")
+def gqa_captions_data(tmp_path_factory) -> Path:
+    return convert_gqa_and_captions(tmp_path_factory.mktemp("gqa_captions"))
+
+
+@pytest.mark.slow  # two converter subprocesses that train tokenizers
+def test_own_data_gqa_and_captions_share_one_manifest_and_tokenizer(gqa_captions_data):
+    """A second source converted into the same directory joins the manifest and gets its own carved validation
+    split when its task has none yet (each task's evaluation needs one), and the tokenizer is retrained on all
+    training text."""
+    from mmoe.data.tokenizer import load_tokenizer
+
+    out = gqa_captions_data
     splits = json.loads((out / "dataset.json").read_text())["splits"]
     assert {k: (v["role"], v["task"]) for k, v in splits.items()} == {
-        "train": ("train", "gqa"), "val": ("val", "gqa"), "captions_train": ("train", "caption")}
-    assert len(json.loads((out / "val_llava.json").read_text())) == 2
+        "train": ("train", "gqa"), "val": ("val", "gqa"), "captions_train": ("train", "caption"),
+        "captions_train_val": ("val", "caption")}
     gqa_val = json.loads((out / "val_questions.json").read_text())
+    assert len({q["imageId"] for q in gqa_val.values()}) == 3  # 25 % of 12 images
     assert all(Path(q["file_name"]).is_file() for q in gqa_val.values())
+    # the caption GT names the files that exist (.png), as eval/caption.py --images OUT opens them
+    caps = json.loads((out / "captions_train_val_captions.json").read_text())
+    assert len(caps["images"]) == 3 and all(Path(im["file_name"]).is_file() for im in caps["images"])
     vocab = load_tokenizer(out).get_vocab()
-    assert "▁quokka" in vocab and any(w.startswith("▁zebra") for w in vocab)  # both sources' training text
+    assert "▁quokka" in vocab and "▁zebra" in vocab  # both sources' training text
+
+
+def test_own_data_eval_skip_reasons(monkeypatch):
+    """Splits main_job cannot score are named with the reason; caption metrics need Java (PTB tokenizer),
+    so without it the caption evaluation is skipped, not the run failed."""
+    import mmoe.training.main_job as mj
+
+    assert mj._eval_skip_reason({"task": "gqa", "questions": "q.json"}) is None
+    assert "free-form" in mj._eval_skip_reason({"task": "chat", "llava": "x.json"})
+    assert "annotations" in mj._eval_skip_reason({"task": "vqa", "questions": "q.json"})
+    monkeypatch.setattr(mj.shutil, "which", lambda name: None)
+    assert "`java` is not on PATH" in mj._eval_skip_reason({"task": "caption", "captions": "c.json"})
+
+
+def test_own_data_plan_evaluates_each_task_on_its_test_else_val_splits(tmp_path):
+    from mmoe.training.main_job import _own_data_plan
+
+    splits = {"a": ("train", "vqa"), "a_val": ("val", "vqa"), "a_test": ("test", "vqa"), "g": ("train", "gqa"),
+              "g_val": ("val", "gqa"), "c_val": ("val", "caption"), "chat": ("train", "chat")}
+    manifest = {"splits": {k: {"role": r, "task": t, "llava": f"{k}_llava.json"} for k, (r, t) in splits.items()}}
+    (tmp_path / "dataset.json").write_text(json.dumps(manifest))
+    (tmp_path / "tokenizer.json").write_text("{}")
+    for name in ("a", "g", "chat"):
+        (tmp_path / f"{name}_llava.json").write_text("[]")
+    plan = _own_data_plan(tmp_path, tmp_path / "run")
+    assert sorted(name for name, _ in plan["evals"]) == ["a_test", "c_val", "g_val"]
+    assert plan["val"] == "a_val" and plan["train"] == ["a", "g", "chat"]
+
+
+@pytest.mark.slow  # converters, 2 training steps, a GQA and a caption eval subprocess
+def test_own_data_main_job_runs_the_gqa_and_caption_evals(gqa_captions_data, tmp_path, capsys):
+    """`main_job --data DIR` on converted GQA + COCO-captions data: both sources train together, GQA and the
+    caption metrics are computed on their carved validation splits, and the summary's numbers are the scores of
+    the predictions it saved. Without --summary-out nothing is written outside the run directory."""
+    from mmoe.metrics.gqa_pope import gqa_accuracy
+    from mmoe.training.main_job import main
+
+    out = gqa_captions_data
+    vlm = tmp_path / "vlm.yaml"
+    vlm.write_text(yaml.safe_dump(TINY_OVERRIDES))
+    run = tmp_path / "run"
+    before = _benchmark_results_state()
+    summary = main(["--data", str(out), "--run-dir", str(run), "--eval-limit", "2", "--",
+                    "--config", str(vlm), "--trainer.max_steps=2"])
+    stdout = capsys.readouterr().out
+    assert _benchmark_results_state() == before  # the committed benchmark records are untouched
+    record = json.loads((run / "summary.json").read_text())
+    assert record.pop("provenance")["commit"] and record == summary
+    assert "training on train, captions_train; evaluating on val, captions_train_val" in stdout
+    assert "no VQA validation split: no validation during training" in stdout
+    mixed = json.loads((run / "train_mix_llava.json").read_text())
+    n_train = sum(len(json.loads((out / f"{n}_llava.json").read_text())) for n in ("train", "captions_train"))
+    assert len(mixed) == n_train
+    answers = json.loads((run / "gqa_val.json").read_text())
+    assert len(answers) == 2  # --eval-limit
+    assert summary["gqa_val"] == pytest.approx(
+        gqa_accuracy(answers, json.loads((out / "val_questions.json").read_text()))["accuracy"], abs=1e-9)
+    if shutil.which("java"):
+        from pycocoevalcap.cider.cider import Cider
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+        caps = json.loads((run / "captions_captions_train_val.json").read_text())
+        gt = json.loads((out / "captions_train_val_captions.json").read_text())
+        ids = {c["image_id"] for c in caps}
+        assert len(ids) == 2
+        gts = {i: [{"caption": a["caption"]} for a in gt["annotations"] if a["image_id"] == i] for i in ids}
+        res = {c["image_id"]: [{"caption": c["caption"]}] for c in caps}
+        tok = PTBTokenizer()
+        cider, _ = Cider().compute_score(tok.tokenize(gts), tok.tokenize(res))
+        assert summary["caption_captions_train_val_CIDEr"] == pytest.approx(cider, abs=1e-9)
+        assert summary["evals_skipped"] == {}
+    else:
+        assert "java" in summary["evals_skipped"]["captions_train_val"]

@@ -231,6 +231,38 @@ def test_activation_checkpointing_same_losses_grads_and_loads_with_a_masked_plac
     assert all(c == 4 for c in calls.values()), calls  # 2 forwards, each recomputed once in backward
 
 
+@pytest.mark.slow  # aot_eager compile of 6 blocks
+def test_activation_checkpointing_under_compile_same_losses_grads_and_loads():
+    """model.compile with model.activation_checkpointing: the checkpointed blocks compile fullgraph (the eager
+    recompute marker, a context_fn, is left out: compile rejects it and runs no Python forward twice) and give
+    the plain model's loss, gradients and router loads (counted once)."""
+    from mmoe.training.block_wrappers import apply_activation_checkpointing
+    from mmoe.training.compile import compile_blocks
+
+    torch._dynamo.reset()
+    plain, ckpt = _ckpt_vlm("token_choice"), _ckpt_vlm("token_choice")
+    apply_activation_checkpointing(ckpt, compiled=True)
+    assert compile_blocks(ckpt, backend="aot_eager") == 3 + 1 + 2
+    results = {}
+    for name, model in (("plain", plain), ("ckpt", ckpt)):
+        loss, _ = _ckpt_loss(model)
+        loss.backward()
+        grads = {k.replace("._checkpoint_wrapped_module", ""): p.grad for k, p in model.named_parameters()}
+        loads = [m.load_accum.clone() for m in model.modules() if isinstance(m, Router)]
+        results[name] = (loss.detach(), grads, loads)
+    torch._dynamo.reset()
+    (l0, g0, ld0), (l1, g1, ld1) = results["plain"], results["ckpt"]
+    torch.testing.assert_close(l1, l0, rtol=0, atol=1e-10)
+    assert g0.keys() == g1.keys()
+    for k in g0:
+        assert (g0[k] is None) == (g1[k] is None), k
+        if g0[k] is not None:
+            torch.testing.assert_close(g1[k], g0[k], rtol=1e-8, atol=1e-10, msg=k)
+    assert any(ld.sum() > 0 for ld in ld0)
+    for a, b in zip(ld0, ld1):
+        assert torch.equal(a, b)  # counted once per real forward
+
+
 def test_vision_set_grad_checkpointing_with_image_mask_matches_plain():
     from mmoe.model.vision import VisionConfig, VisionEncoder
 

@@ -82,7 +82,7 @@ class MMoEDataModule(L.LightningDataModule):
         *,
         data_dir: str = "data/synthetic",
         train_json: str = "train_llava.json",
-        val_split: str = "val",
+        val_split: str | None = "val",
         test_split: str = "test",
         tokenizer_path: str | None = None,
         image_size: int = 64,
@@ -105,7 +105,8 @@ class MMoEDataModule(L.LightningDataModule):
             train_json: LLaVA-format training conversations, relative to data_dir.
             val_split: prefix of the VQAv2-format validation files `<val_split>_questions.json` and
                 `_annotations.json` (images from each question's file_name, else `<val_split>_images.json` or
-                `_captions.json`); validation generates answers and logs val/vqa_acc.
+                `_captions.json`); validation generates answers and logs val/vqa_acc. null: the data has no VQA
+                validation split (trainer.limit_val_batches must then be 0).
             test_split: prefix of the test files, used by `train.py test` the same way.
             tokenizer_path: tokenizer directory (default: data_dir, where the converters and the synthetic
                 generator write tokenizer.json).
@@ -139,8 +140,8 @@ class MMoEDataModule(L.LightningDataModule):
         self.data_dir = Path(data_dir)
         self.tokenizer_path = Path(tokenizer_path) if tokenizer_path is not None else self.data_dir
         self.image_transform = build_image_transform(image_size, image_mean, image_std)
-        self.val_questions_path = self.data_dir / f"{val_split}_questions.json"
-        self.val_annotations_path = self.data_dir / f"{val_split}_annotations.json"
+        self.val_questions_path = self.data_dir / f"{val_split}_questions.json" if val_split else None
+        self.val_annotations_path = self.data_dir / f"{val_split}_annotations.json" if val_split else None
         self.test_annotations_path = self.data_dir / f"{test_split}_annotations.json"
         self.train_dataset: LlavaJsonDataset | None = None
         self.val_dataset: VqaGenerationDataset | None = None
@@ -185,7 +186,7 @@ class MMoEDataModule(L.LightningDataModule):
             if hp.truncation_check:
                 self.truncation = self.train_dataset.truncation_report(hp.truncation_check, hp.seed)
                 _report_truncation(self.truncation, self.data_dir / hp.train_json)
-        if stage in (None, "fit", "validate") and self.val_dataset is None:
+        if stage in (None, "fit", "validate") and self.val_dataset is None and hp.val_split:
             self.val_dataset = self.vqa_dataset(hp.val_split, hp.val_max_questions or None)  # 0 = all
 
     def vqa_dataset(self, split: str, max_questions: int | None = None) -> VqaGenerationDataset:
@@ -222,6 +223,9 @@ class MMoEDataModule(L.LightningDataModule):
         return self._loader(self.train_dataset, collate_batch, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
+        if not self.hparams.val_split:
+            raise ValueError("data.val_split is null (no VQA validation split): set trainer.limit_val_batches=0 "
+                             "or name a VQAv2-format split in data.val_split")
         if self.val_dataset is None:
             self.setup("validate")
         return self._loader(self.val_dataset, collate_vqa_generation, shuffle=False)

@@ -19,7 +19,20 @@ def compiled_block_lists(model: nn.Module) -> list[nn.ModuleList]:
 
 def compile_blocks(model: nn.Module, fullgraph: bool = True, mode: str | None = None, backend: str = "inductor",
                    dynamic: bool | None = False) -> int:
-    """Compile every block in place (state-dict keys unchanged) and the connector; returns the count."""
+    """Compile every block in place (state-dict keys unchanged) and the connector; returns the count.
+
+    Blocks of one class share a code object, and dynamo keeps one cache entry per block there (a block's
+    layer index is a static int it guards on; under activation checkpointing every block runs through the same
+    wrapper forward), so the per-code-object recompile limit is raised to cover all blocks in training and
+    eval mode and two input shapes each: the default limit (8) is a hard error under fullgraph for deep models.
+    """
+    import torch
+
+    blocks = [b for bl in compiled_block_lists(model) for b in bl]
+    needed = 4 * (len(blocks) + 1)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, needed)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
+                                                           4 * needed)
     n = 0
     for blocks in compiled_block_lists(model):
         for b in blocks:

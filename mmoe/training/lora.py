@@ -7,7 +7,10 @@ Where adapters go (`LoraSettings.targets`):
              peft's `target_parameters` (one low-rank pair per expert);
   experts    the packed (E, in, out) weights of the decoder's MoE FFN experts, through `target_parameters`;
   mlp        the dense SwiGLU MLPs of the decoder (nn.Linear).
-Everything else is frozen except the routers when `train_routers` is set. The model stays single-device
+Everything else is frozen except the routers when `train_routers` is set. With `model.compile` only the
+nn.Linear targets (attention, mlp) are allowed: peft's ParamWrapper registers a parametrization on every
+forward, which fullgraph compilation cannot trace, so the training module refuses moa / experts there.
+Activation checkpointing works with every target. The model stays single-device
 model code: adapters are injected from here (the training module calls `apply_lora`), and `merge_lora` folds
 them back into plain weights so the export has the ordinary format and names.
 """
@@ -22,6 +25,7 @@ from torch import nn
 from mmoe.model.moe.experts import GroupedLinear
 
 TARGETS = ("attention", "moa", "experts", "mlp")
+PACKED_TARGETS = ("moa", "experts")  # peft target_parameters (ParamWrapper): eager only, torch.compile cannot trace
 
 
 @dataclass
@@ -125,4 +129,4 @@ def merge_lora(model: nn.Module, copy_model: bool = True) -> nn.Module:
     return model
 
 
-__all__ = ["LoraSettings", "apply_lora", "merge_lora", "has_lora", "lora_targets"]
+__all__ = ["PACKED_TARGETS", "LoraSettings", "apply_lora", "merge_lora", "has_lora", "lora_targets"]

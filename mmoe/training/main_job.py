@@ -8,10 +8,13 @@ and held-out splits and captioning on test. On a converted dataset (``DIR/datase
 converters): stage 0 when DIR has object boxes (``train_instances.json``), else it is skipped with a message
 saying which tower the VLM uses; the VLM trains on the training split(s) with the tokenizer of DIR (the
 decoder's vocabulary sized to it), validates on the VQA validation split if there is one, and is evaluated
-on every evaluation split the data has (VQA, GQA, captions; test splits, else validation splits).
+on every evaluation split the data has (VQA, GQA, captions; per task its test splits, else its validation
+splits); splits it cannot score (free-form conversations; captions without Java) are named in
+``evals_skipped`` with the reason.
 
 The last line of output is one JSON object: the metrics, the export path, the run directory, timings and
-peak memory.
+peak memory; ``<run-dir>/summary.json`` holds it with date, commit and machine (``--summary-out FILE`` also
+writes it to FILE: ``make train`` writes benchmarks/results/make_train.json).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -88,8 +92,11 @@ def _own_data_plan(data: Path, run_dir: Path) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         train_json = str((run_dir / "train_mix_llava.json").resolve())
         (run_dir / "train_mix_llava.json").write_text(json.dumps(mixed))
-    evals = [name for name, s in splits.items() if s.get("role") == "test"]
-    evals = evals or [name for name, s in splits.items() if s.get("role") == "val"]
+    evals = []  # per task: its test splits, else its validation splits
+    for task in dict.fromkeys(s.get("task") for s in splits.values()):
+        of_task = [name for name, s in splits.items() if s.get("task") == task]
+        tests = [name for name in of_task if splits[name].get("role") == "test"]
+        evals += tests or [name for name in of_task if splits[name].get("role") == "val"]
     vqa_val = [name for name, s in splits.items() if s.get("role") == "val" and s.get("task") == "vqa"]
     return {"manifest": manifest, "train": train, "train_json": train_json, "val": vqa_val[0] if vqa_val else None,
             "evals": [(name, splits[name]) for name in evals]}
@@ -104,31 +111,53 @@ def _vision_tower(extra: list[str], config: str) -> str:
             "rate; pass --model.arch.vision.checkpoint=FILE to start from a pretrained one")
 
 
+def _eval_skip_reason(split: dict) -> str | None:
+    """Why a converted evaluation split cannot be scored here, else None."""
+    task = split.get("task")
+    if task == "vqa" and not (split.get("questions") and split.get("annotations")):
+        return "VQA split without questions and annotations files"
+    if task == "gqa" and not split.get("questions"):
+        return "GQA split without a questions file"
+    if task == "caption":
+        if not split.get("captions"):
+            return "caption split without a captions file"
+        if shutil.which("java") is None:
+            return ("`java` is not on PATH: pycocoevalcap's PTB tokenizer and METEOR need a JRE "
+                    "(e.g. apt-get install openjdk-17-jre-headless)")
+    if task not in ("vqa", "gqa", "caption"):
+        return f"task {task!r}: free-form conversations have no reference metric here"
+    return None
+
+
 def _evaluate_own_data(plan: dict, data: Path, export: Path, run_dir: Path, limit: list[str]) -> dict:
+    """Every evaluation the converted data supports; the skipped ones are named with their reason in
+    ``evals_skipped`` (and printed)."""
     metrics: dict = {}
+    skipped: dict[str, str] = {}
     for name, split in plan["evals"]:
         task = split.get("task")
-        if task == "vqa" and split.get("questions") and split.get("annotations"):
+        reason = _eval_skip_reason(split)
+        if reason:
+            print(f"[mmoe] evaluation of split {name} skipped: {reason}", flush=True)
+            skipped[name] = reason
+        elif task == "vqa":
             index = ["--image-index", str(data / split["images"])] if split.get("images") else []
             m = _run_eval(["eval/vqa.py", "--model", str(export), "--questions", str(data / split["questions"]),
                            "--annotations", str(data / split["annotations"]), "--images", str(data), *index,
                            "--out", str(run_dir / f"vqa_{name}.json"), *limit])
             metrics[f"vqa_{name}"] = m.get("overall")
             metrics[f"vqa_{name}_per_answer_type"] = m.get("per_answer_type")
-        elif task == "gqa" and split.get("questions"):
+        elif task == "gqa":
             m = _run_eval(["eval/vqa.py", "--format", "gqa", "--model", str(export), "--questions",
                            str(data / split["questions"]), "--images", str(data),
                            "--out", str(run_dir / f"gqa_{name}.json"), *limit])
             metrics[f"gqa_{name}"] = m.get("accuracy", m.get("overall"))
-        elif task == "caption" and split.get("captions"):
+        else:
             c = _run_eval(["eval/caption.py", "--model", str(export), "--captions", str(data / split["captions"]),
                            "--images", str(data), "--out", str(run_dir / f"captions_{name}.json"), *limit])
             metrics.update({f"caption_{name}_{k}": v for k, v in c.items()
                             if k in ("CIDEr", "BLEU-4", "METEOR", "ROUGE-L")})
-        else:
-            print(f"[mmoe] no evaluation for split {name} (task {task!r}: free-form conversations have no "
-                  "reference metric here)", flush=True)
-    return metrics
+    return {**metrics, "evals_skipped": skipped}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -142,9 +171,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--vision-pretrain", default="configs/stages/stage0_vision.yaml",
                     help="stage-0 config: pretrain the dense vision tower on object labels first and upcycle it "
                          "into the VLM ('none': the tower starts from scratch inside the VLM)")
-    ap.add_argument("--summary-out", default=str(REPO / "benchmarks" / "results" / "make_train.json"),
-                    help="also write the summary with date, commit and machine here (the evidence behind README "
-                         "numbers; 'none' to skip); <run-dir>/summary.json gets the same record")
+    ap.add_argument("--summary-out", default="none",
+                    help="also write the summary with date, commit and machine here (`make train` passes "
+                         "benchmarks/results/make_train.json, the evidence behind README numbers); "
+                         "<run-dir>/summary.json always gets the same record, and by default only it, so a run "
+                         "writes nothing outside its run directory")
     ap.add_argument("extra", nargs="*", help="extra LightningCLI arguments, e.g. --trainer.max_steps=100")
     args = ap.parse_args(argv)
     data = Path(args.data)
@@ -189,6 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         stage0 = ["--model.optim.vision_lr_scale", "1.0"]  # a tower from scratch learns at the full LR
     own_args: list[str] = []
+    no_val: list[str] = []  # after the extra arguments: a config there cannot ask for validation it has no split for
     if plan is not None:
         from mmoe.data.tokenizer import load_tokenizer
 
@@ -199,13 +231,14 @@ def main(argv: list[str] | None = None) -> dict:
             own_args += ["--data.val_split", plan["val"], "--data.test_split", plan["val"]]
         else:
             print(f"[mmoe] {data} has no VQA validation split: no validation during training", flush=True)
-            own_args += ["--trainer.limit_val_batches", "0"]
+            no_val = ["--data.val_split", "null", "--trainer.limit_val_batches", "0"]
         report = plan["manifest"].get("length_report")
         print(f"[mmoe] own data {data}: training on {', '.join(plan['train'])}; evaluating on "
               f"{', '.join(n for n, _ in plan['evals']) or 'nothing (no test or validation split)'}"
               + (f"; converter length report: {report}" if report else ""), flush=True)
     cli_args = ["fit", "--config", args.config, "--data.data_dir", str(data), *stage0, *own_args,
-                "--trainer.default_root_dir", str(run_dir), "--export_dir", str(run_dir / "export"), *args.extra]
+                "--trainer.default_root_dir", str(run_dir), "--export_dir", str(run_dir / "export"), *args.extra,
+                *no_val]
     print(f"[mmoe] python train.py {' '.join(cli_args)}", flush=True)
     t_train = time.time()
     with _own_argv():
@@ -227,6 +260,9 @@ def main(argv: list[str] | None = None) -> dict:
         metrics[f"vqa_{split}_per_answer_type"] = m.get("per_answer_type")
     if plan is not None:
         metrics = _evaluate_own_data(plan, data, export, run_dir, limit)
+    elif (reason := _eval_skip_reason({"task": "caption", "captions": "test_captions.json"})):
+        print(f"[mmoe] caption evaluation of split test skipped: {reason}", flush=True)
+        metrics["evals_skipped"] = {"test_captions": reason}
     else:
         c = _run_eval(["eval/caption.py", "--model", str(export), "--captions", str(data / "test_captions.json"),
                        "--images", str(data), "--out", str(run_dir / "captions_test.json"), *limit])

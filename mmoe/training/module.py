@@ -25,7 +25,7 @@ from mmoe.model.vlm import MMoEVLM, VLMConfig
 
 from .config import BalanceConfig, OptimConfig, ParallelConfig, StageConfig
 from .stage_init import apply_freeze, load_hf_decoder, load_stage_weights
-from .lora import LoraSettings, apply_lora
+from .lora import PACKED_TARGETS, LoraSettings, apply_lora
 
 LOSS_REDUCTIONS = {"token": 0.0, "sqrt": 0.5, "turn": 1.0}  # exponent p of the per-token weight len(turn)^-p
 
@@ -99,9 +99,11 @@ class MMoEModule(L.LightningModule):
             balance: balancing-loss coefficients per MoE site and kind.
             stage: previous-stage checkpoint to start from (upcycled into MoE) and what to freeze.
             parallel: expert-parallel size.
-            activation_checkpointing: recompute each ViT / decoder block in backward to save memory.
+            activation_checkpointing: recompute each ViT / decoder block in backward to save memory (also
+                with compile and with LoRA).
             compile: torch.compile every ViT block, the connector and every decoder block (fullgraph=True;
-                MoE blocks included: their dispatch has static shapes).
+                MoE blocks included: their dispatch has static shapes). With LoRA only the nn.Linear targets
+                (attention, mlp): adapters on packed weights (moa, experts) are refused.
             val_max_new_tokens: answer length generated during validation.
             log_routing_every: log per-layer routing health every N training steps.
             loss_reduction: how answer tokens are averaged: 'token' (plain mean), 'turn' (each answer turn
@@ -140,6 +142,13 @@ class MMoEModule(L.LightningModule):
         if self.lora_cfg.r and parallel.ep_size > 1:
             raise ValueError("model.lora.r > 0 with model.parallel.ep_size > 1: LoRA on sharded experts is not "
                              "supported; fine-tune with LoRA on one expert-parallel group (ep_size 1)")
+        packed = sorted(set(self.lora_cfg.targets) & set(PACKED_TARGETS))
+        if self.lora_cfg.r and compile and packed:
+            raise ValueError(
+                f"model.compile=true with model.lora.targets {packed}: peft adapts packed weights (MoA and MoE "
+                "experts) by registering a parametrization in every forward, which torch.compile(fullgraph=True) "
+                "cannot trace; with model.compile use model.lora.targets from [attention, mlp], or set "
+                "model.compile=false")
         if self.lora_cfg.r:
             apply_lora(self.model, self.lora_cfg)  # after the weights are loaded: adapters start at zero
         self._val_results: list[dict] = []
@@ -177,7 +186,7 @@ class MMoEModule(L.LightningModule):
             enable_expert_parallel(self.model, self.parallel_cfg.ep_size)
         if self.activation_checkpointing:
             from .block_wrappers import apply_activation_checkpointing
-            apply_activation_checkpointing(self.model)
+            apply_activation_checkpointing(self.model, compiled=self.compile_blocks)
         if self.compile_blocks:
             from .compile import compile_blocks
             compile_blocks(self.model)
