@@ -201,6 +201,35 @@ def test_two_level_selects_inside_top_groups(tg, k, renorm):
     assert res.group_logits is not None and res.group_probs is not None
 
 
+def test_two_level_noisy_training_keeps_the_clean_loss_distribution():
+    """Two-level routing with noisy gating in training: the noise moves selection weights, while the loss
+    distribution stays the clean P(g) * P(e|g). The router is left float32 and given float64 tokens, so it must
+    run in float64 (both gates cast to the input's precision)."""
+    E, G, P = 8, 4, 2
+    torch.manual_seed(0)
+    r = Router(D, MoEConfig(num_experts=E, top_k=4, hierarchy="two_level", num_groups=G, top_groups=2,
+                            noisy_gating=True)).train()
+    with torch.no_grad():
+        for gate in (r.gate, r.group_gate):
+            gate.weight.normal_(0, 1.0)
+        r.noise_gate.weight.normal_(0, 2.0)
+    x = tokens(40)
+    res = r(x)
+    w, gw = r.gate.weight.double(), r.group_gate.weight.double()
+    ref = torch.zeros(len(x), E, dtype=torch.float64)
+    for n in range(len(x)):  # per token: softmax over groups, softmax inside each group, product
+        pg = [math.exp(v) for v in (gw @ x[n]).tolist()]
+        logits = (w @ x[n]).tolist()
+        for e in range(E):
+            g = e // P
+            inside = [math.exp(v) for v in logits[g * P:(g + 1) * P]]
+            ref[n, e] = pg[g] / sum(pg) * inside[e % P] / sum(inside)
+    assert res.probs.dtype == torch.float64
+    torch.testing.assert_close(res.probs, ref, rtol=1e-12, atol=1e-14)
+    clean_w = ref.gather(1, res.expert_idx)
+    assert not torch.allclose(res.weights, clean_w / clean_w.sum(-1, keepdim=True))  # the noise did act
+
+
 # ----------------------------------------------------------------------------- capacity
 def test_within_capacity_position_and_score_policies():
     # expert 0 is wanted by tokens 0-2 as a second choice and by token 3 as a first choice
@@ -237,6 +266,11 @@ def test_router_capacity_limits(policy, kind):
     C = r.cfg.capacity(int(mask.sum()), True)
     assert C == math.ceil(0.6 * 34 * r.cfg.top_k / 4)
     kept_counts = res.expert_counts("kept")
+    real = res.expert_idx[mask]
+    assert kept_counts.tolist() == [int((real == e)[res.kept[mask]].sum()) for e in range(4)]
+    assert torch.equal(res.expert_counts(), kept_counts)  # the default counts kept slots, after capacity
+    with pytest.raises(ValueError, match="which"):
+        res.expert_counts("dropped")
     assert (kept_counts <= C).all()
     assert (res.expert_counts("selected") > C).any()  # something was actually dropped
     assert not res.kept[~mask].any()
