@@ -104,14 +104,16 @@ def test_jitter_only_in_training():
 
 
 # ----------------------------------------------------------------------------- top-p
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("p", [0.3, 0.6, 0.9, 1.0])
-def test_top_p_selects_minimal_mass(p):
-    r = make_router(num_experts=8, top_k=4, router="top_p", top_p=p).eval()
+def test_top_p_selects_minimal_mass(p, score_func):
+    r = make_router(num_experts=8, top_k=4, router="top_p", top_p=p, score_func=score_func).eval()
     with torch.no_grad():
         r.gate.weight.mul_(0.7)
     x = tokens(64)
     res = r(x)
     probs = scores_of(r, x)
+    probs = probs / probs.sum(-1, keepdim=True)  # the mass is taken of the distribution (sigmoid scores)
     counts = res.selected.sum(-1)
     for n in range(len(x)):
         sel = res.expert_idx[n][res.selected[n]]
@@ -126,6 +128,30 @@ def test_top_p_selects_minimal_mass(p):
     torch.testing.assert_close(res.weights.sum(-1), torch.ones(len(x), dtype=res.weights.dtype))
     assert (res.weights[~res.selected] == 0).all()
     assert len(set(counts.tolist())) > 1 or p in (1.0,)  # adaptive k actually varies
+
+
+@pytest.mark.parametrize("p,k", [(0.5, 2), (0.75, 3), (1.0, 4)])
+def test_top_p_mass_exactly_at_p_is_reached(p, k):
+    """Uniform routing (a zero gate, as at upcycling): four experts of exactly 0.25; the fewest reaching p."""
+    r = make_router(num_experts=4, top_k=4, router="top_p", top_p=p).eval()
+    with torch.no_grad():
+        r.gate.weight.zero_()
+    res = r(tokens(8))
+    assert res.selected.sum(-1).tolist() == [k] * 8
+    assert res.weights[res.selected].tolist() == [1 / k] * (8 * k)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(hierarchy="two_level", num_groups=2, top_groups=2, top_k=2)])
+def test_a_loaded_bias_is_ignored_without_aux_free_bias(kw):
+    """A checkpoint trained with the aux-loss-free bias, loaded into a config without it: selection is by score."""
+    r = make_router(**(dict(num_experts=4, top_k=1) | kw)).eval()
+    x = tokens(32)
+    before = r(x)
+    with torch.no_grad():
+        r.expert_bias.copy_(torch.tensor([5.0, -5.0, 5.0, -5.0]))
+    after = r(x)
+    assert torch.equal(after.expert_idx, before.expert_idx) and torch.equal(after.weights, before.weights)
+    assert after.expert_bias is None
 
 
 # ----------------------------------------------------------------------------- expert choice
@@ -226,6 +252,8 @@ def test_two_level_noisy_training_keeps_the_clean_loss_distribution():
             ref[n, e] = pg[g] / sum(pg) * inside[e % P] / sum(inside)
     assert res.probs.dtype == torch.float64
     torch.testing.assert_close(res.probs, ref, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(res.logits, x @ w.t())  # clean expert logits for the z-loss
+    torch.testing.assert_close(res.group_logits, x @ gw.t())
     clean_w = ref.gather(1, res.expert_idx)
     assert not torch.allclose(res.weights, clean_w / clean_w.sum(-1, keepdim=True))  # the noise did act
 
