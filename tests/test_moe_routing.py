@@ -280,6 +280,25 @@ def test_within_capacity_position_and_score_policies():
 
 
 @pytest.mark.parametrize("policy", ["position", "score"])
+def test_within_capacity_matches_a_loop_with_many_ties(policy):
+    """300 slots whose weights take two values (ties everywhere, and enough slots that an unstable sort would
+    reorder them): per expert, keep the first C slots by (policy key, token, slot), as a plain Python loop does."""
+    N, K, E, C = 150, 2, 3, 17
+    g = torch.Generator().manual_seed(0)
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(N)])
+    w = torch.tensor([0.5, 0.25], dtype=torch.float64)[torch.randint(0, 2, (N, K), generator=g)]
+    sel = torch.rand(N, K, generator=g) > 0.1
+    got = within_capacity(idx, w, sel, C, E, policy)
+    ref = torch.zeros(N, K, dtype=torch.bool)
+    for e in range(E):
+        slots = [(n, j) for n in range(N) for j in range(K) if sel[n, j] and idx[n, j] == e]
+        key = (lambda nj: (-float(w[nj]), nj[0], nj[1])) if policy == "score" else (lambda nj: (nj[1], nj[0]))
+        for n, j in sorted(slots, key=key)[:C]:
+            ref[n, j] = True
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("policy", ["position", "score"])
 @pytest.mark.parametrize("kind", [dict(), dict(router="top_p", top_p=0.8, top_k=3),
                                   dict(hierarchy="group_limited", num_groups=2, top_groups=1)])
 def test_router_capacity_limits(policy, kind):
