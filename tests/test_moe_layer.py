@@ -35,6 +35,7 @@ CAPACITY = {
     "cap_top_p_score": dict(router="top_p", top_k=3, top_p=0.8, capacity_factor=0.4, drop_policy="score"),
     "cap_group_position": dict(hierarchy="group_limited", num_groups=3, top_groups=1, top_k=2,
                                capacity_factor=0.5, drop_policy="position"),
+    "cap_one_row": dict(top_k=1, renormalize=False, capacity_factor=0.2, drop_policy="score"),  # C = 1
 }
 
 
@@ -243,7 +244,7 @@ def test_swiglu_act_gradcheck():
     assert torch.autograd.gradcheck(swiglu_act, (h,))
 
 
-@pytest.mark.parametrize("kind", ["softmax_renorm", "top_p", "expert_choice_k1", "cap_score"])
+@pytest.mark.parametrize("kind", ["softmax_renorm", "top_p", "expert_choice_k1", "cap_score", "cap_one_row"])
 def test_combine_paths_match_index_add(kind):
     moe = build(KINDS.get(kind) or CAPACITY[kind])
     x, mask = inputs(padded=True)
