@@ -287,9 +287,11 @@ def test_upcycled_moe_equals_dense_mlp():
     assert isinstance(moe.experts, GroupedExperts)
 
 
-def test_autocast_bf16_runs_and_stays_close():
+@pytest.mark.parametrize("kw", [dict(), dict(capacity_factor=0.5)], ids=["dropless", "capacity"])
+def test_autocast_bf16_runs_and_stays_close(kw):
+    """bf16 expert outputs combined with float32 router weights, in the dropless and the capacity-buffer layout."""
     torch.manual_seed(0)
-    moe = MoEFFN(D, HID, MoEConfig(num_experts=4, top_k=2), bias=True, activation="gelu")
+    moe = MoEFFN(D, HID, MoEConfig(num_experts=4, top_k=2, **kw), bias=True, activation="gelu")
     x = torch.randn(B, T, D, requires_grad=True)
     ref, _ = moe(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
