@@ -34,6 +34,8 @@ def ann(qid: int, gt: list[dict], answer_type: str = "other", question_type: str
     ("Hello, world!", "hello world"),      # ", " present -> comma deleted; "!" not next to a space -> space
     ("red/white", "red white"),            # "/" not next to a space -> replaced by a space
     ("red / white", "red white"),          # " /" present -> deleted, double space collapses on split
+    ("a-b -c", "ab c"),                    # " -" anywhere -> every "-" deleted, also the one inside "a-b"
+    ("a-b- c", "ab c"),                    # "- " anywhere -> the same
     ("100,978", "100978"),                 # comma between digits -> deleted
     ("x(y) 1000", "x y 1000"),             # "(" and ")" not next to a space -> spaces
     ("x(y) 1,000", "xy 1000"),             # digit-comma-digit anywhere -> ALL marks deleted (quirk)
@@ -137,6 +139,24 @@ def test_rounding_is_python2_half_away_from_zero() -> None:
     assert vqa_accuracy(results, {"annotations": anns})["overall"] == 0.13
     assert official_round(2.675) == 2.67  # binary value is below the tie: no upward bias
     assert official_round(23.125) == 23.13
+
+
+def test_report_fields_count_and_name_the_run() -> None:
+    """Every field of the report, on a set with a 3-answer question lacking question and answer types."""
+    anns = [ann(1, answers(*["yes"] * 10), "yes/no", "is the"),
+            {"question_id": 2, "answers": answers("cat", "cat", "dog")}]  # no types: grouped under "unknown"
+    results = [{"question_id": 1, "answer": "yes"}, {"question_id": 2, "answer": "cat"},
+               {"question_id": 2, "answer": "dog"}]
+    # q2 with "dog" (last wins): holding out either "cat" leaves 1 match (1/3), the "dog" 0 -> 2/9 = 22.22 %
+    assert vqa_accuracy(results, {"annotations": anns}) == {
+        "overall": 61.11, "per_answer_type": {"yes/no": 100.0, "unknown": 22.22},
+        "per_question_type": {"is the": 100.0, "unknown": 22.22}, "num_questions": 2,
+        "per_question": {1: 100.0, 2: 22.22}, "duplicate_result_ids": 1, "questions_not_10_answers": 1,
+        "normalization": "official vqaEval (conditional on GT disagreement)"}
+    m = vqa_accuracy(results[:2], {"annotations": anns[:1] + [dict(anns[1], answers=answers(*["cat"] * 10))]},
+                     always_normalize=True)
+    assert m["questions_not_10_answers"] == 0 and m["duplicate_result_ids"] == 0
+    assert m["normalization"] == "always (lmms-eval style)"
 
 
 def test_duplicate_results_last_wins() -> None:

@@ -35,6 +35,7 @@ CAPACITY = {
     "cap_top_p_score": dict(router="top_p", top_k=3, top_p=0.8, capacity_factor=0.4, drop_policy="score"),
     "cap_group_position": dict(hierarchy="group_limited", num_groups=3, top_groups=1, top_k=2,
                                capacity_factor=0.5, drop_policy="position"),
+    "cap_one_row": dict(top_k=1, renormalize=False, capacity_factor=0.2, drop_policy="score"),  # C = 1
 }
 
 
@@ -243,7 +244,7 @@ def test_swiglu_act_gradcheck():
     assert torch.autograd.gradcheck(swiglu_act, (h,))
 
 
-@pytest.mark.parametrize("kind", ["softmax_renorm", "top_p", "expert_choice_k1", "cap_score"])
+@pytest.mark.parametrize("kind", ["softmax_renorm", "top_p", "expert_choice_k1", "cap_score", "cap_one_row"])
 def test_combine_paths_match_index_add(kind):
     moe = build(KINDS.get(kind) or CAPACITY[kind])
     x, mask = inputs(padded=True)
@@ -286,9 +287,11 @@ def test_upcycled_moe_equals_dense_mlp():
     assert isinstance(moe.experts, GroupedExperts)
 
 
-def test_autocast_bf16_runs_and_stays_close():
+@pytest.mark.parametrize("kw", [dict(), dict(capacity_factor=0.5)], ids=["dropless", "capacity"])
+def test_autocast_bf16_runs_and_stays_close(kw):
+    """bf16 expert outputs combined with float32 router weights, in the dropless and the capacity-buffer layout."""
     torch.manual_seed(0)
-    moe = MoEFFN(D, HID, MoEConfig(num_experts=4, top_k=2), bias=True, activation="gelu")
+    moe = MoEFFN(D, HID, MoEConfig(num_experts=4, top_k=2, **kw), bias=True, activation="gelu")
     x = torch.randn(B, T, D, requires_grad=True)
     ref, _ = moe(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):

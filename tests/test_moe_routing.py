@@ -104,14 +104,16 @@ def test_jitter_only_in_training():
 
 
 # ----------------------------------------------------------------------------- top-p
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("p", [0.3, 0.6, 0.9, 1.0])
-def test_top_p_selects_minimal_mass(p):
-    r = make_router(num_experts=8, top_k=4, router="top_p", top_p=p).eval()
+def test_top_p_selects_minimal_mass(p, score_func):
+    r = make_router(num_experts=8, top_k=4, router="top_p", top_p=p, score_func=score_func).eval()
     with torch.no_grad():
         r.gate.weight.mul_(0.7)
     x = tokens(64)
     res = r(x)
     probs = scores_of(r, x)
+    probs = probs / probs.sum(-1, keepdim=True)  # the mass is taken of the distribution (sigmoid scores)
     counts = res.selected.sum(-1)
     for n in range(len(x)):
         sel = res.expert_idx[n][res.selected[n]]
@@ -126,6 +128,30 @@ def test_top_p_selects_minimal_mass(p):
     torch.testing.assert_close(res.weights.sum(-1), torch.ones(len(x), dtype=res.weights.dtype))
     assert (res.weights[~res.selected] == 0).all()
     assert len(set(counts.tolist())) > 1 or p in (1.0,)  # adaptive k actually varies
+
+
+@pytest.mark.parametrize("p,k", [(0.5, 2), (0.75, 3), (1.0, 4)])
+def test_top_p_mass_exactly_at_p_is_reached(p, k):
+    """Uniform routing (a zero gate, as at upcycling): four experts of exactly 0.25; the fewest reaching p."""
+    r = make_router(num_experts=4, top_k=4, router="top_p", top_p=p).eval()
+    with torch.no_grad():
+        r.gate.weight.zero_()
+    res = r(tokens(8))
+    assert res.selected.sum(-1).tolist() == [k] * 8
+    assert res.weights[res.selected].tolist() == [1 / k] * (8 * k)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(hierarchy="two_level", num_groups=2, top_groups=2, top_k=2)])
+def test_a_loaded_bias_is_ignored_without_aux_free_bias(kw):
+    """A checkpoint trained with the aux-loss-free bias, loaded into a config without it: selection is by score."""
+    r = make_router(**(dict(num_experts=4, top_k=1) | kw)).eval()
+    x = tokens(32)
+    before = r(x)
+    with torch.no_grad():
+        r.expert_bias.copy_(torch.tensor([5.0, -5.0, 5.0, -5.0]))
+    after = r(x)
+    assert torch.equal(after.expert_idx, before.expert_idx) and torch.equal(after.weights, before.weights)
+    assert after.expert_bias is None
 
 
 # ----------------------------------------------------------------------------- expert choice
@@ -201,6 +227,37 @@ def test_two_level_selects_inside_top_groups(tg, k, renorm):
     assert res.group_logits is not None and res.group_probs is not None
 
 
+def test_two_level_noisy_training_keeps_the_clean_loss_distribution():
+    """Two-level routing with noisy gating in training: the noise moves selection weights, while the loss
+    distribution stays the clean P(g) * P(e|g). The router is left float32 and given float64 tokens, so it must
+    run in float64 (both gates cast to the input's precision)."""
+    E, G, P = 8, 4, 2
+    torch.manual_seed(0)
+    r = Router(D, MoEConfig(num_experts=E, top_k=4, hierarchy="two_level", num_groups=G, top_groups=2,
+                            noisy_gating=True)).train()
+    with torch.no_grad():
+        for gate in (r.gate, r.group_gate):
+            gate.weight.normal_(0, 1.0)
+        r.noise_gate.weight.normal_(0, 2.0)
+    x = tokens(40)
+    res = r(x)
+    w, gw = r.gate.weight.double(), r.group_gate.weight.double()
+    ref = torch.zeros(len(x), E, dtype=torch.float64)
+    for n in range(len(x)):  # per token: softmax over groups, softmax inside each group, product
+        pg = [math.exp(v) for v in (gw @ x[n]).tolist()]
+        logits = (w @ x[n]).tolist()
+        for e in range(E):
+            g = e // P
+            inside = [math.exp(v) for v in logits[g * P:(g + 1) * P]]
+            ref[n, e] = pg[g] / sum(pg) * inside[e % P] / sum(inside)
+    assert res.probs.dtype == torch.float64
+    torch.testing.assert_close(res.probs, ref, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(res.logits, x @ w.t())  # clean expert logits for the z-loss
+    torch.testing.assert_close(res.group_logits, x @ gw.t())
+    clean_w = ref.gather(1, res.expert_idx)
+    assert not torch.allclose(res.weights, clean_w / clean_w.sum(-1, keepdim=True))  # the noise did act
+
+
 # ----------------------------------------------------------------------------- capacity
 def test_within_capacity_position_and_score_policies():
     # expert 0 is wanted by tokens 0-2 as a second choice and by token 3 as a first choice
@@ -223,6 +280,25 @@ def test_within_capacity_position_and_score_policies():
 
 
 @pytest.mark.parametrize("policy", ["position", "score"])
+def test_within_capacity_matches_a_loop_with_many_ties(policy):
+    """300 slots whose weights take two values (ties everywhere, and enough slots that an unstable sort would
+    reorder them): per expert, keep the first C slots by (policy key, token, slot), as a plain Python loop does."""
+    N, K, E, C = 150, 2, 3, 17
+    g = torch.Generator().manual_seed(0)
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(N)])
+    w = torch.tensor([0.5, 0.25], dtype=torch.float64)[torch.randint(0, 2, (N, K), generator=g)]
+    sel = torch.rand(N, K, generator=g) > 0.1
+    got = within_capacity(idx, w, sel, C, E, policy)
+    ref = torch.zeros(N, K, dtype=torch.bool)
+    for e in range(E):
+        slots = [(n, j) for n in range(N) for j in range(K) if sel[n, j] and idx[n, j] == e]
+        key = (lambda nj: (-float(w[nj]), nj[0], nj[1])) if policy == "score" else (lambda nj: (nj[1], nj[0]))
+        for n, j in sorted(slots, key=key)[:C]:
+            ref[n, j] = True
+    assert torch.equal(got, ref)
+
+
+@pytest.mark.parametrize("policy", ["position", "score"])
 @pytest.mark.parametrize("kind", [dict(), dict(router="top_p", top_p=0.8, top_k=3),
                                   dict(hierarchy="group_limited", num_groups=2, top_groups=1)])
 def test_router_capacity_limits(policy, kind):
@@ -237,6 +313,11 @@ def test_router_capacity_limits(policy, kind):
     C = r.cfg.capacity(int(mask.sum()), True)
     assert C == math.ceil(0.6 * 34 * r.cfg.top_k / 4)
     kept_counts = res.expert_counts("kept")
+    real = res.expert_idx[mask]
+    assert kept_counts.tolist() == [int((real == e)[res.kept[mask]].sum()) for e in range(4)]
+    assert torch.equal(res.expert_counts(), kept_counts)  # the default counts kept slots, after capacity
+    with pytest.raises(ValueError, match="which"):
+        res.expert_counts("dropped")
     assert (kept_counts <= C).all()
     assert (res.expert_counts("selected") > C).any()  # something was actually dropped
     assert not res.kept[~mask].any()

@@ -50,7 +50,9 @@ class RoutingResult:
         return f"{self.site}.{self.layer}"
 
     def expert_counts(self, which: str = "kept") -> Tensor:
-        """(E,) number of assignments per expert over real tokens."""
+        """(E,) number of assignments per expert over real tokens: `which` 'kept' (after capacity) or 'selected'."""
+        if which not in ("kept", "selected"):
+            raise ValueError(f"expert_counts: which must be 'kept' or 'selected', got {which!r}")
         mask = (self.kept if which == "kept" else self.selected) & self.token_mask[:, None]
         return torch.bincount(self.expert_idx[mask], minlength=self.num_experts)
 
