@@ -377,18 +377,22 @@ def test_fsdp_root_unit_keeps_weights_after_forward_bf16_backward_through_datacl
 
 
 @pytest.mark.distributed
-def test_fsdp_cuda_check_rehearses_on_cpu():
-    """benchmarks/fsdp_ep_cuda_check.py --device cpu (gloo, bf16 compute) runs the GPU check's path and says ok."""
+@pytest.mark.parametrize("extra", [[], ["--sharded-init"]], ids=["built", "sharded_init"])
+def test_fsdp_cuda_check_rehearses_on_cpu(extra):
+    """benchmarks/fsdp_ep_cuda_check.py --device cpu (gloo, bf16 compute) runs the GPU check's path and says ok
+    (with --sharded-init: the FSDP model filled shard by shard equals the reference's weights)."""
     import subprocess
     import sys
 
     from _dist_utils import free_port
     env = dict(os.environ, MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, str(REPO / "benchmarks/fsdp_ep_cuda_check.py"), "--device", "cpu",
-                          "--dim", "32", "--layers", "2"], capture_output=True, text=True, cwd=REPO, env=env,
+                          "--dim", "32", "--layers", "2", *extra], capture_output=True, text=True, cwd=REPO, env=env,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "ok", out.stdout
+    if extra:
+        assert '"sharded_init_equal": true' in out.stdout, out.stdout
 
 
 # =========================================================================== global-batch balance maths
