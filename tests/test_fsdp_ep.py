@@ -730,3 +730,27 @@ def test_fsdp_sharded_init_streams_open_clip_tower_equal_ordinary_load(tmp_path)
     assert set(full) == set(want)
     bad = [k for k, v in want.items() if not torch.equal(full[k], v)]
     assert not bad, bad[:5]
+
+
+def test_fsdp_streamed_box_writes_land_where_a_full_tensor_assignment_puts_them():
+    """sharded_load.write_local: a rank holding `region` of a global tensor, written a broadcast value into
+    `box`, ends up with exactly region of (full tensor after full[box] = value) - for random regions and boxes,
+    empty intersections included."""
+    from mmoe.parallel.sharded_load import write_local
+    g = torch.Generator().manual_seed(0)
+    shape = (4, 6, 10)
+
+    def rand_slice(n):
+        a, b = sorted(torch.randint(0, n + 1, (2,), generator=g).tolist())
+        return slice(a, b)
+
+    for _ in range(200):
+        region = tuple(rand_slice(n) for n in shape)
+        box = tuple(rand_slice(n) for n in shape)
+        box_shape = tuple(b.stop - b.start for b in box)
+        value = torch.randn(box_shape[1:], generator=g)[None]  # broadcast over dim 0, as expert upcycling does
+        full = torch.randn(shape, generator=g)
+        local = full[region].clone()
+        full[box] = value.expand(box_shape)
+        write_local(local, region, value, box)
+        assert torch.equal(local, full[region])

@@ -40,9 +40,12 @@ def write_box(t: Tensor, value: Tensor, box: tuple | None = None) -> None:
     """Copy `value` (broadcast to the box) into `box` of the global tensor `t` - only the part this rank
     holds (t a DTensor of the global shape) or all of it (a plain tensor)."""
     shape = tuple(t.shape)
-    box = _box(shape, box)
     region = _local_region(t) if isinstance(t, DTensor) else _box(shape, None)
-    local = t.to_local() if isinstance(t, DTensor) else t
+    write_local(t.to_local() if isinstance(t, DTensor) else t, region, value, _box(shape, box))
+
+
+def write_local(local: Tensor, region: tuple[slice, ...], value: Tensor, box: tuple[slice, ...]) -> None:
+    """`local` holds `region` of a global tensor: write the part of `box` (<- `value`, broadcast) inside it."""
     inter = [(max(b.start, r.start), min(b.stop, r.stop)) for b, r in zip(box, region)]
     if any(a >= z for a, z in inter):
         return
