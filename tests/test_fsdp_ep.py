@@ -579,18 +579,19 @@ def _job_stream(rank: int, world: int, ep: int, llama: str, vit: str) -> dict:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("ep", [1, 2], ids=["fsdp_shard2_ep1", "fsdp_shard1_ep2"])
-def test_fsdp_sharded_init_streams_hf_decoder_and_vit_upcycled_equal_ordinary_load(tmp_path, ep):
-    """sharded_init + stage.hf_decoder (tiny Llama) + vision.checkpoint (tiny timm ViT .safetensors) on 2 gloo
-    processes: tensors read one at a time into each rank's shards, dense FFNs / MLPs upcycled slice-wise into
-    the (EP- and FSDP-sharded) experts, shared experts silenced - gathered, equal to the ordinary unsharded
-    load (MMoEModule without sharded_init, same seed) exactly."""
+@pytest.mark.parametrize("world,ep", [(2, 1), (2, 2), pytest.param(4, 2, marks=pytest.mark.slow)],
+                         ids=["fsdp_shard2_ep1", "fsdp_shard1_ep2", "fsdp_shard2_ep2"])
+def test_fsdp_sharded_init_streams_hf_decoder_and_vit_upcycled_equal_ordinary_load(tmp_path, world, ep):
+    """sharded_init + stage.hf_decoder (tiny Llama) + vision.checkpoint (tiny timm ViT .safetensors) on 2 (4)
+    gloo processes: tensors read one at a time into each rank's shards, dense FFNs / MLPs upcycled slice-wise
+    into the (EP- and FSDP-sharded) experts, shared experts silenced - gathered, equal to the ordinary
+    unsharded load (MMoEModule without sharded_init, same seed) exactly."""
     from mmoe.training.config import StageConfig
     from mmoe.training.module import MMoEModule
     llama, vit = _write_dense_checkpoints(tmp_path)
     torch.manual_seed(0)
     want = MMoEModule(arch=_stream_arch(vit), stage=StageConfig(hf_decoder=llama)).model.state_dict()
-    res = run_distributed(_job_stream, 2, ep, llama, vit, timeout=240)
+    res = run_distributed(_job_stream, world, ep, llama, vit, timeout=400)
     assert res[0]["stats"]["loaded"]["decoder"]["upcycled"] == 6  # 2 layers x gate, up, down
     assert res[0]["stats"]["loaded"]["vision"]["upcycled"] == 4  # 2 blocks x fc1, fc2
     full = res[0]["full"]
