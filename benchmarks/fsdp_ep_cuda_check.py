@@ -5,6 +5,7 @@ when every loss is finite and the gap is below --max-gap (exit status 1 otherwis
 
     python benchmarks/fsdp_ep_cuda_check.py [--dim 256] [--layers 4]       # CUDA, NCCL
     python benchmarks/fsdp_ep_cuda_check.py --device cpu --dim 32 --layers 2   # rehearsal: CPU, gloo
+    python benchmarks/fsdp_ep_cuda_check.py --sharded-init     # the FSDP model filled shard by shard on the GPU
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--max-gap", type=float, default=0.05, help="largest relative loss gap that passes")
+    ap.add_argument("--sharded-init", action="store_true",
+                    help="build the FSDP model on the meta device and fill its shards on the device "
+                         "(model.parallel.sharded_init); its weights must equal the reference's exactly")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print(json.dumps({"skipped": "no CUDA"}))
@@ -47,9 +51,21 @@ def main(argv=None) -> dict:
     dev = torch.device(args.device)
     torch.manual_seed(0)
     ref = MMoEVLM(_arch(args.dim, args.layers)).to(dev)
-    model = copy.deepcopy(ref)
+    res = {"fsdp_losses": [], "autocast_losses": []}
+    if args.sharded_init:
+        from mmoe.parallel.fsdp_checkpoint import full_state_dict
+        from mmoe.parallel.sharded_init import materialize_sharded, record_build
+        torch.manual_seed(0)
+        record = record_build(lambda: MMoEVLM(_arch(args.dim, args.layers)))
+        model = record.model
+    else:
+        model = copy.deepcopy(ref)
     apply_fsdp_ep(model, init_device_mesh(args.device, (1,)), mixed_precision(torch.bfloat16, torch.float32),
                   activation_checkpointing=True)
+    if args.sharded_init:
+        materialize_sharded(model, record, dev)
+        full, want = full_state_dict(model), ref.state_dict()
+        res["sharded_init_equal"] = all(torch.equal(full[k], v.cpu()) for k, v in want.items())
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(5, 512, (4, 64), generator=g)
     ids[:, 1] = 4
@@ -62,7 +78,6 @@ def main(argv=None) -> dict:
         out = m(*batch, labels, logits_at_labels=True)
         return lm_loss(out.logits, out.labels) + 0.01 * sum(balancing.load_balance_loss(r) for r in out.routing)
 
-    res = {"fsdp_losses": [], "autocast_losses": []}
     opt, ropt = (torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (model, ref))
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -87,7 +102,8 @@ def main(argv=None) -> dict:
     dist.destroy_process_group()
     print(json.dumps(res))
     losses = res["fsdp_losses"] + res["autocast_losses"]
-    res["ok"] = all(math.isfinite(x) for x in losses) and res["max_rel_loss_gap"] < args.max_gap
+    res["ok"] = all(math.isfinite(x) for x in losses) and res["max_rel_loss_gap"] < args.max_gap \
+        and res.get("sharded_init_equal", True)
     if res["ok"]:
         print("ok")
     return res

@@ -1,9 +1,9 @@
 """Expert parallelism through Lightning: 2 CPU processes (gloo), `strategy="ddp_ep"`, the real MMoEModule.
 
 1. Trainer + MMoEModule (tiny VLM with MoE at every site: ViT, connector, MoA, decoder FFN), fp64, 3 steps
-   with gradient clipping, AdamW + warmup/cosine, balancing losses (device-level included) and the
-   aux-loss-free bias: parameters equal a one-process reference that sees each rank's batches (the
-   objective DDP optimises, mean over ranks); ranks read different batches; replicated weights are
+   with gradient clipping, AdamW + warmup/cosine, balancing losses (device-level included, over the global
+   batch) and the aux-loss-free bias: parameters equal a one-process reference that sees each rank's batches
+   (the objective DDP optimises: mean over ranks, the device balance of all ranks' tokens); ranks read different batches; replicated weights are
    bitwise identical across ranks and experts differ only by shard; the checkpoint written by rank 0 holds
    every expert (model and Adam moments) and restores them; the rank-0-only export equals the gathered
    experts and loads into a one-process MMoEVLM.
@@ -29,6 +29,7 @@ from _dist_utils import export_vs_gathered, run_distributed
 REPO = Path(__file__).resolve().parents[1]
 STEPS, B, T, IMG = 3, 2, 10, 16
 TOL = 1e-9
+DEVICE_COEF = 0.01
 
 
 def _tiny_arch():
@@ -94,7 +95,7 @@ def _make_module(seed: int):
     from mmoe.training.config import BalanceConfig, LossCoefs, OptimConfig, ParallelConfig
 
     torch.manual_seed(seed)
-    coefs = LossCoefs(balance=0.01, z=0.001, device=0.01)
+    coefs = LossCoefs(balance=0.01, z=0.001, device=DEVICE_COEF)
     m = _module_cls()(arch=_tiny_arch(), optim=OptimConfig(lr=0.01, warmup_steps=2),
                       balance=BalanceConfig(vision=coefs, connector=coefs, attention=coefs, ffn=coefs),
                       parallel=ParallelConfig(ep_size=2), log_routing_every=1)
@@ -110,8 +111,26 @@ def _trainer(root: str, steps: int = STEPS):
                      enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=root)
 
 
+def _device_balance_global(routing_per_rank: list[list], coef: float, num_devices: int = 2) -> torch.Tensor:
+    """Sum over MoE layers of coef x the DeepSeek-V2 device balance D * sum_d f_d P_d of the GLOBAL batch: f_d
+    the share of every rank's selected assignments that land on device d's experts, P_d the router probability
+    mass on them averaged over every rank's real tokens (plain float64 sums over the ranks' routing)."""
+    total = torch.zeros((), dtype=torch.float64)
+    for layer in zip(*routing_per_rank):
+        E = layer[0].num_experts
+        counts = sum(torch.bincount(r.expert_idx[r.selected & r.token_mask[:, None]], minlength=E).double()
+                     for r in layer)
+        mass = sum((r.probs.double() * r.token_mask[:, None]).sum(0) for r in layer)
+        tokens = sum(r.token_mask.sum() for r in layer)
+        f = counts.view(num_devices, -1).sum(-1) / counts.sum()
+        P = mass.view(num_devices, -1).sum(-1) / tokens
+        total = total + coef * num_devices * (f * P).sum()
+    return total
+
+
 def _reference(seen: list[list[list[int]]], samples: list[dict]):
-    """One process, every expert: loss = mean over ranks of each rank's MMoEModule loss; the same optimizer,
+    """One process, every expert: loss = mean over ranks of each rank's MMoEModule loss without the device
+    balance term, plus the device balance of the global batch (every rank's tokens); the same optimizer,
     schedule, clipping and bias update as the Lightning run."""
     from mmoe.model.moe import Router
     from mmoe.training.module import lm_loss
@@ -123,13 +142,16 @@ def _reference(seen: list[list[list[int]]], samples: list[dict]):
     opt, sched = cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
     for step in range(STEPS):
         opt.zero_grad()
-        losses = []
+        losses, routing = [], []
         for r in range(len(seen)):
             b = _collate([samples[i] for i in seen[r][step]])
             out = ref.model(b["input_ids"], b["attention_mask"], b["pixel_values"].double(), b["labels"])
+            ref.parallel_cfg.ep_size = 1  # the module skips the device term on one device: added globally below
             aux, _ = ref.balancing_loss(out.routing)
+            ref.parallel_cfg.ep_size = 2
             losses.append(lm_loss(out.logits, out.labels) + aux)
-        torch.stack(losses).mean().backward()
+            routing.append(out.routing)
+        (torch.stack(losses).mean() + _device_balance_global(routing, DEVICE_COEF)).backward()
         torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
         opt.step()
         sched.step()

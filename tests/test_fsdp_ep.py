@@ -377,18 +377,22 @@ def test_fsdp_root_unit_keeps_weights_after_forward_bf16_backward_through_datacl
 
 
 @pytest.mark.distributed
-def test_fsdp_cuda_check_rehearses_on_cpu():
-    """benchmarks/fsdp_ep_cuda_check.py --device cpu (gloo, bf16 compute) runs the GPU check's path and says ok."""
+@pytest.mark.parametrize("extra", [[], ["--sharded-init"]], ids=["built", "sharded_init"])
+def test_fsdp_cuda_check_rehearses_on_cpu(extra):
+    """benchmarks/fsdp_ep_cuda_check.py --device cpu (gloo, bf16 compute) runs the GPU check's path and says ok
+    (with --sharded-init: the FSDP model filled shard by shard equals the reference's weights)."""
     import subprocess
     import sys
 
     from _dist_utils import free_port
     env = dict(os.environ, MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, str(REPO / "benchmarks/fsdp_ep_cuda_check.py"), "--device", "cpu",
-                          "--dim", "32", "--layers", "2"], capture_output=True, text=True, cwd=REPO, env=env,
+                          "--dim", "32", "--layers", "2", *extra], capture_output=True, text=True, cwd=REPO, env=env,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "ok", out.stdout
+    if extra:
+        assert '"sharded_init_equal": true' in out.stdout, out.stdout
 
 
 # =========================================================================== global-batch balance maths
@@ -575,18 +579,19 @@ def _job_stream(rank: int, world: int, ep: int, llama: str, vit: str) -> dict:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("ep", [1, 2], ids=["fsdp_shard2_ep1", "fsdp_shard1_ep2"])
-def test_fsdp_sharded_init_streams_hf_decoder_and_vit_upcycled_equal_ordinary_load(tmp_path, ep):
-    """sharded_init + stage.hf_decoder (tiny Llama) + vision.checkpoint (tiny timm ViT .safetensors) on 2 gloo
-    processes: tensors read one at a time into each rank's shards, dense FFNs / MLPs upcycled slice-wise into
-    the (EP- and FSDP-sharded) experts, shared experts silenced - gathered, equal to the ordinary unsharded
-    load (MMoEModule without sharded_init, same seed) exactly."""
+@pytest.mark.parametrize("world,ep", [(2, 1), (2, 2), pytest.param(4, 2, marks=pytest.mark.slow)],
+                         ids=["fsdp_shard2_ep1", "fsdp_shard1_ep2", "fsdp_shard2_ep2"])
+def test_fsdp_sharded_init_streams_hf_decoder_and_vit_upcycled_equal_ordinary_load(tmp_path, world, ep):
+    """sharded_init + stage.hf_decoder (tiny Llama) + vision.checkpoint (tiny timm ViT .safetensors) on 2 (4)
+    gloo processes: tensors read one at a time into each rank's shards, dense FFNs / MLPs upcycled slice-wise
+    into the (EP- and FSDP-sharded) experts, shared experts silenced - gathered, equal to the ordinary
+    unsharded load (MMoEModule without sharded_init, same seed) exactly."""
     from mmoe.training.config import StageConfig
     from mmoe.training.module import MMoEModule
     llama, vit = _write_dense_checkpoints(tmp_path)
     torch.manual_seed(0)
     want = MMoEModule(arch=_stream_arch(vit), stage=StageConfig(hf_decoder=llama)).model.state_dict()
-    res = run_distributed(_job_stream, 2, ep, llama, vit, timeout=240)
+    res = run_distributed(_job_stream, world, ep, llama, vit, timeout=400)
     assert res[0]["stats"]["loaded"]["decoder"]["upcycled"] == 6  # 2 layers x gate, up, down
     assert res[0]["stats"]["loaded"]["vision"]["upcycled"] == 4  # 2 blocks x fc1, fc2
     full = res[0]["full"]
@@ -726,3 +731,27 @@ def test_fsdp_sharded_init_streams_open_clip_tower_equal_ordinary_load(tmp_path)
     assert set(full) == set(want)
     bad = [k for k, v in want.items() if not torch.equal(full[k], v)]
     assert not bad, bad[:5]
+
+
+def test_fsdp_streamed_box_writes_land_where_a_full_tensor_assignment_puts_them():
+    """sharded_load.write_local: a rank holding `region` of a global tensor, written a broadcast value into
+    `box`, ends up with exactly region of (full tensor after full[box] = value) - for random regions and boxes,
+    empty intersections included."""
+    from mmoe.parallel.sharded_load import write_local
+    g = torch.Generator().manual_seed(0)
+    shape = (4, 6, 10)
+
+    def rand_slice(n):
+        a, b = sorted(torch.randint(0, n + 1, (2,), generator=g).tolist())
+        return slice(a, b)
+
+    for _ in range(200):
+        region = tuple(rand_slice(n) for n in shape)
+        box = tuple(rand_slice(n) for n in shape)
+        box_shape = tuple(b.stop - b.start for b in box)
+        value = torch.randn(box_shape[1:], generator=g)[None]  # broadcast over dim 0, as expert upcycling does
+        full = torch.randn(shape, generator=g)
+        local = full[region].clone()
+        full[box] = value.expand(box_shape)
+        write_local(local, region, value, box)
+        assert torch.equal(local, full[region])

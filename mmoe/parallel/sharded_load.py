@@ -40,9 +40,12 @@ def write_box(t: Tensor, value: Tensor, box: tuple | None = None) -> None:
     """Copy `value` (broadcast to the box) into `box` of the global tensor `t` - only the part this rank
     holds (t a DTensor of the global shape) or all of it (a plain tensor)."""
     shape = tuple(t.shape)
-    box = _box(shape, box)
     region = _local_region(t) if isinstance(t, DTensor) else _box(shape, None)
-    local = t.to_local() if isinstance(t, DTensor) else t
+    write_local(t.to_local() if isinstance(t, DTensor) else t, region, value, _box(shape, box))
+
+
+def write_local(local: Tensor, region: tuple[slice, ...], value: Tensor, box: tuple[slice, ...]) -> None:
+    """`local` holds `region` of a global tensor: write the part of `box` (<- `value`, broadcast) inside it."""
     inter = [(max(b.start, r.start), min(b.stop, r.stop)) for b, r in zip(box, region)]
     if any(a >= z for a, z in inter):
         return
@@ -199,12 +202,12 @@ def stream_vision_checkpoint(model: nn.Module, arch, path: str | Path) -> dict:
             copies.setdefault(by_id[id(v)], []).append(f"{vit_name}.{k}")
     moe_names = {i: next(n for n, mm in target.named_modules() if mm is m.moe)
                  for i, m in encoder.moe_mlps.items() if i in upcycle}
-    roles: dict[str, tuple[str, str, str]] = {}  # timm name -> (MoE prefix, 'w_in' | 'w_out', 'weight' | 'bias')
+    roles: dict[str, tuple] = {}  # timm name -> (MoE prefix, 'w_in' | 'w_out', 'weight' | 'bias', dense has bias)
     for i, (w1, b1, w2, b2) in upcycle.items():
-        for v, which, kind in ((w1, "w_in", "weight"), (b1, "w_in", "bias"), (w2, "w_out", "weight"),
-                               (b2, "w_out", "bias")):
+        for v, which, kind, bias in ((w1, "w_in", "weight", b1), (b1, "w_in", "bias", b1),
+                                     (w2, "w_out", "weight", b2), (b2, "w_out", "bias", b2)):
             if v is not None:
-                roles[by_id[id(v)]] = (moe_names[i], which, kind)
+                roles[by_id[id(v)]] = (moe_names[i], which, kind, bias is not None)
     out = _Targets(model)
     dtype = torch.get_default_dtype()  # the ordinary path's dense nn.Linear for upcycling
     counts = {"copied": 0, "upcycled": 0}
@@ -215,11 +218,11 @@ def stream_vision_checkpoint(model: nn.Module, arch, path: str | Path) -> dict:
                 for name in copies.get(k2, []):
                     out.write(name, v)
                     counts["copied"] += 1
-                if k2 in roles:
-                    moe, which, kind = roles[k2]
+                if k2 in roles:  # fc1 / fc2 weight and bias arrive one at a time: upcycle when both are in
+                    moe, which, kind, has_bias = roles[k2]
                     got = pending.setdefault((moe, which), {})
                     got[kind] = v.to(dtype)
-                    if "weight" in got and ("bias" in got or not _has_dense_bias(upcycle, moe_names, moe)):
+                    if "weight" in got and ("bias" in got or not has_bias):
                         out.upcycle_linear(moe, which, got["weight"], got.get("bias"))
                         pending.pop((moe, which))
                         counts["upcycled"] += 1
@@ -228,11 +231,6 @@ def stream_vision_checkpoint(model: nn.Module, arch, path: str | Path) -> dict:
     for i in upcycle:
         out.silence_shared(moe_names[i], encoder.moe_mlps[i].moe)
     return counts
-
-
-def _has_dense_bias(upcycle: dict, moe_names: dict, moe: str) -> bool:
-    i = next(i for i, n in moe_names.items() if n == moe)
-    return upcycle[i][1] is not None
 
 
 def stream_checkpoints(model: nn.Module, arch, stage) -> dict:
