@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmoe.model.moe import GroupedExperts, GroupedLinear, LocalDispatcher, MoEConfig, MoEFFN
+from mmoe.model.moe import GroupedExperts, GroupedLinear, LocalDispatcher, MoEConfig, MoEFFN, RoutingResult
 from mmoe.model.moe.experts import reference_expert, swiglu_act
 
 D, HID, B, T = 12, 10, 2, 9
@@ -273,6 +273,30 @@ def test_combine_paths_match_index_add(kind):
         assert torch.equal(experts, valid.nonzero().squeeze(1) // plan.capacity)
     else:  # dropless: A = N*K rows whatever the routing, counted rows first
         assert xs.shape == (B * T * plan.num_slots, D) and valid[:int(valid.sum())].all()
+
+
+def test_hand_built_routing_without_capacity_is_planned_dropless():
+    """A RoutingResult built by hand (no router, so no 'capacity' in extras) is dispatched dropless: every kept
+    slot is a row, and combining the dispatched rows unchanged gives sum_k w_nk * x_n over kept slots."""
+    from mmoe.model.moe import RoutingResult
+
+    N, K, E = 7, 2, 3
+    g = torch.Generator().manual_seed(0)
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(N)])
+    kept = torch.rand(N, K, generator=g) > 0.3
+    w = torch.rand(N, K, generator=g, dtype=torch.float64) * kept
+    probs = torch.full((N, E), 1.0 / E, dtype=torch.float64)
+    r = RoutingResult(expert_idx=idx, weights=w, selected=kept, kept=kept, probs=probs, logits=probs.log(),
+                      token_mask=torch.ones(N, dtype=torch.bool), num_experts=E, batch_shape=(1, N))
+    d = LocalDispatcher()
+    plan = d.plan(r)
+    assert plan.capacity == 0 and plan.token_idx.numel() == N * K
+    assert plan.tokens_per_expert.tolist() == [sum(int(kept[n, j] and idx[n, j] == e) for n in range(N)
+                                                   for j in range(K)) for e in range(E)]
+    x = torch.randn(N, D, generator=g, dtype=torch.float64)
+    xs, _ = d.dispatch(x, plan)
+    ref = torch.stack([x[n] * sum(float(w[n, j]) for j in range(K) if kept[n, j]) for n in range(N)])
+    torch.testing.assert_close(d.combine(xs, plan), ref, rtol=1e-12, atol=1e-12)
 
 
 def test_upcycled_moe_equals_dense_mlp():
