@@ -278,8 +278,6 @@ def test_combine_paths_match_index_add(kind):
 def test_hand_built_routing_without_capacity_is_planned_dropless():
     """A RoutingResult built by hand (no router, so no 'capacity' in extras) is dispatched dropless: every kept
     slot is a row, and combining the dispatched rows unchanged gives sum_k w_nk * x_n over kept slots."""
-    from mmoe.model.moe import RoutingResult
-
     N, K, E = 7, 2, 3
     g = torch.Generator().manual_seed(0)
     idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(N)])
