@@ -276,8 +276,8 @@ def test_combine_paths_match_index_add(kind):
 
 
 def test_hand_built_routing_without_capacity_is_planned_dropless():
-    """A RoutingResult built by hand (no router, so no 'capacity' in extras) is dispatched dropless: every kept
-    slot is a row, and combining the dispatched rows unchanged gives sum_k w_nk * x_n over kept slots."""
+    """A RoutingResult built by hand (no router, so no 'capacity' in extras) is dispatched dropless: every
+    kept slot is a row, and combining the dispatched rows unchanged gives sum_k w_nk * x_n over kept slots."""
     N, K, E = 7, 2, 3
     g = torch.Generator().manual_seed(0)
     idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(N)])
@@ -311,7 +311,7 @@ def test_upcycled_moe_equals_dense_mlp():
 
 @pytest.mark.parametrize("kw", [dict(), dict(capacity_factor=0.5)], ids=["dropless", "capacity"])
 def test_autocast_bf16_runs_and_stays_close(kw):
-    """bf16 expert outputs combined with float32 router weights, in the dropless and the capacity-buffer layout."""
+    """bf16 expert outputs combined with float32 router weights, dropless and with a capacity buffer."""
     torch.manual_seed(0)
     moe = MoEFFN(D, HID, MoEConfig(num_experts=4, top_k=2, **kw), bias=True, activation="gelu")
     x = torch.randn(B, T, D, requires_grad=True)
