@@ -268,6 +268,7 @@ def test_combine_paths_match_index_add(kind):
     assert (plan.weights[~valid] == 0).all()
     experts = r.expert_idx.flatten()[plan.slot_idx[valid]]
     assert (experts[1:] >= experts[:-1]).all()  # sorted by expert
+    assert plan.capacity == r.extras["capacity"]  # the router's static buffer size (0: dropless)
     if plan.capacity:  # static (E, C) buffer: row e*C + i belongs to expert e
         assert xs.shape == (r.num_experts, plan.capacity, D)
         assert torch.equal(experts, valid.nonzero().squeeze(1) // plan.capacity)
@@ -295,6 +296,25 @@ def test_hand_built_routing_without_capacity_is_planned_dropless():
     xs, _ = d.dispatch(x, plan)
     ref = torch.stack([x[n] * sum(float(w[n, j]) for j in range(K) if kept[n, j]) for n in range(N)])
     torch.testing.assert_close(d.combine(xs, plan), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_capacity_plan_drops_slots_beyond_the_buffer():
+    """A hand-built routing that keeps two slots on an expert with a one-row buffer: the plan keeps the first, and
+    the second is dropped (0 per slot) instead of spilling into the next expert's row."""
+    idx = torch.tensor([[0], [0], [1]])
+    kept = torch.ones(3, 1, dtype=torch.bool)
+    probs = torch.full((3, 2), 0.5, dtype=torch.float64)
+    r = RoutingResult(expert_idx=idx, weights=torch.ones(3, 1, dtype=torch.float64), selected=kept, kept=kept,
+                      probs=probs, logits=probs.log(), token_mask=torch.ones(3, dtype=torch.bool), num_experts=2,
+                      batch_shape=(1, 3), extras={"capacity": 1})
+    d = LocalDispatcher()
+    plan = d.plan(r)
+    x = torch.arange(1.0, 4.0, dtype=torch.float64)[:, None].expand(3, D)
+    xs, _ = d.dispatch(x, plan)
+    assert xs.shape == (2, 1, D)
+    expected = torch.stack([x[0], torch.zeros(D, dtype=torch.float64), x[2]])
+    assert torch.equal(d.combine(xs, plan), expected)
+    assert torch.equal(d.combine(xs, plan, per_slot=True), expected)
 
 
 def test_upcycled_moe_equals_dense_mlp():
