@@ -258,10 +258,13 @@ def test_combine_paths_match_index_add(kind):
     ref = torch.zeros(B * T, D, dtype=torch.float64).index_add(0, plan.token_idx, ys * plan.weights[:, None])
     torch.testing.assert_close(out, ref)
     per_slot = d.combine(ys.view_as(xs), plan, per_slot=True).view(B * T, -1, D)
+    x_slots = torch.randn(B * T * plan.num_slots, D, dtype=torch.float64)  # per-slot inputs (MoA's outputs)
+    rows_slots = d.dispatch(x_slots, plan, per_slot=True)[0].reshape(-1, D)
     valid = plan.row_valid
     for a, (tok, slot) in enumerate(zip(plan.token_idx.tolist(), plan.slot_idx.tolist())):
         if valid[a]:
             assert torch.equal(per_slot[tok, slot % plan.num_slots], ys[a])
+            assert torch.equal(rows_slots[a], x_slots[tok * plan.num_slots + slot % plan.num_slots])
     # every kept slot has exactly one row; rows that hold no kept slot weigh 0
     assert int(valid.sum()) == int(r.kept.sum()) == int(plan.tokens_per_expert.sum())
     assert sorted(plan.slot_idx[valid].tolist()) == r.kept.flatten().nonzero().squeeze(1).tolist()

@@ -342,6 +342,29 @@ def test_router_capacity_limits(policy, kind):
     assert torch.equal(eval_res.kept, eval_res.selected & mask[:, None])
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["batch", "per_sequence"])
+def test_capacity_of_one_row(causal):
+    """Capacity 1: each expert keeps at most one token over the batch in training (ceil(0.25 * 16 tokens / 4
+    experts)), or per sequence in eval at a bidirectional site (ceil(0.5 * 8 / 4)); a skewed gate makes tokens drop."""
+    kw = dict(capacity_factor=0.25) if causal else dict(eval_capacity_factor=0.5)
+    r = make_router(num_experts=4, top_k=1, causal=causal, **kw).train(causal)
+    with torch.no_grad():
+        r.gate.weight[0] += 2.0 * r.gate.weight[0].sign()  # expert 0 wanted by most tokens
+    res = r(tokens(16), batch_shape=(2, 8))
+    for rows in ([slice(0, 16)] if causal else [slice(0, 8), slice(8, 16)]):
+        counts = [int((res.expert_idx[rows][res.kept[rows]] == e).sum()) for e in range(4)]
+        assert max(counts) == 1
+    assert (~res.kept).any()
+
+
+def test_routed_scaling_of_two_scales_the_weights():
+    r = make_router(num_experts=4, top_k=2, routed_scaling=2.0).eval()
+    x = tokens()
+    res = r(x)
+    w, idx = scores_of(r, x).topk(2, dim=-1)
+    assert_same_routing(as_sets(res.expert_idx, res.weights), as_sets(idx, 2.0 * w / w.sum(-1, keepdim=True)))
+
+
 def _selection_weight(r: Router, x, res):
     """Weights the score policy ranks by: the renormalised weights before capacity zeroes dropped slots."""
     s = scores_of(r, x)
