@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmoe.model.moe import GroupedExperts, GroupedLinear, LocalDispatcher, MoEConfig, MoEFFN
+from mmoe.model.moe import GroupedExperts, GroupedLinear, LocalDispatcher, MoEConfig, MoEFFN, RoutingResult
 from mmoe.model.moe.experts import reference_expert, swiglu_act
 
 D, HID, B, T = 12, 10, 2, 9
@@ -258,21 +258,66 @@ def test_combine_paths_match_index_add(kind):
     ref = torch.zeros(B * T, D, dtype=torch.float64).index_add(0, plan.token_idx, ys * plan.weights[:, None])
     torch.testing.assert_close(out, ref)
     per_slot = d.combine(ys.view_as(xs), plan, per_slot=True).view(B * T, -1, D)
+    x_slots = torch.randn(B * T * plan.num_slots, D, dtype=torch.float64)  # per-slot inputs (MoA's outputs)
+    rows_slots = d.dispatch(x_slots, plan, per_slot=True)[0].reshape(-1, D)
     valid = plan.row_valid
     for a, (tok, slot) in enumerate(zip(plan.token_idx.tolist(), plan.slot_idx.tolist())):
         if valid[a]:
             assert torch.equal(per_slot[tok, slot % plan.num_slots], ys[a])
+            assert torch.equal(rows_slots[a], x_slots[tok * plan.num_slots + slot % plan.num_slots])
     # every kept slot has exactly one row; rows that hold no kept slot weigh 0
     assert int(valid.sum()) == int(r.kept.sum()) == int(plan.tokens_per_expert.sum())
     assert sorted(plan.slot_idx[valid].tolist()) == r.kept.flatten().nonzero().squeeze(1).tolist()
     assert (plan.weights[~valid] == 0).all()
     experts = r.expert_idx.flatten()[plan.slot_idx[valid]]
     assert (experts[1:] >= experts[:-1]).all()  # sorted by expert
+    assert plan.capacity == r.extras["capacity"]  # the router's static buffer size (0: dropless)
     if plan.capacity:  # static (E, C) buffer: row e*C + i belongs to expert e
         assert xs.shape == (r.num_experts, plan.capacity, D)
         assert torch.equal(experts, valid.nonzero().squeeze(1) // plan.capacity)
     else:  # dropless: A = N*K rows whatever the routing, counted rows first
         assert xs.shape == (B * T * plan.num_slots, D) and valid[:int(valid.sum())].all()
+
+
+def test_hand_built_routing_without_capacity_is_planned_dropless():
+    """A RoutingResult built by hand (no router, so no 'capacity' in extras) is dispatched dropless: every
+    kept slot is a row, and combining the dispatched rows unchanged gives sum_k w_nk * x_n over kept slots."""
+    N, K, E = 7, 2, 3
+    g = torch.Generator().manual_seed(0)
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(N)])
+    kept = torch.rand(N, K, generator=g) > 0.3
+    w = torch.rand(N, K, generator=g, dtype=torch.float64) * kept
+    probs = torch.full((N, E), 1.0 / E, dtype=torch.float64)
+    r = RoutingResult(expert_idx=idx, weights=w, selected=kept, kept=kept, probs=probs, logits=probs.log(),
+                      token_mask=torch.ones(N, dtype=torch.bool), num_experts=E, batch_shape=(1, N))
+    d = LocalDispatcher()
+    plan = d.plan(r)
+    assert plan.capacity == 0 and plan.token_idx.numel() == N * K
+    assert plan.tokens_per_expert.tolist() == [sum(int(kept[n, j] and idx[n, j] == e) for n in range(N)
+                                                   for j in range(K)) for e in range(E)]
+    x = torch.randn(N, D, generator=g, dtype=torch.float64)
+    xs, _ = d.dispatch(x, plan)
+    ref = torch.stack([x[n] * sum(float(w[n, j]) for j in range(K) if kept[n, j]) for n in range(N)])
+    torch.testing.assert_close(d.combine(xs, plan), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_capacity_plan_drops_slots_beyond_the_buffer():
+    """A hand-built routing that keeps two slots on an expert with a one-row buffer: the plan keeps the first, and
+    the second is dropped (0 per slot) instead of spilling into the next expert's row."""
+    idx = torch.tensor([[0], [0], [1]])
+    kept = torch.ones(3, 1, dtype=torch.bool)
+    probs = torch.full((3, 2), 0.5, dtype=torch.float64)
+    r = RoutingResult(expert_idx=idx, weights=torch.ones(3, 1, dtype=torch.float64), selected=kept, kept=kept,
+                      probs=probs, logits=probs.log(), token_mask=torch.ones(3, dtype=torch.bool), num_experts=2,
+                      batch_shape=(1, 3), extras={"capacity": 1})
+    d = LocalDispatcher()
+    plan = d.plan(r)
+    x = torch.arange(1.0, 4.0, dtype=torch.float64)[:, None].expand(3, D)
+    xs, _ = d.dispatch(x, plan)
+    assert xs.shape == (2, 1, D)
+    expected = torch.stack([x[0], torch.zeros(D, dtype=torch.float64), x[2]])
+    assert torch.equal(d.combine(xs, plan), expected)
+    assert torch.equal(d.combine(xs, plan, per_slot=True), expected)
 
 
 def test_upcycled_moe_equals_dense_mlp():
@@ -289,7 +334,7 @@ def test_upcycled_moe_equals_dense_mlp():
 
 @pytest.mark.parametrize("kw", [dict(), dict(capacity_factor=0.5)], ids=["dropless", "capacity"])
 def test_autocast_bf16_runs_and_stays_close(kw):
-    """bf16 expert outputs combined with float32 router weights, in the dropless and the capacity-buffer layout."""
+    """bf16 expert outputs combined with float32 router weights, dropless and with a capacity buffer."""
     torch.manual_seed(0)
     moe = MoEFFN(D, HID, MoEConfig(num_experts=4, top_k=2, **kw), bias=True, activation="gelu")
     x = torch.randn(B, T, D, requires_grad=True)

@@ -143,7 +143,7 @@ def test_top_p_mass_exactly_at_p_is_reached(p, k):
 
 @pytest.mark.parametrize("kw", [dict(), dict(hierarchy="two_level", num_groups=2, top_groups=2, top_k=2)])
 def test_a_loaded_bias_is_ignored_without_aux_free_bias(kw):
-    """A checkpoint trained with the aux-loss-free bias, loaded into a config without it: selection is by score."""
+    """A checkpoint trained with the aux-loss-free bias, loaded into a config without it: routes by score."""
     r = make_router(**(dict(num_experts=4, top_k=1) | kw)).eval()
     x = tokens(32)
     before = r(x)
@@ -229,8 +229,8 @@ def test_two_level_selects_inside_top_groups(tg, k, renorm):
 
 def test_two_level_noisy_training_keeps_the_clean_loss_distribution():
     """Two-level routing with noisy gating in training: the noise moves selection weights, while the loss
-    distribution stays the clean P(g) * P(e|g). The router is left float32 and given float64 tokens, so it must
-    run in float64 (both gates cast to the input's precision)."""
+    distribution stays the clean P(g) * P(e|g). The router is left float32 and given float64 tokens, so it
+    must run in float64 (both gates cast to the input's precision)."""
     E, G, P = 8, 4, 2
     torch.manual_seed(0)
     r = Router(D, MoEConfig(num_experts=E, top_k=4, hierarchy="two_level", num_groups=G, top_groups=2,
@@ -282,7 +282,7 @@ def test_within_capacity_position_and_score_policies():
 @pytest.mark.parametrize("policy", ["position", "score"])
 def test_within_capacity_matches_a_loop_with_many_ties(policy):
     """300 slots whose weights take two values (ties everywhere, and enough slots that an unstable sort would
-    reorder them): per expert, keep the first C slots by (policy key, token, slot), as a plain Python loop does."""
+    reorder them): per expert, keep the first C slots by (policy key, token, slot), as a Python loop does."""
     N, K, E, C = 150, 2, 3, 17
     g = torch.Generator().manual_seed(0)
     idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(N)])
@@ -340,6 +340,29 @@ def test_router_capacity_limits(policy, kind):
             assert {tuple(s) for s in kept.nonzero().tolist()} == {tuple(s) for s in order[:C]}
     eval_res = r.eval()(x, mask)  # eval capacity factor 0: dropless
     assert torch.equal(eval_res.kept, eval_res.selected & mask[:, None])
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["batch", "per_sequence"])
+def test_capacity_of_one_row(causal):
+    """Capacity 1: each expert keeps at most one token over the batch in training (ceil(0.25 * 16 tokens / 4
+    experts)), or per sequence in eval at a bidirectional site (ceil(0.5 * 8 / 4)); a skewed gate makes tokens drop."""
+    kw = dict(capacity_factor=0.25) if causal else dict(eval_capacity_factor=0.5)
+    r = make_router(num_experts=4, top_k=1, causal=causal, **kw).train(causal)
+    with torch.no_grad():
+        r.gate.weight[0] += 2.0 * r.gate.weight[0].sign()  # expert 0 wanted by most tokens
+    res = r(tokens(16), batch_shape=(2, 8))
+    for rows in ([slice(0, 16)] if causal else [slice(0, 8), slice(8, 16)]):
+        counts = [int((res.expert_idx[rows][res.kept[rows]] == e).sum()) for e in range(4)]
+        assert max(counts) == 1
+    assert (~res.kept).any()
+
+
+def test_routed_scaling_of_two_scales_the_weights():
+    r = make_router(num_experts=4, top_k=2, routed_scaling=2.0).eval()
+    x = tokens()
+    res = r(x)
+    w, idx = scores_of(r, x).topk(2, dim=-1)
+    assert_same_routing(as_sets(res.expert_idx, res.weights), as_sets(idx, 2.0 * w / w.sum(-1, keepdim=True)))
 
 
 def _selection_weight(r: Router, x, res):

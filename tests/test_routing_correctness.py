@@ -43,8 +43,9 @@ def _assert_same(ours, ref, atol):
 
 
 # ----------------------------------------------------------------------------- 1. group-score rules
-# (16, 2, 1, 4): top_k / top_groups = 4 sums more experts than there are groups (2) yet fewer than a group holds (8)
-COMBOS = [(16, 4, 2, 2), (16, 4, 2, 4), (16, 4, 1, 2), (16, 4, 1, 3), (16, 8, 3, 4), (12, 3, 2, 6), (16, 2, 1, 4)]
+# (E, G, top_groups, top_k); in (16, 2, 1, 4) the top-k sum takes 4 experts: more than G, fewer than a group holds
+COMBOS = [(16, 4, 2, 2), (16, 4, 2, 4), (16, 4, 1, 2), (16, 4, 1, 3), (16, 8, 3, 4), (12, 3, 2, 6),
+          (16, 2, 1, 4)]
 
 
 @pytest.mark.parametrize("E,G,tg,k", COMBOS)

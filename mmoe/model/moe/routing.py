@@ -50,7 +50,8 @@ class RoutingResult:
         return f"{self.site}.{self.layer}"
 
     def expert_counts(self, which: str = "kept") -> Tensor:
-        """(E,) number of assignments per expert over real tokens: `which` 'kept' (after capacity) or 'selected'."""
+        """(E,) number of assignments per expert over real tokens: `which` is 'kept' (after capacity) or
+        'selected' (before)."""
         if which not in ("kept", "selected"):
             raise ValueError(f"expert_counts: which must be 'kept' or 'selected', got {which!r}")
         mask = (self.kept if which == "kept" else self.selected) & self.token_mask[:, None]
