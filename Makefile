@@ -64,7 +64,7 @@ study: install
 
 # Mutation testing (mutmut, configured in pyproject.toml [tool.mutmut]); summary and how to read it: docs/mutation.md.
 # MUTATION_SCOPE: mutant-name globs (module paths); mutants/ keeps results, so a rerun only retests what changed.
-MUTATION_SCOPE ?= mmoe.model.moe.balancing.* mmoe.metrics.vqa.* mmoe.metrics.gqa_pope.*
+MUTATION_SCOPE ?= mmoe.model.moe.routing.* mmoe.model.moe.dispatch.* mmoe.model.moe.balancing.* mmoe.metrics.vqa.* mmoe.metrics.gqa_pope.*
 MUTATION_JOBS  ?= 2
 
 mutation: install

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mmoe.constants import MODALITY_IMAGE, MODALITY_TEXT
 from mmoe.model.moe import MoEConfig, MoEConfigError, Router, routing_metrics, select_layers, within_capacity
 
 D = 16
@@ -345,7 +346,8 @@ def test_router_capacity_limits(policy, kind):
 @pytest.mark.parametrize("causal", [True, False], ids=["batch", "per_sequence"])
 def test_capacity_of_one_row(causal):
     """Capacity 1: each expert keeps at most one token over the batch in training (ceil(0.25 * 16 tokens / 4
-    experts)), or per sequence in eval at a bidirectional site (ceil(0.5 * 8 / 4)); a skewed gate makes tokens drop."""
+    experts)), or per sequence in eval at a bidirectional site (ceil(0.5 * 8 / 4)); a skewed gate makes tokens
+    drop."""
     kw = dict(capacity_factor=0.25) if causal else dict(eval_capacity_factor=0.5)
     r = make_router(num_experts=4, top_k=1, causal=causal, **kw).train(causal)
     with torch.no_grad():
@@ -363,6 +365,20 @@ def test_routed_scaling_of_two_scales_the_weights():
     res = r(x)
     w, idx = scores_of(r, x).topk(2, dim=-1)
     assert_same_routing(as_sets(res.expert_idx, res.weights), as_sets(idx, 2.0 * w / w.sum(-1, keepdim=True)))
+
+
+def test_results_carry_the_group_count_and_the_expert_modalities():
+    """What the group balance loss and the per-modality metrics read from a result."""
+    from mmoe.model.moe.balancing import group_balance_loss
+
+    res = make_router(num_experts=6, top_k=2, hierarchy="group_limited", num_groups=3, top_groups=2).eval()(
+        tokens())
+    assert res.num_groups == 3 and float(group_balance_loss(res).detach()) > 0
+    res = make_router(num_experts=6, top_k=2, hierarchy="modality", image_experts=2, causal=True).eval()(
+        tokens())
+    image, text = MODALITY_IMAGE, MODALITY_TEXT
+    assert res.expert_modality is not None and res.expert_modality.tolist() == [image] * 2 + [text] * 4
+    assert make_router(num_experts=4, top_k=1).eval()(tokens()).expert_bias is None
 
 
 def _selection_weight(r: Router, x, res):
