@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mmoe.constants import MODALITY_IMAGE, MODALITY_TEXT
-from mmoe.model.moe import MoEConfig, MoEConfigError, Router, routing_metrics, select_layers, within_capacity
+from mmoe.model.moe import LocalDispatcher, MoEConfig, MoEConfigError, Router, routing_metrics, select_layers, within_capacity
 
 D = 16
 
@@ -352,11 +352,18 @@ def test_capacity_of_one_row(causal):
     r = make_router(num_experts=4, top_k=1, causal=causal, **kw).train(causal)
     with torch.no_grad():
         r.gate.weight[0] += 2.0 * r.gate.weight[0].sign()  # expert 0 wanted by most tokens
-    res = r(tokens(16), batch_shape=(2, 8))
+    x = tokens(16)
+    res = r(x, batch_shape=(2, 8))
     for rows in ([slice(0, 16)] if causal else [slice(0, 8), slice(8, 16)]):
         counts = [int((res.expert_idx[rows][res.kept[rows]] == e).sum()) for e in range(4)]
         assert max(counts) == 1
     assert (~res.kept).any()
+    # the dispatcher's static buffer: C rows per expert over the batch, or C for each of the 2 sequences
+    buffer_rows = 1 if causal else 2
+    assert res.extras["capacity"] == buffer_rows
+    dispatcher = LocalDispatcher()
+    rows_ECD, _ = dispatcher.dispatch(x, dispatcher.plan(res))
+    assert rows_ECD.shape == (4, buffer_rows, D)
 
 
 def test_routed_scaling_of_two_scales_the_weights():
