@@ -66,7 +66,9 @@ def lm_loss(logits: Tensor, labels: Tensor, reduction: str = "token") -> Tensor:
     elif logits.shape[0] != int(supervised.sum()):
         raise ValueError(f"logits for {logits.shape[0]} positions, but the labels supervise "
                          f"{int(supervised.sum())}")
-    ce = F.cross_entropy(logits.float(), targets[supervised], reduction="none")
+    # at least float32 (bf16 logits), but float64 stays float64: a float64 run's loss is not rounded to float32
+    ce = F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets[supervised],
+                         reduction="none")
     if reduction == "token" or ce.numel() == 0:
         return ce.mean()  # nothing supervised: nan, so an all-ignored batch is not silently zero
     ids, lengths = answer_spans(targets)
