@@ -14,7 +14,8 @@ Variants (same data, steps, batch, schedule and seed):
   moe           the default: MoE ViT blocks, MoE connector, MoA, group-limited MoE FFN
   dense         dense twin of equal ACTIVE parameters (every MoE site replaced by a dense layer of the active width)
   flat_routing  the decoder FFN routed flat (no group-limited hierarchy, no group balance loss)
-  modality      modality-aware routing (`hierarchy: modality`); refused until the routing config supports it
+  modality      modality-aware decoder FFN routing (`hierarchy: modality`: half the experts for image tokens,
+                half for text; each token routes top-k inside its own group)
   dense_total   dense model of equal TOTAL parameters (an upper reference: same parameters, all active)
   no_moa, no_vision_moe, aux_free_bias   older ablations (one MoE site off / aux-loss-free bias balancing)
 
