@@ -11,10 +11,7 @@ Capacity layout (token dropping, expert choice): rows are a static (E, C) buffer
 token count; a slot's row is its expert's block plus its rank in it; unused buffer rows weigh 0.
 
 Combine: weighted rows are copied back into slot order and reduced over each token's K slots
-(dropless), or index-added by token (capacity buffers: expert choice has K = E slots per token). On CPU,
-from `CPU_BMM_COMBINE_MIN_ROWS` rows up, the dropless combine gathers rows back through the inverse
-permutation and takes one batched (1 x K) @ (K x D) product per token: fewer passes over the rows,
-forward and backward; below that (decode sizes) op count matters more than memory passes.
+(dropless), or index-added by token (capacity buffers: expert choice has K = E slots per token).
 An all-to-all dispatcher (mmoe.parallel) keeps this interface and moves the rows across ranks.
 """
 
@@ -26,8 +23,6 @@ import torch
 from torch import Tensor
 
 from .routing import RoutingResult
-
-CPU_BMM_COMBINE_MIN_ROWS = 512  # a static choice by shape and device, never by routing outcome
 
 
 @dataclass
@@ -98,11 +93,5 @@ class LocalDispatcher:
         # Back to slot order with index_copy (unique rows; its backward is a gather), then reduce over K.
         if per_slot:
             return y.new_zeros(N * K, D).index_copy(0, plan.slot_idx, y)
-        if y.device.type == "cpu" and y.shape[0] >= CPU_BMM_COMBINE_MIN_ROWS:
-            slots = plan.slot_idx
-            row_of_slot = torch.empty_like(slots).scatter_(0, slots, torch.arange(slots.numel(), device=slots.device))
-            ys = y.index_select(0, row_of_slot).view(N, K, D)  # (N, K, D) slot order
-            ws = plan.weights.index_select(0, row_of_slot).to(y.dtype).view(N, 1, K)
-            return torch.bmm(ws, ys).view(N, D)  # (N, 1, K) @ (N, K, D)
         yw = y * plan.weights.to(y.dtype)[:, None]
         return y.new_zeros(N * K, D).index_copy(0, plan.slot_idx, yw).view(N, K, D).sum(1)
