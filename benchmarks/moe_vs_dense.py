@@ -52,7 +52,7 @@ from mmoe.model.active_params import dense_equivalent_config  # noqa: E402
 from mmoe.model.vlm import VLMConfig  # noqa: E402
 
 MAIN_VARIANTS = ("moe", "dense", "flat_routing", "modality", "dense_total")
-ABLATIONS = ("no_moa", "no_vision_moe", "flat_routing", "aux_free_bias")
+ABLATIONS = ("no_moa", "no_vision_moe", "flat_routing", "aux_free_bias", "moe_vision_only", "moe_decoder_only")
 ALL_VARIANTS = tuple(dict.fromkeys((*MAIN_VARIANTS, *ABLATIONS)))
 DEFAULT_VARIANTS = ("moe", "dense", "flat_routing", "dense_total")
 SETTINGS = {"default": "data/synthetic", "hard": "data/synthetic_hard"}
@@ -101,6 +101,13 @@ def variant_overrides(name: str, base_arch: dict) -> dict:
         return {"model": {"arch": to_dict(dense_equivalent_config(from_dict(VLMConfig, base_arch)))}}
     if name == "dense_total":
         return {"model": {"arch": to_dict(dense_total_config(from_dict(VLMConfig, base_arch)))}}
+    if name in ("moe_vision_only", "moe_decoder_only"):
+        # half of the model from the MoE default, the other half from its dense twin (same active parameters
+        # per site): paired with moe and dense they locate where MoE gains or loses (vision side: ViT + connector;
+        # decoder side: MoA + MoE FFN). The vision side keeps the tower its half trains from in stage 0.
+        dense = to_dict(dense_equivalent_config(from_dict(VLMConfig, base_arch)))
+        keep = ("decoder",) if name == "moe_vision_only" else ("vision", "connector")
+        return {"model": {"arch": {k: dense[k] for k in keep}}}
     if name == "no_moa":
         return {"model": {"arch": {"decoder": {"attn_moe": None}}}}
     if name == "no_vision_moe":

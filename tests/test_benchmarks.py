@@ -126,3 +126,45 @@ def test_int8_accuracy_benchmark_compares_the_same_questions(tiny_data, tmp_path
     assert result["delta"] == pytest.approx(result["accuracy_int8"] - result["accuracy_float"], abs=0.01)
     assert result["int8_linears"] > 0 and result["int8_weight_elements"] > 0
     assert (results / "int8_accuracy-cpu.json").is_file()
+
+
+def test_heldout_errors_classifies_each_wrong_answer_by_the_scene(tiny_data, tmp_path):
+    """Per question the expected kind is read off the scene here (another object's colour / a colour no object has /
+    not a colour); the script must count the same, and accuracy must be right answers over colour questions."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from heldout_errors import HeldoutErrorsError, main
+
+    meta = json.loads((tiny_data / "meta.json").read_text())
+    scene_file = json.loads((tiny_data / "heldout_scenes.json").read_text())
+    scenes = {s["image_id"]: s["objects"] for s in scene_file["scenes"]}
+    qs = json.loads((tiny_data / "heldout_questions.json").read_text())["questions"]
+    truth = {a["question_id"]: a["multiple_choice_answer"]
+             for a in json.loads((tiny_data / "heldout_annotations.json").read_text())["annotations"]}
+    answers, expected = dict(truth), {"other_object": 0, "absent_value": 0, "invalid": 0}
+    color_qs = [q for q in qs if q["question"].startswith(("What color is", "What is the color of"))]
+    assert len(color_qs) >= 3, "the tiny held-out split needs a few colour questions"
+    for i, q in enumerate(color_qs):
+        present = {o["color"] for o in scenes[q["image_id"]]}
+        others = sorted(present - {truth[q["question_id"]]})  # objects of another colour (the referent has its own)
+        absent = sorted(set(meta["colors"]) - present)
+        if i % 3 == 0 and others:
+            answers[q["question_id"]], kind = others[0], "other_object"
+        elif i % 3 == 1 and absent:
+            answers[q["question_id"]], kind = absent[0], "absent_value"
+        elif i % 3 == 2:
+            answers[q["question_id"]], kind = "yes", "invalid"
+        else:
+            continue
+        expected[kind] += 1
+    assert all(expected.values()), expected  # each kind occurs at least once
+    wrong = sum(expected.values())
+    res = tmp_path / "vqa_heldout.json"
+    res.write_text(json.dumps([{"question_id": k, "answer": v} for k, v in answers.items()]))
+    report = main(["--data", str(tiny_data), f"m={res}"])["m"]["what color"]
+    assert report["errors"] == expected
+    assert report["n_referent_heldout"] == len(color_qs)  # every held-out colour question asks about an unseen combo
+    assert report["acc_referent_heldout"] == round(100.0 * (len(color_qs) - wrong) / len(color_qs), 2)
+    assert main(["--data", str(tiny_data), f"m={res}"])["m"]["what shape"]["acc_referent_heldout"] in (100.0, None)
+    res.write_text(json.dumps([{"question_id": qs[0]["question_id"], "answer": "red"}]))
+    with pytest.raises(HeldoutErrorsError, match="no answer for question"):
+        main(["--data", str(tiny_data), f"m={res}"])

@@ -47,9 +47,16 @@ def test_variants_change_only_what_they_name():
     assert sites["dense"] == (0, 0, 0)
     assert sites["no_moa"][1] == 0 and sites["no_moa"][2] == sites["moe"][2]
     assert sites["no_vision_moe"][0] == 0 and sites["no_vision_moe"][1] == sites["moe"][1]
+    vision_side = sites["moe"][0] + 1  # the ViT's MoE blocks and the MoE connector
+    assert sites["moe_vision_only"] == (sites["moe"][0], 0, vision_side)
+    assert sites["moe_decoder_only"] == (0, sites["moe"][1], sites["moe"][2] - vision_side)
+    for half, dense_part in (("moe_vision_only", "decoder"), ("moe_decoder_only", "vision")):
+        assert models[half][1]["model"]["arch"][dense_part] == models["dense"][1]["model"]["arch"][dense_part]
     # dense twin: same active parameters (within rounding of the hidden widths)
     a_moe, a_dense = active_param_count(models["moe"][0]), active_param_count(models["dense"][0])
     assert abs(a_moe - a_dense) / a_moe < 0.02
+    for half in ("moe_vision_only", "moe_decoder_only"):  # each half also keeps the active parameters
+        assert abs(active_param_count(models[half][0]) - a_moe) / a_moe < 0.02
     assert models["flat_routing"][1]["model"]["arch"]["decoder"]["ffn_moe"]["hierarchy"] == "flat"
     assert models["flat_routing"][1]["model"]["balance"]["ffn"]["group"] == 0.0
     assert models["aux_free_bias"][1]["model"]["arch"]["decoder"]["ffn_moe"]["aux_free_bias"] is True
