@@ -9,7 +9,9 @@ colour the shape had in training. This script separates those cases from the ans
   held-out combination, in the same scenes;
 - for each wrong answer: ``other_object`` (another object's colour or shape in the scene: the model did not find
   the object it was asked about), ``absent_value`` (a colour or shape no object in the scene has: it found no
-  object or mapped the one it found to a value from training), ``invalid`` (not a colour or shape at all).
+  object or mapped the one it found to a value from training), ``invalid`` (not a colour or shape at all);
+- ``is there``: accuracy on questions whose answer is yes and on those whose answer is no, apart: a model that does
+  not recognise an unseen combination says "no" to "Is there a green circle?" when there is one.
 
 Run it on the test split too (``--split test``): every referent there is of a seen combination, so the two splits'
 error kinds compare a model's seen and unseen combinations.
@@ -59,12 +61,17 @@ def classify(data: Path, answers: dict[int, str], split: str = "heldout") -> dic
     scenes = {s["image_id"]: s["objects"] for s in _load(data / f"{split}_scenes.json")["scenes"]}
     annotations = _load(data / f"{split}_annotations.json")["annotations"]
     truth = {a["question_id"]: a["multiple_choice_answer"] for a in annotations}
+    kind_of = {a["question_id"]: a["question_type"] for a in annotations}
+    exist = {"yes": [0, 0], "no": [0, 0]}
     out = {q: {"referent_heldout": [0, 0], "referent_seen": [0, 0], "errors": dict.fromkeys(KINDS, 0)}
            for q in ("what color", "what shape")}
     for q in _load(data / f"{split}_questions.json")["questions"]:
         qid, text = q["question_id"], q["question"]
         if qid not in answers:
             raise HeldoutErrorsError(f"[heldout_errors] no answer for question {qid} ({text!r})")
+        if kind_of[qid] == "is there" and truth[qid] in exist:
+            exist[truth[qid]][1] += 1
+            exist[truth[qid]][0] += answers[qid].strip().lower() == truth[qid]
         for qtype, pattern, named, asked in (("what color", COLOR_Q, "shape", "color"),
                                              ("what shape", SHAPE_Q, "color", "shape")):
             m = pattern.match(text)
@@ -85,9 +92,12 @@ def classify(data: Path, answers: dict[int, str], split: str = "heldout") -> dic
             in_scene = {o[asked] for o in scenes[q["image_id"]] if o is not obj}
             kind = "other_object" if pred in in_scene else "absent_value" if pred in values[asked] else "invalid"
             row["errors"][kind] += 1
-    return {qt: {"acc_referent_heldout": _pct(r["referent_heldout"]), "n_referent_heldout": r["referent_heldout"][1],
+    report = {qt: {"acc_referent_heldout": _pct(r["referent_heldout"]), "n_referent_heldout": r["referent_heldout"][1],
                  "acc_referent_seen": _pct(r["referent_seen"]), "n_referent_seen": r["referent_seen"][1],
                  "errors": r["errors"]} for qt, r in out.items()}
+    report["is there"] = {f"acc_{t}": _pct(hit_total) for t, hit_total in exist.items()} | {
+        f"n_{t}": hit_total[1] for t, hit_total in exist.items()}
+    return report
 
 
 def _pct(hit_total: list[int]) -> float | None:

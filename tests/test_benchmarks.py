@@ -140,6 +140,8 @@ def test_heldout_errors_classifies_each_wrong_answer_by_the_scene(tiny_data, tmp
     qs = json.loads((tiny_data / "heldout_questions.json").read_text())["questions"]
     truth = {a["question_id"]: a["multiple_choice_answer"]
              for a in json.loads((tiny_data / "heldout_annotations.json").read_text())["annotations"]}
+    exist_ids = {a["question_id"] for a in json.loads((tiny_data / "heldout_annotations.json").read_text())["annotations"]
+                 if a["question_type"] == "is there"}
     answers, expected = dict(truth), {"other_object": 0, "absent_value": 0, "invalid": 0}
     color_qs = [q for q in qs if q["question"].startswith(("What color is", "What is the color of"))]
     assert len(color_qs) >= 3, "the tiny held-out split needs a few colour questions"
@@ -165,6 +167,12 @@ def test_heldout_errors_classifies_each_wrong_answer_by_the_scene(tiny_data, tmp
     assert report["n_referent_heldout"] == len(color_qs)  # every held-out colour question asks about an unseen combo
     assert report["acc_referent_heldout"] == round(100.0 * (len(color_qs) - wrong) / len(color_qs), 2)
     assert main(["--data", str(tiny_data), f"m={res}"])["m"]["what shape"]["acc_referent_heldout"] in (100.0, None)
+    # "is there": every answer "no" is right exactly on the questions whose answer is no
+    exist_truth = [truth[q] for q in exist_ids]
+    res.write_text(json.dumps([{"question_id": k, "answer": "no" if k in exist_ids else v} for k, v in truth.items()]))
+    exist = main(["--data", str(tiny_data), f"m={res}"])["m"]["is there"]
+    assert (exist["n_yes"], exist["n_no"]) == (exist_truth.count("yes"), exist_truth.count("no")) and exist["n_yes"]
+    assert exist["acc_yes"] == 0.0 and exist["acc_no"] in (100.0, None)
     res.write_text(json.dumps([{"question_id": qs[0]["question_id"], "answer": "red"}]))
     with pytest.raises(HeldoutErrorsError, match="no answer for question"):
         main(["--data", str(tiny_data), f"m={res}"])
