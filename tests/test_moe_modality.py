@@ -88,6 +88,25 @@ def test_modality_text_only_batch_uses_text_experts_only():
     torch.testing.assert_close(r.expert_bias[EI:], 1e-3 * torch.sign(load[EI:].mean() - load[EI:]))
 
 
+def test_modality_in_group_max_violation_counts_each_group_on_its_own_tokens():
+    """MaxVio inside each modality group (its tokens on its experts), worst of the two, against a plain count; the
+    overall MaxVio pools every expert over all tokens and differs when the groups see unequal token numbers."""
+    r = _router().eval()
+    x, modality, mask = _batch(n=60)
+    res = r(x, mask, modality)
+    loads = {MODALITY_IMAGE: [0] * EI, MODALITY_TEXT: [0] * (E - EI)}
+    for n in range(len(x)):
+        for e, k in zip(res.expert_idx[n].tolist(), res.kept[n].tolist()):
+            if mask[n] and k:
+                loads[int(modality[n])][e - (0 if int(modality[n]) == MODALITY_IMAGE else EI)] += 1
+    want = max((max(v) - sum(v) / len(v)) / (sum(v) / len(v)) for v in loads.values())
+    got = B.routing_metrics(res)
+    assert got["in_group_max_violation"] == pytest.approx(want, abs=1e-6)
+    assert got["max_violation"] != pytest.approx(want, abs=1e-3)
+    flat = B.routing_metrics(Router(D, MoEConfig(num_experts=E, top_k=2), causal=True).double()(x, mask, modality))
+    assert "in_group_max_violation" not in flat  # only where experts are split into modality groups
+
+
 def test_modality_balance_loss_is_one_when_each_group_is_balanced():
     from mmoe.model.moe.routing import RoutingResult
 

@@ -89,6 +89,21 @@ def test_summary_means_and_routing_health(tmp_path):
     json.dumps(table)  # the summary is written as JSON
 
 
+def test_routing_health_takes_the_in_group_max_violation_of_modality_grouped_layers():
+    """A modality-grouped layer is judged by its worst group's MaxVio; a layer without groups by its overall one."""
+    study = _study()
+    rows = [{"variant": v, "seed": 0, "vqa_test": 80.0, "vqa_heldout": 60.0, "routing_layers": layers}
+            for v, layers in (("moe", {"ffn.1": {"max_violation": 0.25, "dead_experts": 0.0}}),
+                              ("modality", {"ffn.1": {"max_violation": 0.44, "in_group_max_violation": 0.12,
+                                                      "dead_experts": 0.0},
+                                            "vision.1": {"max_violation": 0.2, "dead_experts": 1.0}}),
+                              ("dense", {}))]
+    health = study.study_summary(rows, {})["routing_health"]
+    assert health["moe"]["worst_max_violation"] == 0.25
+    assert health["modality"]["worst_max_violation"] == 0.2  # the vision layer's 0.2 beats the FFN's in-group 0.12
+    assert health["modality"]["dead_experts_total"] == 1.0 and "dense" not in health
+
+
 def test_dense_total_matches_total_params_and_modality_variant_routes_by_modality():
     study = _study()
     base = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())

@@ -210,6 +210,10 @@ def routing_metrics(r: RoutingResult) -> dict[str, float]:
                 km, sm = km[r.expert_modality == mod], sm[r.expert_modality == mod]
             out.update(_load_stats(km, f"{name}/"))
             out[f"{name}/drop_rate"] = 1.0 - km.sum() / sm.sum().clamp_min(1)
+        if r.expert_modality is not None:  # each group balances only within itself: the MaxVio its losses act on
+            vio = [out[f"{name}/max_violation"] for name in MODALITY_NAMES.values() if f"{name}/max_violation" in out]
+            if vio:
+                out["in_group_max_violation"] = torch.stack(vio).max()
     if r.num_groups > 1:
         gl = kept.view(r.num_groups, -1).sum(-1)
         out.update({k: v for k, v in _load_stats(gl, "group/").items() if "dead" not in k})
