@@ -111,6 +111,35 @@ def test_word_loss_falls_and_the_probe_names_the_shared_words_of_each_patch():
     assert ((tokens["words"] > 0) == want).float().mean() > 0.95
 
 
+def test_word_labels_name_the_shared_words_present_and_no_colour_shape_pair():
+    torch.manual_seed(0)
+    module = VisionPretrainModule(VISION, num_classes=3, labels="words", class_names=NAMES)
+    module.log = lambda *a, **k: None
+    batch = _batch()
+    logits, tokens = module(batch["pixel_values"])
+    assert logits.shape == (4, 2) and tokens == {}  # "circle", "red"; no per-token probe asked for
+    # {red square, blue circle} and {red circle} hold the same words: the loss cannot tell the pairs apart
+    pairs = {**batch, "targets": torch.tensor([[0.0, 1.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])}
+    single = {**pairs, "targets": torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])}
+    torch.testing.assert_close(module.training_step(pairs, 0), module.training_step(single, 0))
+    classes = VisionPretrainModule(VISION, num_classes=3, class_names=NAMES)
+    classes.log = module.log
+    assert classes.training_step(pairs, 0) != classes.training_step(single, 0)
+    # the words are learned: one image-level logit per word, right on the training batch
+    want = torch.tensor([[1.0, 1.0], [1.0, 1.0], [0.0, 1.0], [0.0, 0.0]])
+    opt = torch.optim.AdamW(module.parameters(), lr=3e-3)
+    for _ in range(60):
+        loss = module.training_step(pairs, 0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert ((module(batch["pixel_values"])[0] > 0) == want.bool()).all()
+    with pytest.raises(ValueError, match="model.labels must be 'classes' or 'words'"):
+        VisionPretrainModule(VISION, num_classes=3, labels="pairs", class_names=NAMES)
+    with pytest.raises(ValueError, match="model.labels='words' needs model.class_names"):
+        VisionPretrainModule(VISION, num_classes=3, labels="words")
+
+
 def test_patch_loss_without_patch_targets_or_with_the_wrong_grid_fails_naming_the_field():
     module = VisionPretrainModule(VISION, num_classes=3, patch_loss=1.0)
     module.log = lambda *a, **k: None
@@ -159,13 +188,14 @@ def test_the_stage0_cli_links_the_class_names_that_word_loss_needs(tiny_data, tm
 
     cli = cli_main(["fit", "--config", str(REPO / "configs/stages/stage0_vision.yaml"),
                     "--data.data_dir", str(tiny_data),
-                    "--model.word_loss", "1.0", "--model.vision.dim", "32", "--model.vision.depth", "1",
+                    "--model.word_loss", "1.0", "--model.labels", "words", "--model.vision.dim", "32", "--model.vision.depth", "1",
                     "--model.vision.n_heads", "2", "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
                     "--trainer.limit_val_batches", "1", "--trainer.log_every_n_steps", "1",
                     "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
                     "--trainer.default_root_dir", str(tmp_path)])
     names = [c["name"] for c in json.loads((tiny_data / "train_instances.json").read_text())["categories"]]
     assert cli.model.words == shared_name_words(names) and {"red", "circle"} <= set(cli.model.words)
+    assert cli.model.head.fc2.out_features == len(cli.model.words)  # labels: words
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     assert any(r.get("train/word_loss") for r in rows) and any(r.get("val/word_loss") for r in rows)
     assert (tmp_path / "export" / "vision.safetensors").is_file()

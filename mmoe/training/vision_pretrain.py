@@ -77,11 +77,13 @@ def token_probe(dim: int, out: int) -> nn.Module:
 
 
 class VisionPretrainModule(L.LightningModule):
-    """Dense ViT + label head trained with binary cross-entropy; logs label-set accuracy and micro F1."""
+    """Dense ViT + label head trained with binary cross-entropy; logs label-set accuracy and micro F1 (over
+    classes, or over shared words with `labels="words"`)."""
 
     def __init__(self, vision: VisionConfig = VisionConfig(), num_classes: int = 0, *,
                  optim: OptimConfig = OptimConfig(), head_hidden: int = 256, patch_loss: float = 0.0,
-                 box_loss: float = 0.0, word_loss: float = 0.0, class_names: list[str] | None = None):
+                 box_loss: float = 0.0, word_loss: float = 0.0, class_names: list[str] | None = None,
+                 labels: str = "classes"):
         """
         Args:
             vision: the tower to pretrain (dense: `moe` is ignored; the VLM upcycles it). Use the VLM's values.
@@ -101,6 +103,11 @@ class VisionPretrainModule(L.LightningModule):
                 question that names one attribute ("the circle") could find it with one attention key. Needs
                 `class_names` (linked from the data by the CLI) with at least one shared word.
             class_names: category names in the data's order (linked from the data by the CLI).
+            labels: what the image-level head predicts. "classes": which categories are in the image (one logit
+                per class name, "red circle"). "words": which shared words of the class names are ("red",
+                "circle"), so no loss names a colour-shape pair as one class and a pair missing from training is
+                not taught as "never present"; set `patch_loss` 0 too for a tower with no pair identity at all
+                (`word_loss` keeps colour and shape bound by location). Needs `class_names`, like `word_loss`.
         """
         super().__init__()
         if num_classes < 1:
@@ -113,23 +120,27 @@ class VisionPretrainModule(L.LightningModule):
         self.vision_cfg, self.optim_cfg = vision, optim
         optim.validate()  # a bad schedule fails here, naming the field
         self.encoder = build_vision_encoder(vision)
-        self.head = LabelHead(self.encoder.out_dim, num_classes, head_hidden)
+        if labels not in ("classes", "words"):
+            raise ValueError(f"model.labels must be 'classes' or 'words', got {labels!r}")
+        self.labels = labels
+        if word_loss > 0 or labels == "words":
+            field = "model.word_loss > 0" if word_loss > 0 else "model.labels='words'"
+            if not class_names or len(class_names) != num_classes:
+                raise ValueError(f"{field} needs model.class_names with num_classes={num_classes} "
+                                 f"names (the CLI links them from the data), got {class_names!r}")
+            self.words = shared_name_words(class_names)
+            if not self.words:
+                raise ValueError(f"{field} but no word occurs in two class names (model.class_names): "
+                                 "there is no shared attribute to learn")
+            self.register_buffer("class_words", class_word_matrix(class_names, self.words), persistent=False)
+        self.head = LabelHead(self.encoder.out_dim, len(self.words) if labels == "words" else num_classes,
+                              head_hidden)
         self.patch_loss = float(patch_loss)
         self.patch_head = token_probe(self.encoder.out_dim, num_classes) if patch_loss > 0 else None
         self.box_loss = float(box_loss)
         self.box_head = token_probe(self.encoder.out_dim, 4) if box_loss > 0 else None
         self.word_loss = float(word_loss)
-        self.word_head = None
-        if word_loss > 0:
-            if not class_names or len(class_names) != num_classes:
-                raise ValueError(f"model.word_loss > 0 needs model.class_names with num_classes={num_classes} "
-                                 f"names (the CLI links them from the data), got {class_names!r}")
-            self.words = shared_name_words(class_names)
-            if not self.words:
-                raise ValueError("model.word_loss > 0 but no word occurs in two class names (model.class_names): "
-                                 "there is no shared attribute to learn; set model.word_loss=0")
-            self.register_buffer("class_words", class_word_matrix(class_names, self.words), persistent=False)
-            self.word_head = token_probe(self.encoder.out_dim, len(self.words))
+        self.word_head = token_probe(self.encoder.out_dim, len(self.words)) if word_loss > 0 else None
         self._val: list[Tensor] = []
 
     def forward(self, pixel_values: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -148,6 +159,13 @@ class VisionPretrainModule(L.LightningModule):
         if tuple(targets.shape) != shape:
             raise ValueError(f"{key} {tuple(targets.shape)} do not match the tower's tokens {shape}: "
                              "data.patch_grid must be image_size // patch_size")
+        return targets
+
+    def _label_targets(self, batch: dict) -> Tensor:
+        """(B, C) class labels, or (B, W) shared words of the classes present when `labels` is "words"."""
+        targets = batch["targets"].float()
+        if self.labels == "words":
+            targets = (targets @ self.class_words).clamp(max=1.0)
         return targets
 
     def _dense_terms(self, tokens: dict[str, Tensor], batch: dict) -> dict[str, Tensor]:
@@ -174,7 +192,7 @@ class VisionPretrainModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         logits, tokens = self(batch["pixel_values"])
-        loss = F.binary_cross_entropy_with_logits(logits.float(), batch["targets"].float())
+        loss = F.binary_cross_entropy_with_logits(logits.float(), self._label_targets(batch))
         for name, term in self._dense_terms(tokens, batch).items():
             self.log(f"train/{name}", term, batch_size=logits.shape[0])
             loss = loss + getattr(self, name) * term
@@ -185,9 +203,9 @@ class VisionPretrainModule(L.LightningModule):
         logits, tokens = self(batch["pixel_values"])
         for name, term in self._dense_terms(tokens, batch).items():
             self.log(f"val/{name}", term, batch_size=logits.shape[0])
-        self.log("val/loss", F.binary_cross_entropy_with_logits(logits.float(), batch["targets"].float()),
-                 batch_size=logits.shape[0])
-        self._val.append(torch.stack([logits.detach().float() > 0, batch["targets"] > 0.5]).cpu())
+        targets = self._label_targets(batch)
+        self.log("val/loss", F.binary_cross_entropy_with_logits(logits.float(), targets), batch_size=logits.shape[0])
+        self._val.append(torch.stack([logits.detach().float() > 0, targets > 0.5]).cpu())
 
     def on_validation_epoch_end(self) -> None:
         if not self._val:
