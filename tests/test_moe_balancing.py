@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import pytest
 import torch
 
 from mmoe.constants import MODALITY_IMAGE, MODALITY_TEXT
-from mmoe.model.moe import (MoEConfig, Router, RoutingResult, balancing_losses, device_balance_loss,
+from mmoe.model.moe import (MoEConfig, Router, RoutingResult, balancing_loss, balancing_losses, device_balance_loss,
                             expert_load, group_balance_loss, load_balance_loss, modality_balance_loss,
                             routing_metrics, sequence_balance_loss, z_loss)
 
@@ -361,3 +362,134 @@ def test_balancing_losses_has_no_device_term_without_expert_parallelism():
     r = result(torch.tensor([[0], [0]]), torch.tensor([[0.7, 0.1, 0.1, 0.1]] * 2, dtype=torch.float64))
     assert balancing_losses(r)["device"].item() == 0.0
     assert balancing_losses(r, num_devices=2)["device"].item() == pytest.approx(2 * 0.8)
+
+
+def _grouped_result(idx, probs, modality, expert_modality, mask=None):
+    """A modality-grouped routing result (hierarchy 'modality'): `expert_modality` maps each expert to its group."""
+    r = result(idx, probs, mask=mask, modality=modality)
+    r.expert_modality = None if expert_modality is None else torch.as_tensor(expert_modality)
+    return r
+
+
+def _loop_group_balance(idx, probs, tokens, group: list[int]) -> float:
+    """Eg * sum_{i in group} f_i P_i over `tokens` (float64 loop): f and P restricted to the group's experts."""
+    counts = [sum(1.0 for t in tokens for e in idx[t] if int(e) == i) for i in group]
+    psum = [sum(float(probs[t, i]) for t in tokens) for i in group]
+    return _loop_fp(counts, psum, len(tokens))
+
+
+def test_modality_grouped_balance_with_one_modality_no_modality_an_extra_mask_or_only_padding():
+    """With expert modality groups the balance loss is the mean over the modalities present of each group's own
+    loss. One modality alone (either one), a router given no modality (every token text), an extra token mask and an
+    all-padding layer each take their own path; each is checked against a float64 loop over the tokens."""
+    E, N = 4, 6
+    image, text = [0, 1], [2, 3]
+    em = [MODALITY_IMAGE, MODALITY_IMAGE, MODALITY_TEXT, MODALITY_TEXT]
+    g = torch.Generator().manual_seed(7)
+    probs = torch.rand(N, E, generator=g, dtype=torch.float64).softmax(-1)
+    idx_img = torch.tensor([[0], [0], [1], [0], [1], [0]])
+    idx_txt = torch.tensor([[2], [3], [2], [2], [2], [3]])
+    everyone = list(range(N))
+    # image tokens only: the text group is absent, the image group's loss is the whole loss (not 0)
+    r = _grouped_result(idx_img, probs, [MODALITY_IMAGE] * N, em)
+    assert load_balance_loss(r).item() == pytest.approx(_loop_group_balance(idx_img, probs, everyone, image))
+    # text tokens only, and a grouped router given no modality at all: every token counts as text
+    want_text = _loop_group_balance(idx_txt, probs, everyone, text)
+    assert want_text != pytest.approx(1.0, abs=1e-3)  # skewed, so a zero or a default of 1 would show
+    assert load_balance_loss(_grouped_result(idx_txt, probs, [MODALITY_TEXT] * N, em)).item() == pytest.approx(
+        want_text)
+    assert load_balance_loss(_grouped_result(idx_txt, probs, None, em)).item() == pytest.approx(want_text)
+    # an extra mask (the first three tokens only) narrows the tokens like padding does
+    extra = torch.tensor([True, True, True, False, False, False])
+    r = _grouped_result(idx_txt, probs, [MODALITY_TEXT] * N, em)
+    assert load_balance_loss(r, extra).item() == pytest.approx(_loop_group_balance(idx_txt, probs, [0, 1, 2], text))
+    # a layer of padding only (a masked placeholder image): zero, finite
+    pad = _grouped_result(idx_txt, probs, [MODALITY_TEXT] * N, em, mask=torch.zeros(N, dtype=torch.bool))
+    assert load_balance_loss(pad).item() == 0.0
+
+
+class _ThreadAllReduce:
+    """An element-wise sum over `world` ranks run as threads: a stand-in for torch.distributed.all_reduce that knows
+    nothing of what the tensor holds."""
+
+    def __init__(self, world: int):
+        self.barrier, self.parts = threading.Barrier(world), [None] * world
+
+    def for_rank(self, rank: int):
+        def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+            self.parts[rank] = t.detach().clone()
+            self.barrier.wait()
+            total = torch.stack(self.parts).sum(0)
+            self.barrier.wait()  # nobody overwrites a part before every rank has summed
+            return total
+        return sum_over_ranks
+
+    def run(self, per_rank):
+        """per_rank(rank, sum_over_ranks) on every rank at once; returns the results by rank."""
+        out = [None] * len(self.parts)
+
+        def target(rank):
+            out[rank] = per_rank(rank, self.for_rank(rank))
+        threads = [threading.Thread(target=target, args=(k,)) for k in range(len(out))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert all(o is not None for o in out), "a rank did not finish"
+        return out
+
+
+def test_device_loss_over_ranks_is_the_global_loss_and_each_rank_gets_world_times_its_gradient_share():
+    """With `sum_over_ranks` every rank's value is the loss of the global batch (float64 loop over the tokens of
+    both ranks, padding excluded), and each rank's gradient is world x its own tokens' part of the global loss's
+    gradient, so the data-parallel mean of the gradients is the global gradient."""
+    E, K, D, W = 4, 2, 2, 2
+    g = torch.Generator().manual_seed(11)
+    logits = [torch.randn(n, E, generator=g, dtype=torch.float64) for n in (5, 3)]  # unequal tokens per rank
+    masks = [torch.tensor([True, True, True, True, False]), torch.ones(3, dtype=torch.bool)]
+    idx = [lg.topk(K, -1).indices for lg in logits]
+    leaves = [lg.clone().requires_grad_() for lg in logits]
+
+    def per_rank(rank, sum_over_ranks):
+        r = result(idx[rank], leaves[rank].softmax(-1), mask=masks[rank], logits=leaves[rank])
+        return balancing_loss("device", r, D, sum_over_ranks)
+    losses = _ThreadAllReduce(W).run(per_rank)
+    # the reference: one float64 loop over the real tokens of both ranks, experts 0-1 on device 0, 2-3 on device 1
+    ref_leaves = [lg.clone().requires_grad_() for lg in logits]
+    counts, psum, n_real = [0.0] * D, [0.0] * D, 0
+    for rank in range(W):
+        probs = ref_leaves[rank].softmax(-1)
+        for t in range(len(masks[rank])):
+            if not masks[rank][t]:
+                continue
+            n_real += 1
+            for k in range(K):
+                counts[int(idx[rank][t, k]) // (E // D)] += 1
+            for e in range(E):
+                psum[e // (E // D)] = psum[e // (E // D)] + probs[t, e]
+    ref = D * sum((c / sum(counts)) * (p / n_real) for c, p in zip(counts, psum))
+    ref.backward()
+    for rank in range(W):
+        assert losses[rank].item() == pytest.approx(ref.item(), rel=1e-12)
+        losses[rank].backward()
+        torch.testing.assert_close(leaves[rank].grad, W * ref_leaves[rank].grad, rtol=1e-10, atol=1e-12)
+    # the local loss of rank 0 alone is a different number: the collective mattered
+    alone = device_balance_loss(result(idx[0], logits[0].softmax(-1), mask=masks[0]), D).item()
+    assert alone != pytest.approx(ref.item(), rel=1e-3)
+
+
+def test_balancing_loss_device_kind_defaults_to_one_device_and_forwards_sum_over_ranks():
+    E, N = 4, 4
+    r0 = result(torch.tensor([[0, 1]] * N), torch.tensor([[0.7, 0.1, 0.1, 0.1]] * N, dtype=torch.float64))
+    r1 = result(torch.tensor([[2, 3]] * N), torch.tensor([[0.1, 0.1, 0.1, 0.7]] * N, dtype=torch.float64))
+    assert balancing_loss("device", r0).item() == 0.0  # no expert parallelism unless num_devices says so
+    assert balancing_loss("device", r0, 2).item() == pytest.approx(2 * 0.8)  # device 0: all load, 0.8 of the prob
+    # with the other rank's tokens all on device 1 the global batch is balanced across the two devices
+    glob = _ThreadAllReduce(2).run(lambda rank, s: balancing_loss("device", (r0, r1)[rank], 2, s).item())
+    assert glob == [pytest.approx(1.0), pytest.approx(1.0)]
+    # one real token in the whole global batch (the other rank is all padding): its mean is not rescaled
+    pad = result(torch.tensor([[2, 3]]), torch.tensor([[0.1, 0.1, 0.1, 0.7]], dtype=torch.float64),
+                 mask=torch.zeros(1, dtype=torch.bool))
+    one = result(torch.tensor([[0, 1]]), torch.tensor([[0.7, 0.1, 0.1, 0.1]], dtype=torch.float64))
+    glob = _ThreadAllReduce(2).run(lambda rank, s: balancing_loss("device", (one, pad)[rank], 2, s).item())
+    assert glob == [pytest.approx(2 * 0.8), pytest.approx(2 * 0.8)]
