@@ -15,7 +15,7 @@ from mmoe.model.moe import (MoEConfig, Router, RoutingResult, balancing_loss, ba
 
 
 def result(idx, probs, *, selected=None, kept=None, mask=None, modality=None, logits=None, batch_shape=None,
-           num_groups=1, group_probs=None, group_logits=None) -> RoutingResult:
+           num_groups=1, group_probs=None, group_logits=None, expert_modality=None) -> RoutingResult:
     idx = torch.as_tensor(idx)
     probs = torch.as_tensor(probs, dtype=torch.float64)
     N, K = idx.shape
@@ -26,7 +26,8 @@ def result(idx, probs, *, selected=None, kept=None, mask=None, modality=None, lo
                          probs=probs, logits=probs.log() if logits is None else logits, token_mask=mask,
                          num_experts=probs.shape[1], batch_shape=batch_shape or (1, N),
                          modality=None if modality is None else torch.as_tensor(modality),
-                         num_groups=num_groups, group_probs=group_probs, group_logits=group_logits)
+                         num_groups=num_groups, group_probs=group_probs, group_logits=group_logits,
+                         expert_modality=None if expert_modality is None else torch.as_tensor(expert_modality))
 
 
 def uniform(N, E):
@@ -364,13 +365,6 @@ def test_balancing_losses_has_no_device_term_without_expert_parallelism():
     assert balancing_losses(r, num_devices=2)["device"].item() == pytest.approx(2 * 0.8)
 
 
-def _grouped_result(idx, probs, modality, expert_modality, mask=None):
-    """A modality-grouped routing result (hierarchy 'modality'): `expert_modality` maps each expert to its group."""
-    r = result(idx, probs, mask=mask, modality=modality)
-    r.expert_modality = None if expert_modality is None else torch.as_tensor(expert_modality)
-    return r
-
-
 def _loop_group_balance(idx, probs, tokens, group: list[int]) -> float:
     """Eg * sum_{i in group} f_i P_i over `tokens` (float64 loop): f and P restricted to the group's experts."""
     counts = [sum(1.0 for t in tokens for e in idx[t] if int(e) == i) for i in group]
@@ -391,20 +385,21 @@ def test_modality_grouped_balance_with_one_modality_no_modality_an_extra_mask_or
     idx_txt = torch.tensor([[2], [3], [2], [2], [2], [3]])
     everyone = list(range(N))
     # image tokens only: the text group is absent, the image group's loss is the whole loss (not 0)
-    r = _grouped_result(idx_img, probs, [MODALITY_IMAGE] * N, em)
+    r = result(idx_img, probs, modality=[MODALITY_IMAGE] * N, expert_modality=em)
     assert load_balance_loss(r).item() == pytest.approx(_loop_group_balance(idx_img, probs, everyone, image))
     # text tokens only, and a grouped router given no modality at all: every token counts as text
     want_text = _loop_group_balance(idx_txt, probs, everyone, text)
     assert want_text != pytest.approx(1.0, abs=1e-3)  # skewed, so a zero or a default of 1 would show
-    assert load_balance_loss(_grouped_result(idx_txt, probs, [MODALITY_TEXT] * N, em)).item() == pytest.approx(
-        want_text)
-    assert load_balance_loss(_grouped_result(idx_txt, probs, None, em)).item() == pytest.approx(want_text)
+    text_only = result(idx_txt, probs, modality=[MODALITY_TEXT] * N, expert_modality=em)
+    assert load_balance_loss(text_only).item() == pytest.approx(want_text)
+    assert load_balance_loss(result(idx_txt, probs, expert_modality=em)).item() == pytest.approx(want_text)
     # an extra mask (the first three tokens only) narrows the tokens like padding does
     extra = torch.tensor([True, True, True, False, False, False])
-    r = _grouped_result(idx_txt, probs, [MODALITY_TEXT] * N, em)
-    assert load_balance_loss(r, extra).item() == pytest.approx(_loop_group_balance(idx_txt, probs, [0, 1, 2], text))
+    first_three = _loop_group_balance(idx_txt, probs, [0, 1, 2], text)
+    assert load_balance_loss(text_only, extra).item() == pytest.approx(first_three)
     # a layer of padding only (a masked placeholder image): zero, finite
-    pad = _grouped_result(idx_txt, probs, [MODALITY_TEXT] * N, em, mask=torch.zeros(N, dtype=torch.bool))
+    pad = result(idx_txt, probs, modality=[MODALITY_TEXT] * N, expert_modality=em,
+                 mask=torch.zeros(N, dtype=torch.bool))
     assert load_balance_loss(pad).item() == 0.0
 
 
@@ -413,7 +408,7 @@ class _ThreadAllReduce:
     nothing of what the tensor holds."""
 
     def __init__(self, world: int):
-        self.barrier, self.parts = threading.Barrier(world), [None] * world
+        self.barrier, self.parts = threading.Barrier(world, timeout=60), [None] * world
 
     def for_rank(self, rank: int):
         def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
@@ -425,17 +420,23 @@ class _ThreadAllReduce:
         return sum_over_ranks
 
     def run(self, per_rank):
-        """per_rank(rank, sum_over_ranks) on every rank at once; returns the results by rank."""
-        out = [None] * len(self.parts)
+        """per_rank(rank, sum_over_ranks) on every rank at once; returns the results by rank (a rank's error is
+        raised here, after the barrier is broken so the other ranks stop waiting)."""
+        out, errors = [None] * len(self.parts), []
 
         def target(rank):
-            out[rank] = per_rank(rank, self.for_rank(rank))
-        threads = [threading.Thread(target=target, args=(k,)) for k in range(len(out))]
+            try:
+                out[rank] = per_rank(rank, self.for_rank(rank))
+            except BaseException as e:  # noqa: BLE001  (re-raised in the test's thread below)
+                errors.append(e)
+                self.barrier.abort()
+        threads = [threading.Thread(target=target, args=(k,), daemon=True) for k in range(len(out))]
         for t in threads:
             t.start()
         for t in threads:
-            t.join(timeout=60)
-        assert all(o is not None for o in out), "a rank did not finish"
+            t.join()
+        if errors:
+            raise errors[0]
         return out
 
 
@@ -479,7 +480,7 @@ def test_device_loss_over_ranks_is_the_global_loss_and_each_rank_gets_world_time
 
 
 def test_balancing_loss_device_kind_defaults_to_one_device_and_forwards_sum_over_ranks():
-    E, N = 4, 4
+    N = 4
     r0 = result(torch.tensor([[0, 1]] * N), torch.tensor([[0.7, 0.1, 0.1, 0.1]] * N, dtype=torch.float64))
     r1 = result(torch.tensor([[2, 3]] * N), torch.tensor([[0.1, 0.1, 0.1, 0.7]] * N, dtype=torch.float64))
     assert balancing_loss("device", r0).item() == 0.0  # no expert parallelism unless num_devices says so
