@@ -18,6 +18,8 @@ Variants (same data, steps, batch, schedule and seed):
                 half for text; each token routes top-k inside its own group)
   dense_total   dense model of equal TOTAL parameters (an upper reference: same parameters, all active)
   no_moa, no_vision_moe, aux_free_bias   older ablations (one MoE site off / aux-loss-free bias balancing)
+  moe_vision_only, moe_decoder_only   one half (ViT + connector / MoA + FFN) MoE, the other from the dense twin
+  dense_vit, dense_connector          the default with only the ViT (or only the connector) from the dense twin
 
 Seeds are paired: seed s of every variant sees the same data order and (where shapes allow) the same stage-0
 tower, so per-seed differences (variant minus dense) are the statistic. Routing health (MaxVio and dead experts of
@@ -52,7 +54,8 @@ from mmoe.model.active_params import dense_equivalent_config  # noqa: E402
 from mmoe.model.vlm import VLMConfig  # noqa: E402
 
 MAIN_VARIANTS = ("moe", "dense", "flat_routing", "modality", "dense_total")
-ABLATIONS = ("no_moa", "no_vision_moe", "flat_routing", "aux_free_bias", "moe_vision_only", "moe_decoder_only")
+ABLATIONS = ("no_moa", "no_vision_moe", "flat_routing", "aux_free_bias", "moe_vision_only", "moe_decoder_only",
+             "dense_vit", "dense_connector")
 ALL_VARIANTS = tuple(dict.fromkeys((*MAIN_VARIANTS, *ABLATIONS)))
 DEFAULT_VARIANTS = ("moe", "dense", "flat_routing", "dense_total")
 SETTINGS = {"default": "data/synthetic", "hard": "data/synthetic_hard"}
@@ -108,6 +111,12 @@ def variant_overrides(name: str, base_arch: dict) -> dict:
         dense = to_dict(dense_equivalent_config(from_dict(VLMConfig, base_arch)))
         keep = ("decoder",) if name == "moe_vision_only" else ("vision", "connector")
         return {"model": {"arch": {k: dense[k] for k in keep}}}
+    if name in ("dense_vit", "dense_connector"):
+        # one vision-side site from the dense twin, every other MoE site kept: which of the two MoE sites of the
+        # vision side costs held-out accuracy (moe_vision_only vs moe_decoder_only located it on that side)
+        dense = to_dict(dense_equivalent_config(from_dict(VLMConfig, base_arch)))
+        site = "vision" if name == "dense_vit" else "connector"
+        return {"model": {"arch": {site: dense[site]}}}
     if name == "no_moa":
         return {"model": {"arch": {"decoder": {"attn_moe": None}}}}
     if name == "no_vision_moe":

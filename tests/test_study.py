@@ -50,12 +50,15 @@ def test_variants_change_only_what_they_name():
     vision_side = sites["moe"][0] + 1  # the ViT's MoE blocks and the MoE connector
     assert sites["moe_vision_only"] == (sites["moe"][0], 0, vision_side)
     assert sites["moe_decoder_only"] == (0, sites["moe"][1], sites["moe"][2] - vision_side)
-    for half, dense_part in (("moe_vision_only", "decoder"), ("moe_decoder_only", "vision")):
+    assert sites["dense_vit"] == (0, sites["moe"][1], sites["moe"][2] - sites["moe"][0])
+    assert sites["dense_connector"] == (sites["moe"][0], sites["moe"][1], sites["moe"][2] - 1)
+    for half, dense_part in (("moe_vision_only", "decoder"), ("moe_decoder_only", "vision"),
+                             ("dense_vit", "vision"), ("dense_connector", "connector")):
         assert models[half][1]["model"]["arch"][dense_part] == models["dense"][1]["model"]["arch"][dense_part]
     # dense twin: same active parameters (within rounding of the hidden widths)
     a_moe, a_dense = active_param_count(models["moe"][0]), active_param_count(models["dense"][0])
     assert abs(a_moe - a_dense) / a_moe < 0.02
-    for half in ("moe_vision_only", "moe_decoder_only"):  # each half also keeps the active parameters
+    for half in ("moe_vision_only", "moe_decoder_only", "dense_vit", "dense_connector"):  # same active parameters
         assert abs(active_param_count(models[half][0]) - a_moe) / a_moe < 0.02
     assert models["flat_routing"][1]["model"]["arch"]["decoder"]["ffn_moe"]["hierarchy"] == "flat"
     assert models["flat_routing"][1]["model"]["balance"]["ffn"]["group"] == 0.0
