@@ -357,6 +357,53 @@ def test_upcycled_moe_equals_dense_mlp():
     assert isinstance(moe.experts, GroupedExperts)
 
 
+def test_upcycled_from_mixtral_expert_naming_equals_transformers_qwen2_mlp():
+    """Mixtral checkpoints name an expert's gate/up/down w1/w3/w2: upcycling from that naming must put w1 in the
+    gate and w3 in the up half (a swap changes the output: silu is not symmetric)."""
+    from transformers import Qwen2Config
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
+
+    torch.manual_seed(0)
+    hf = Qwen2MLP(Qwen2Config(hidden_size=D, intermediate_size=HID, hidden_act="silu")).double()
+    mixtral_style = torch.nn.Module()
+    mixtral_style.w1, mixtral_style.w3, mixtral_style.w2 = hf.gate_proj, hf.up_proj, hf.down_proj
+    x, _ = inputs()
+    for dense in (hf, mixtral_style):
+        moe = MoEFFN(D, HID, MoEConfig(num_experts=4, top_k=2)).double()
+        moe.upcycle_(dense)
+        torch.testing.assert_close(moe(x)[0], hf(x))
+
+
+def test_upcycling_copies_dense_biases_and_refuses_to_drop_them():
+    from mmoe.model.layers import GeluMLP, SwiGLU
+
+    torch.manual_seed(0)
+    x = torch.randn(5, D, dtype=torch.float64)
+    for dense, act in ((SwiGLU(D, HID, bias=True), "swiglu"), (GeluMLP(D, HID, bias=True), "gelu")):
+        dense = dense.double()
+        with torch.no_grad():
+            for p in dense.parameters():
+                p.normal_(0, 0.5)  # biases far from their init so a dropped one shows
+        experts = GroupedExperts(3, D, HID, act, bias=True).double()
+        experts.upcycle_(dense)
+        for e in range(3):
+            torch.testing.assert_close(reference_expert(experts, e, x), dense(x))
+        with pytest.raises(ValueError, match="with a bias into experts without one"):
+            GroupedExperts(3, D, HID, act, bias=False).double().upcycle_(dense)
+
+
+def test_upcycling_an_unknown_mlp_names_the_accepted_layouts():
+    class Odd(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj_in, self.proj_out = torch.nn.Linear(D, HID), torch.nn.Linear(HID, D)
+
+    with pytest.raises(TypeError, match="cannot upcycle Odd: expected gate_proj/up_proj/down_proj or w1/w3/w2"):
+        GroupedExperts(2, D, HID, "swiglu").upcycle_(Odd())
+    with pytest.raises(TypeError, match="expected fc1/fc2 or c_fc/c_proj or linear_1/linear_2"):
+        GroupedExperts(2, D, HID, "gelu").upcycle_(Odd())
+
+
 @pytest.mark.parametrize("kw", [dict(), dict(capacity_factor=0.5)], ids=["dropless", "capacity"])
 def test_autocast_bf16_runs_and_stays_close(kw):
     """bf16 expert outputs combined with float32 router weights, dropless and with a capacity buffer."""

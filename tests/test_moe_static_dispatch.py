@@ -99,6 +99,40 @@ def test_unknown_kernel_is_refused():
             pass
 
 
+class _CudaLike:
+    """Duck-typed stand-in for a CUDA activation (choose_kernel reads only is_cuda, dtype and device), so the
+    CUDA branch of the kernel choice is checked on a CPU-only machine."""
+
+    def __init__(self, dtype):
+        self.is_cuda, self.dtype, self.device = True, dtype, torch.device("cuda", 0)
+
+
+def test_kernel_choice_by_device_dtype_capability_and_override(monkeypatch):
+    """auto: the loop on CPU (any dtype); on CUDA torch._grouped_mm only for bf16 on compute capability >= 9 with
+    16-byte aligned rows, else the dense kernel; other devices dense; an override wins until its block ends."""
+    from mmoe.model.moe import experts
+
+    w32, w16 = torch.zeros(4, 16, 32), torch.zeros(4, 16, 32, dtype=torch.bfloat16)
+    assert experts.choose_kernel(torch.zeros(3, 16), w32) == "loop"
+    assert experts.choose_kernel(torch.zeros(3, 16, dtype=torch.bfloat16), w16) == "loop"
+    assert experts.choose_kernel(torch.zeros(3, 16, device="meta"), w32.to("meta")) == "dense"
+    monkeypatch.setattr(experts, "_cuda_major", lambda index: 9)
+    if hasattr(torch, "_grouped_mm"):
+        assert experts.choose_kernel(_CudaLike(torch.bfloat16), w16) == "grouped_mm"
+    assert experts.choose_kernel(_CudaLike(torch.float32), w32) == "dense"  # fp32: no grouped GEMM
+    assert experts.choose_kernel(_CudaLike(torch.bfloat16), w32) == "dense"  # weights not bf16
+    misaligned = torch.zeros(4, 16, 31, dtype=torch.bfloat16)  # 31 * 2 bytes: rows not 16-byte aligned
+    assert experts.choose_kernel(_CudaLike(torch.bfloat16), misaligned) == "dense"
+    monkeypatch.setattr(experts, "_cuda_major", lambda index: 8)  # Ampere: no fast grouped GEMM
+    assert experts.choose_kernel(_CudaLike(torch.bfloat16), w16) == "dense"
+    for name in ("dense", "grouped_mm", "loop"):
+        with expert_kernel(name):
+            assert experts.choose_kernel(torch.zeros(3, 16), w32) == name
+            with expert_kernel("auto"):  # nested auto restores the device choice inside
+                assert experts.choose_kernel(torch.zeros(3, 16), w32) == "loop"
+        assert experts.choose_kernel(torch.zeros(3, 16), w32) == "loop"
+
+
 # ---------------------------------------------------------------- no data-dependent ops, every site
 def _ffn_site(kind_kw, activation, bias, causal, out_dim=None):
     torch.manual_seed(0)

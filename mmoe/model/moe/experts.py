@@ -277,6 +277,7 @@ class GroupedLinear(nn.Module):
     def copy_dense_(self, linear: nn.Linear, experts: slice | None = None,
                     in_slice: slice = slice(None), out_slice: slice = slice(None)) -> None:
         """Copy an nn.Linear (out, in) into experts (all by default); slices pick sub-blocks (MoA heads)."""
+        _refuse_dropped_bias(linear.bias, self)
         w = linear.weight[out_slice, in_slice].t()
         self.weight[experts or slice(None)] = w.to(self.weight.dtype)
         if self.bias is not None:
@@ -322,6 +323,10 @@ class GroupedExperts(nn.Module):
             hid = gate.weight.shape[0]
             self.w_in.weight[:, :, :hid] = gate.weight.t()
             self.w_in.weight[:, :, hid:] = up.weight.t()
+            for part, cols in ((gate, slice(None, hid)), (up, slice(hid, None))):
+                _refuse_dropped_bias(part.bias, self.w_in)
+                if self.w_in.bias is not None:
+                    self.w_in.bias[:, cols] = part.bias if part.bias is not None else 0.0
             self.w_out.copy_dense_(down)
         else:
             fc1, fc2 = dense_mlp_parts(dense)
@@ -329,20 +334,33 @@ class GroupedExperts(nn.Module):
             self.w_out.copy_dense_(fc2)
 
 
-def dense_glu_parts(m: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
-    """(gate, up, down) linears of a Llama-style SwiGLU MLP."""
-    for names in (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2")):
+GLU_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))  # Llama/Qwen2/Mistral, Mixtral expert
+MLP_NAMES = (("fc1", "fc2"), ("c_fc", "c_proj"), ("linear_1", "linear_2"))  # timm, open_clip, mmoe/LLaVA
+
+
+def _find_parts(m: nn.Module, conventions: tuple[tuple[str, ...], ...]) -> tuple[nn.Linear, ...]:
+    for names in conventions:
         if all(hasattr(m, n) for n in names):
-            return tuple(getattr(m, n) for n in names)  # type: ignore[return-value]
-    raise TypeError(f"cannot upcycle {type(m).__name__}: expected gate_proj/up_proj/down_proj linears")
+            return tuple(getattr(m, n) for n in names)
+    expected = " or ".join("/".join(names) for names in conventions)
+    raise TypeError(f"cannot upcycle {type(m).__name__}: expected {expected} linears")
+
+
+def dense_glu_parts(m: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+    """(gate, up, down) linears of a SwiGLU MLP in Llama (gate/up/down_proj) or Mixtral-expert (w1/w3/w2) naming."""
+    return _find_parts(m, GLU_NAMES)  # type: ignore[return-value]
 
 
 def dense_mlp_parts(m: nn.Module) -> tuple[nn.Linear, nn.Linear]:
     """(in, out) linears of a 2-layer MLP in timm (fc1/fc2), open_clip (c_fc/c_proj) or mmoe naming."""
-    for names in (("fc1", "fc2"), ("c_fc", "c_proj"), ("linear_1", "linear_2")):
-        if all(hasattr(m, n) for n in names):
-            return getattr(m, names[0]), getattr(m, names[1])
-    raise TypeError(f"cannot upcycle {type(m).__name__}: expected fc1/fc2 or c_fc/c_proj linears")
+    return _find_parts(m, MLP_NAMES)  # type: ignore[return-value]
+
+
+def _refuse_dropped_bias(bias: Tensor | None, into: GroupedLinear) -> None:
+    """Upcycling must not silently drop a dense bias the experts have no slot for."""
+    if bias is not None and into.bias is None:
+        raise ValueError(f"cannot upcycle a dense linear with a bias into experts without one "
+                         f"({into.extra_repr()}): build the MoE layer with bias=True")
 
 
 def reference_expert(experts: GroupedExperts, e: int, x: Tensor) -> Tensor:
