@@ -241,6 +241,25 @@ def test_moa_upcycle_head_partition_error():
         DecoderConfig(**{**make("dense").cfg.__dict__, "attn_moe": shared, "attn_moe_layers": "all"}).validate()
 
 
+def test_moa_heads_per_group_splits_heads_and_names_each_bad_field():
+    from mmoe.model.moe.attention import moa_heads_per_group
+
+    # 8 query heads over 2 kv heads: 4 per kv group, split between 3 routed + 1 shared head group -> 2 heads each
+    assert moa_heads_per_group(8, 2, MoEConfig(num_experts=3, top_k=1, num_shared_experts=1), "s") == 2
+    assert moa_heads_per_group(8, 2, MoEConfig(num_experts=2, top_k=1), "s") == 4
+    for n_kv in (0, -2):  # a clear error, not a ZeroDivisionError
+        with pytest.raises(MoEConfigError, match=rf"^dec.3: n_heads=8 must be a multiple of n_kv_heads={n_kv}$"):
+            moa_heads_per_group(8, n_kv, MoEConfig(num_experts=2, top_k=1), "dec.3")
+    with pytest.raises(MoEConfigError, match=r"^s: n_heads=6 must be a multiple of n_kv_heads=4$"):
+        moa_heads_per_group(6, 4, MoEConfig(num_experts=2, top_k=1), "s")
+    whole = (r"^s\.num_experts=3 must divide n_heads/n_kv_heads=8/2=4: each MoA expert \(and shared head group\) "
+             r"owns n_heads/\(num_experts\+num_shared_experts\) query heads and n_kv_heads must divide that$")
+    with pytest.raises(MoEConfigError, match=whole):
+        moa_heads_per_group(8, 2, MoEConfig(num_experts=3, top_k=1), "s")
+    with pytest.raises(MoEConfigError, match=r"^s\.num_experts\+num_shared_experts=2\+1 must divide .*=8/2=4:"):
+        moa_heads_per_group(8, 2, MoEConfig(num_experts=2, top_k=1, num_shared_experts=1), "s")
+
+
 @pytest.mark.parametrize("std", [0.02, 0.056, None])
 def test_init_std_sets_the_from_scratch_weight_scale(std):
     torch.manual_seed(0)
