@@ -260,6 +260,21 @@ def test_moa_heads_per_group_splits_heads_and_names_each_bad_field():
         moa_heads_per_group(8, 2, MoEConfig(num_experts=2, top_k=1, num_shared_experts=1), "s")
 
 
+def test_moa_parameters_follow_the_hf_attention_layout_and_errors_name_the_layer():
+    """Biases only on q/k/v (Qwen2's attn_bias), never on the output projections (no HF checkpoint has them); the
+    config checks name the site and layer."""
+    cfg = MoEConfig(num_experts=3, top_k=2, num_shared_experts=1)
+    weights = {"router.gate.weight", "q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight",
+               "shared_q_proj.weight", "shared_o_proj.weight"}
+    assert {n for n, _ in MoAAttention(64, 8, 2, 8, cfg).named_parameters()} == weights
+    with_bias = {n for n, _ in MoAAttention(64, 8, 2, 8, cfg, bias=True).named_parameters()}
+    assert with_bias == weights | {"q_proj.bias", "k_proj.bias", "v_proj.bias", "shared_q_proj.bias"}
+    with pytest.raises(MoEConfigError, match=r"^attention\.3: moe\.router 'expert_choice' .* not causal-safe"):
+        MoAAttention(64, 8, 2, 8, MoEConfig(router="expert_choice", num_experts=2, top_k=1), layer=3)
+    with pytest.raises(MoEConfigError, match=r"^attention\.3\.num_experts=3 must divide"):
+        MoAAttention(64, 8, 2, 8, MoEConfig(num_experts=3, top_k=1), layer=3)
+
+
 @pytest.mark.parametrize("std", [0.02, 0.056, None])
 def test_init_std_sets_the_from_scratch_weight_scale(std):
     torch.manual_seed(0)
