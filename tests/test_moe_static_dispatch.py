@@ -103,8 +103,8 @@ class _CudaLike:
     """Duck-typed stand-in for a CUDA activation (choose_kernel reads only is_cuda, dtype and device), so the
     CUDA branch of the kernel choice is checked on a CPU-only machine."""
 
-    def __init__(self, dtype):
-        self.is_cuda, self.dtype, self.device = True, dtype, torch.device("cuda", 0)
+    def __init__(self, dtype, index=0):
+        self.is_cuda, self.dtype, self.device = True, dtype, torch.device("cuda", index)
 
 
 def test_kernel_choice_by_device_dtype_capability_and_override(monkeypatch):
@@ -121,8 +121,16 @@ def test_kernel_choice_by_device_dtype_capability_and_override(monkeypatch):
         assert experts.choose_kernel(_CudaLike(torch.bfloat16), w16) == "grouped_mm"
     assert experts.choose_kernel(_CudaLike(torch.float32), w32) == "dense"  # fp32: no grouped GEMM
     assert experts.choose_kernel(_CudaLike(torch.bfloat16), w32) == "dense"  # weights not bf16
-    misaligned = torch.zeros(4, 16, 31, dtype=torch.bfloat16)  # 31 * 2 bytes: rows not 16-byte aligned
-    assert experts.choose_kernel(_CudaLike(torch.bfloat16), misaligned) == "dense"
+    for misaligned in ((4, 16, 31), (4, 15, 32)):  # 31 or 15 bf16 = 62 or 30 bytes: rows not 16-byte aligned
+        assert experts.choose_kernel(_CudaLike(torch.bfloat16), torch.zeros(misaligned, dtype=torch.bfloat16)) == "dense"
+    # the capability asked is the activation's own device's (cuda:1 an Ampere here), or the current device's
+    monkeypatch.setattr(experts, "_cuda_major", lambda index: {0: 9, 1: 8}[index])
+    assert experts.choose_kernel(_CudaLike(torch.bfloat16, index=1), w16) == "dense"
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert experts.choose_kernel(_CudaLike(torch.bfloat16, index=None), w16) == "dense"
+    if hasattr(torch, "_grouped_mm"):
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        assert experts.choose_kernel(_CudaLike(torch.bfloat16, index=None), w16) == "grouped_mm"
     monkeypatch.setattr(experts, "_cuda_major", lambda index: 8)  # Ampere: no fast grouped GEMM
     assert experts.choose_kernel(_CudaLike(torch.bfloat16), w16) == "dense"
     for name in ("dense", "grouped_mm", "loop"):
