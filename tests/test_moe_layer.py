@@ -388,7 +388,8 @@ def test_upcycling_copies_dense_biases_and_refuses_to_drop_them():
         experts.upcycle_(dense)
         for e in range(3):
             torch.testing.assert_close(reference_expert(experts, e, x), dense(x))
-        with pytest.raises(ValueError, match=r"with a bias into experts without one \(experts=3, in=12, .*bias=False\)"):
+        refused = r"with a bias into experts without one \(experts=3, in=12, .*bias=False\)"
+        with pytest.raises(ValueError, match=refused):
             GroupedExperts(3, D, HID, act, bias=False).double().upcycle_(dense)
 
 

@@ -122,7 +122,8 @@ def test_kernel_choice_by_device_dtype_capability_and_override(monkeypatch):
     assert experts.choose_kernel(_CudaLike(torch.float32), w32) == "dense"  # fp32: no grouped GEMM
     assert experts.choose_kernel(_CudaLike(torch.bfloat16), w32) == "dense"  # weights not bf16
     for misaligned in ((4, 16, 31), (4, 15, 32)):  # 31 or 15 bf16 = 62 or 30 bytes: rows not 16-byte aligned
-        assert experts.choose_kernel(_CudaLike(torch.bfloat16), torch.zeros(misaligned, dtype=torch.bfloat16)) == "dense"
+        w_bad = torch.zeros(misaligned, dtype=torch.bfloat16)
+        assert experts.choose_kernel(_CudaLike(torch.bfloat16), w_bad) == "dense"
     # the capability asked is the activation's own device's (cuda:1 an Ampere here), or the current device's
     monkeypatch.setattr(experts, "_cuda_major", lambda index: {0: 9, 1: 8}[index])
     assert experts.choose_kernel(_CudaLike(torch.bfloat16, index=1), w16) == "dense"
