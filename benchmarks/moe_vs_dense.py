@@ -59,6 +59,9 @@ ABLATIONS = ("no_moa", "no_vision_moe", "flat_routing", "aux_free_bias", "moe_vi
 ALL_VARIANTS = tuple(dict.fromkeys((*MAIN_VARIANTS, *ABLATIONS)))
 DEFAULT_VARIANTS = ("moe", "dense", "flat_routing", "dense_total")
 SETTINGS = {"default": "data/synthetic", "hard": "data/synthetic_hard"}
+FROM_DENSE_TWIN = {  # variant -> the arch parts it takes from the dense twin
+    "moe_vision_only": ("decoder",), "moe_decoder_only": ("vision", "connector"),
+    "dense_vit": ("vision",), "dense_connector": ("connector",)}
 TOWER_ONLY_KEYS = ("moe", "moe_layers", "checkpoint")  # VLM vision fields stage 0 does not take
 
 
@@ -104,19 +107,12 @@ def variant_overrides(name: str, base_arch: dict) -> dict:
         return {"model": {"arch": to_dict(dense_equivalent_config(from_dict(VLMConfig, base_arch)))}}
     if name == "dense_total":
         return {"model": {"arch": to_dict(dense_total_config(from_dict(VLMConfig, base_arch)))}}
-    if name in ("moe_vision_only", "moe_decoder_only"):
-        # half of the model from the MoE default, the other half from its dense twin (same active parameters
-        # per site): paired with moe and dense they locate where MoE gains or loses (vision side: ViT + connector;
-        # decoder side: MoA + MoE FFN). The vision side keeps the tower its half trains from in stage 0.
+    if name in FROM_DENSE_TWIN:
+        # parts of the model from the dense twin (same active parameters per site), the rest from the MoE default:
+        # paired with moe and dense they locate where MoE gains or loses. The vision side keeps the tower its
+        # half trains from in stage 0.
         dense = to_dict(dense_equivalent_config(from_dict(VLMConfig, base_arch)))
-        keep = ("decoder",) if name == "moe_vision_only" else ("vision", "connector")
-        return {"model": {"arch": {k: dense[k] for k in keep}}}
-    if name in ("dense_vit", "dense_connector"):
-        # one vision-side site from the dense twin, every other MoE site kept: which of the two MoE sites of the
-        # vision side costs held-out accuracy (moe_vision_only vs moe_decoder_only located it on that side)
-        dense = to_dict(dense_equivalent_config(from_dict(VLMConfig, base_arch)))
-        site = "vision" if name == "dense_vit" else "connector"
-        return {"model": {"arch": {site: dense[site]}}}
+        return {"model": {"arch": {k: dense[k] for k in FROM_DENSE_TWIN[name]}}}
     if name == "no_moa":
         return {"model": {"arch": {"decoder": {"attn_moe": None}}}}
     if name == "no_vision_moe":
