@@ -406,10 +406,12 @@ def test_upcycling_an_unknown_mlp_names_the_accepted_layouts():
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(capacity_factor=0.5)], ids=["dropless", "capacity"])
-def test_autocast_bf16_runs_and_stays_close(kw):
-    """bf16 expert outputs combined with float32 router weights, dropless and with a capacity buffer."""
+@pytest.mark.parametrize("bias,activation", [(True, "gelu"), (False, "swiglu")], ids=["vit_mlp", "llama_swiglu"])
+def test_autocast_bf16_runs_and_stays_close(kw, bias, activation):
+    """bf16 expert outputs combined with float32 router weights, dropless and with a capacity buffer; with biases
+    (ViT MLP) and without (the decoder's SwiGLU, where there is no bias to cast)."""
     torch.manual_seed(0)
-    moe = MoEFFN(D, HID, MoEConfig(num_experts=4, top_k=2, **kw), bias=True, activation="gelu")
+    moe = MoEFFN(D, HID, MoEConfig(num_experts=4, top_k=2, **kw), bias=bias, activation=activation)
     x = torch.randn(B, T, D, requires_grad=True)
     ref, _ = moe(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
