@@ -60,6 +60,9 @@ def test_variants_change_only_what_they_name():
     assert abs(a_moe - a_dense) / a_moe < 0.02
     for half in ("moe_vision_only", "moe_decoder_only", "dense_vit", "dense_connector"):  # same active parameters
         assert abs(active_param_count(models[half][0]) - a_moe) / a_moe < 0.02
+    shared = models["connector_shared"][0].connector.proj  # 1 shared + top-1 routed: the default's active width
+    assert shared.shared is not None and shared.router.cfg.top_k == 1 and sites["connector_shared"] == sites["moe"]
+    assert active_param_count(models["connector_shared"][0]) == a_moe
     assert models["flat_routing"][1]["model"]["arch"]["decoder"]["ffn_moe"]["hierarchy"] == "flat"
     assert models["flat_routing"][1]["model"]["balance"]["ffn"]["group"] == 0.0
     assert models["aux_free_bias"][1]["model"]["arch"]["decoder"]["ffn_moe"]["aux_free_bias"] is True
