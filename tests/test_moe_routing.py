@@ -178,6 +178,37 @@ def test_expert_choice_exact_capacity_and_no_padding(cf):
     assert (res.weights[~res.kept] == 0).all()
 
 
+# Expected buffer sizes below are worked out by hand from C = ceil(cf * tokens * k / E), at least 1, at most the
+# tokens: per sequence (T tokens) in eval, over the pooled batch (B*T) in training; an eval factor of 0 means the
+# training factor, a factor of 0 means 1.
+@pytest.mark.parametrize("cf,eval_cf,k,B,T,train_C,eval_C", [
+    (1.5, 0.5, 2, 2, 16, 24, 4),  # eval uses its own factor
+    (1.5, 0.0, 2, 2, 16, 24, 12),  # eval factor 0: the training factor, per sequence
+    (0.0, 0.0, 1, 2, 16, 8, 4),  # factor 0: one buffer row per k-th share of tokens
+    (1.0, 1.0, 1, 1, 4, 1, 1),  # fewer tokens than experts: one row each, not zero or two
+], ids=["eval_factor", "eval_factor_0", "factor_0", "one_row"])
+def test_expert_choice_buffer_sizes_in_training_and_eval(cf, eval_cf, k, B, T, train_C, eval_C):
+    E = 4
+    r = make_router(num_experts=E, top_k=k, router="expert_choice", capacity_factor=cf, eval_capacity_factor=eval_cf)
+    x = tokens(B * T)
+    res = r.train()(x, batch_shape=(B, T))
+    assert res.kept.sum(0).tolist() == [train_C] * E  # each expert's picks over the pooled batch
+    assert res.extras["capacity"] == train_C  # the dispatcher's buffer: no bigger than the picks
+    res = r.eval()(x, batch_shape=(B, T))
+    assert res.kept.view(B, T, E).sum(1).tolist() == [[eval_C] * E] * B  # each expert's picks in each image
+    assert res.extras["capacity"] == B * eval_C
+
+
+def test_expert_choice_capacity_counts_real_tokens_only():
+    """8 slots, 2 real tokens, 4 experts, k=1: the buffer has ceil(8/4) = 2 rows but each expert takes
+    ceil(2/4) = 1 real token (at least one, never two)."""
+    r = make_router(num_experts=4, top_k=1, router="expert_choice", capacity_factor=1.0).train()
+    mask = torch.zeros(8, dtype=torch.bool)
+    mask[[1, 6]] = True
+    res = r(tokens(8), mask)
+    assert res.kept.sum(0).tolist() == [1, 1, 1, 1] and not res.kept[~mask].any()
+
+
 # ----------------------------------------------------------------------------- hierarchical
 @pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("bias", [False, True])
@@ -500,3 +531,45 @@ def test_router_float32_for_low_precision_inputs():
     res = r(torch.randn(5, D, dtype=torch.bfloat16))
     assert res.probs.dtype == torch.float32 and res.weights.dtype == torch.float32
     assert F.softmax(res.logits, -1).dtype == torch.float32
+
+
+def _every_gate_router() -> Router:
+    """A router with every gate and buffer it can have: two-level groups, noisy gating, aux-loss-free bias."""
+    return Router(D, MoEConfig(num_experts=8, top_k=2, hierarchy="two_level", num_groups=4, top_groups=2,
+                               noisy_gating=True, aux_free_bias=True))
+
+
+@pytest.mark.parametrize("default", [torch.bfloat16, torch.float16, torch.float64])
+def test_router_gates_keep_their_precision_under_any_default_dtype(default):
+    """Built under a bf16/fp16 default dtype (Lightning's bf16-true init context) every gate stays float32;
+    under a float64 default (float64 references) the gates are float64 like the rest of the model."""
+    torch.set_default_dtype(default)  # restored by conftest's autouse fixture
+    r = _every_gate_router()
+    want = torch.float64 if default == torch.float64 else torch.float32
+    gates = {n: p.dtype for n, p in r.named_parameters()}
+    assert gates == {"gate.weight": want, "group_gate.weight": want, "noise_gate.weight": want}
+    assert r.expert_bias.dtype == torch.float32
+
+
+def test_router_checkpoint_holds_the_gates_and_the_aux_free_bias_only():
+    """The state dict is the gates' weights (no biases: HF/Mixtral's router layout) and the aux-loss-free bias
+    (training resumes with it); the load accumulator and the modality map are rebuilt, never saved."""
+    r = _every_gate_router()
+    assert set(r.state_dict()) == {"gate.weight", "group_gate.weight", "noise_gate.weight", "expert_bias"}
+    modality = Router(D, MoEConfig(num_experts=4, top_k=1, hierarchy="modality", image_experts=2), causal=True)
+    assert set(modality.state_dict()) == {"gate.weight", "expert_bias"}
+    with torch.no_grad():
+        r.expert_bias.copy_(torch.arange(8.0))
+    fresh = _every_gate_router()
+    fresh.load_state_dict(r.state_dict())
+    assert torch.equal(fresh.expert_bias, torch.arange(8.0))
+
+
+def test_a_fresh_router_starts_near_uniform():
+    """The gates start at std 0.02 (the HF initializer_range) so every expert and group is about equally likely at
+    step 0; a unit-std gate would start with each token's choice all but decided."""
+    torch.manual_seed(0)
+    r = _every_gate_router().eval()
+    res = r(torch.randn(256, D))
+    assert res.probs.max(-1).values.mean() < 1.5 / 8
+    assert res.group_probs.max(-1).values.mean() < 1.5 / 4
