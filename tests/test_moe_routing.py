@@ -104,6 +104,38 @@ def test_jitter_only_in_training():
     assert not torch.allclose(r(x).logits, x @ r.gate.weight.t())
 
 
+def test_jitter_multiplies_each_router_input_by_a_factor_in_its_band():
+    """Switch-style jitter: every input element times its own U(1 - eps, 1 + eps) draw. With all-ones tokens and a
+    gate that reads one input dim per expert, each logit is one draw: they fill the band and never leave it."""
+    eps, E = 0.5, 4
+    r = make_router(num_experts=E, top_k=2, jitter_eps=eps).train()
+    with torch.no_grad():
+        r.gate.weight.copy_(torch.eye(E, D, dtype=r.gate.weight.dtype))
+    torch.manual_seed(0)
+    draws = r(torch.ones(2048, D, dtype=torch.float64)).logits
+    assert draws.min() >= 1 - eps and draws.max() <= 1 + eps
+    assert draws.min() < 1 - 0.95 * eps and draws.max() > 1 + 0.95 * eps  # the whole band, both sides
+    assert abs(draws.mean().item() - 1.0) < 0.01
+
+
+def test_noisy_gating_noise_has_the_learned_std():
+    """Shazeer 2017: selection logits = logits + N(0, 1) * softplus(x W_noise). Two experts, a zero clean gate and
+    a noise gate giving softplus(...) = 2 for every token: with top-2 of 2 and no renormalisation the first
+    weight is sigmoid(z1 - z2), z1 - z2 ~ N(0, 2 * 2^2), so its logit has std 2 * sqrt(2)."""
+    r = make_router(num_experts=2, top_k=2, noisy_gating=True, renormalize=False).train()
+    x = torch.zeros(20000, D, dtype=torch.float64)
+    x[:, 0] = 1.0
+    with torch.no_grad():
+        r.gate.weight.zero_()
+        r.noise_gate.weight.zero_()
+        r.noise_gate.weight[:, 0] = math.log(math.expm1(2.0))  # softplus^-1(2)
+    torch.manual_seed(0)
+    res = r(x)
+    first = res.weights.gather(1, (res.expert_idx == 0).long().argmax(1, keepdim=True))[:, 0]  # expert 0's weight
+    spread = torch.logit(first).std().item()
+    assert abs(spread - 2 * math.sqrt(2)) < 0.1, spread
+
+
 # ----------------------------------------------------------------------------- top-p
 @pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("p", [0.3, 0.6, 0.9, 1.0])
