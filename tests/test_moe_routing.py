@@ -605,3 +605,22 @@ def test_a_fresh_router_starts_near_uniform():
     res = r(torch.randn(256, D))
     assert res.probs.max(-1).values.mean() < 1.5 / 8
     assert res.group_probs.max(-1).values.mean() < 1.5 / 4
+
+
+def test_token_choice_capacity_follows_the_eval_factor_in_eval():
+    """Every one of 16 tokens (4 experts, k=1, one image) wants expert 0: it keeps ceil(0.5 * 16 / 4) = 2 in
+    training (capacity_factor 0.5) and ceil(2.0 * 16 / 4) = 8 in eval (eval_capacity_factor 2.0; causal sites
+    refuse an eval capacity)."""
+    r = make_router(num_experts=4, top_k=1, capacity_factor=0.5, eval_capacity_factor=2.0)
+    with torch.no_grad():
+        r.gate.weight.zero_()
+        r.gate.weight[0, 0] = 10.0
+    x = tokens(16).abs() + 1.0  # dim 0 positive: expert 0 wins for every token
+    assert (r.train()(x).expert_counts("kept") == torch.tensor([2, 0, 0, 0])).all()
+    assert (r.eval()(x).expert_counts("kept") == torch.tensor([8, 0, 0, 0])).all()
+
+
+def test_moving_and_casting_a_router_in_one_call_moves_it_and_keeps_float32():
+    """`model.to(device, torch.bfloat16)` (one call) must move the router too, while its floats stay float32."""
+    r = Router(D, MoEConfig(num_experts=4, top_k=2, aux_free_bias=True)).to(device="meta", dtype=torch.bfloat16)
+    assert all(t.device.type == "meta" and t.dtype == torch.float32 for t in (r.gate.weight, r.expert_bias))
