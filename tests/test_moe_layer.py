@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmoe.model.moe import GroupedExperts, GroupedLinear, LocalDispatcher, MoEConfig, MoEFFN, RoutingResult
+from mmoe.model.moe import (GroupedExperts, GroupedLinear, LocalDispatcher, MoEConfig, MoEConfigError, MoEFFN,
+                            RoutingResult)
 from mmoe.model.moe.experts import reference_expert, swiglu_act
 
 D, HID, B, T = 12, 10, 2, 9
@@ -421,3 +422,17 @@ def test_autocast_bf16_runs_and_stays_close(kw, bias, activation):
     y.float().sum().backward()
     assert moe.experts.w_in.weight.grad.dtype == torch.float32
     assert moe.experts.w_in.weight.grad.abs().sum() > 0 and x.grad is not None
+
+
+def test_moe_ffn_defaults_to_a_causal_decoder_ffn_and_refuses_a_swiglu_width_change():
+    """Built without site arguments, an MoE FFN is the decoder's: causal (expert choice, which reads future tokens,
+    refused), reporting its routing as site "ffn". SwiGLU experts cannot change the width (only the connector's
+    GELU experts project to another width)."""
+    with pytest.raises(MoEConfigError, match="expert_choice"):
+        MoEFFN(D, HID, MoEConfig(num_experts=4, top_k=1, router="expert_choice"))
+    _, r = MoEFFN(D, HID, MoEConfig(num_experts=4, top_k=2))(torch.randn(B, T, D))
+    assert r.site == "ffn"
+    with pytest.raises(ValueError, match=r"SwiGLU experts keep the width \(out_dim 16 != dim 12\)"):
+        MoEFFN(D, HID, MoEConfig(num_experts=4, top_k=2), "swiglu", out_dim=16)
+    assert MoEFFN(D, HID, MoEConfig(num_experts=4, top_k=2), "gelu", out_dim=16)(torch.randn(B, T, D))[0].shape == (
+        B, T, 16)
