@@ -428,11 +428,21 @@ def test_moe_ffn_defaults_to_a_causal_decoder_ffn_and_refuses_a_swiglu_width_cha
     """Built without site arguments, an MoE FFN is the decoder's: causal (expert choice, which reads future tokens,
     refused), reporting its routing as site "ffn". SwiGLU experts cannot change the width (only the connector's
     GELU experts project to another width)."""
-    with pytest.raises(MoEConfigError, match="expert_choice"):
-        MoEFFN(D, HID, MoEConfig(num_experts=4, top_k=1, router="expert_choice"))
+    with pytest.raises(MoEConfigError, match=r"^ffn\.3: moe\.router 'expert_choice'"):  # the error names the layer
+        MoEFFN(D, HID, MoEConfig(num_experts=4, top_k=1, router="expert_choice"), layer=3)
     _, r = MoEFFN(D, HID, MoEConfig(num_experts=4, top_k=2))(torch.randn(B, T, D))
     assert r.site == "ffn"
     with pytest.raises(ValueError, match=r"SwiGLU experts keep the width \(out_dim 16 != dim 12\)"):
         MoEFFN(D, HID, MoEConfig(num_experts=4, top_k=2), "swiglu", out_dim=16)
     assert MoEFFN(D, HID, MoEConfig(num_experts=4, top_k=2), "gelu", out_dim=16)(torch.randn(B, T, D))[0].shape == (
         B, T, 16)
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_shared_experts_take_the_bias_setting_of_the_routed_ones(activation):
+    cfg = MoEConfig(num_experts=4, top_k=1, num_shared_experts=1)
+    for bias in (True, False):
+        moe = MoEFFN(D, HID, cfg, activation, bias=bias)
+        linears = [m for m in moe.shared.modules() if isinstance(m, torch.nn.Linear)]
+        assert linears and all((m.bias is not None) == bias for m in linears)
+        assert (moe.experts.w_in.bias is not None) == bias
