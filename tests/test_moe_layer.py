@@ -446,3 +446,21 @@ def test_shared_experts_take_the_bias_setting_of_the_routed_ones(activation):
         linears = [m for m in moe.shared.modules() if isinstance(m, torch.nn.Linear)]
         assert linears and all((m.bias is not None) == bias for m in linears)
         assert (moe.experts.w_in.bias is not None) == bias
+
+
+def test_shared_expert_uses_the_routed_experts_activation():
+    """A quick_gelu ViT (CLIP's) gets a quick_gelu shared expert: x * sigmoid(1.702 x), written out here."""
+    moe = MoEFFN(D, HID, MoEConfig(num_experts=4, top_k=1, num_shared_experts=1), "quick_gelu", bias=True)
+    x = torch.randn(5, D)
+    h = F.linear(x, moe.shared.fc1.weight, moe.shared.fc1.bias)
+    want = F.linear(h * torch.sigmoid(1.702 * h), moe.shared.fc2.weight, moe.shared.fc2.bias)
+    torch.testing.assert_close(moe.shared(x), want)
+
+
+def test_grouped_linear_starts_like_nn_linear():
+    """Each expert's weight and bias start as nn.Linear's do: uniform on (-1/sqrt(in), 1/sqrt(in)), filling it."""
+    torch.manual_seed(0)
+    lin = GroupedLinear(8, 64, 32, bias=True)
+    for t in (lin.weight, lin.bias):
+        assert t.abs().max() <= 1 / 8 and t.min() < -0.9 / 8 and t.max() > 0.9 / 8
+    assert GroupedLinear(2, 3, 4).bias is None  # bias-free unless asked (Llama/Mixtral experts)
