@@ -460,6 +460,19 @@ def _selection_weight(r: Router, x, res):
     return w / w.sum(-1, keepdim=True) if r.cfg.renormalize else w
 
 
+def test_token_choice_capacity_follows_the_eval_factor_in_eval():
+    """Every one of 16 tokens (4 experts, k=1, one image) wants expert 0: it keeps ceil(0.5 * 16 / 4) = 2 in
+    training (capacity_factor 0.5) and ceil(2.0 * 16 / 4) = 8 in eval (eval_capacity_factor 2.0; causal sites
+    refuse an eval capacity)."""
+    r = make_router(num_experts=4, top_k=1, capacity_factor=0.5, eval_capacity_factor=2.0)
+    with torch.no_grad():
+        r.gate.weight.zero_()
+        r.gate.weight[0, 0] = 10.0
+    x = tokens(16).abs() + 1.0  # dim 0 positive: expert 0 wins for every token
+    assert (r.train()(x).expert_counts("kept") == torch.tensor([2, 0, 0, 0])).all()
+    assert (r.eval()(x).expert_counts("kept") == torch.tensor([8, 0, 0, 0])).all()
+
+
 # ----------------------------------------------------------------------------- aux-loss-free bias
 def test_aux_free_bias_lowers_maxvio_and_leaves_weights_alone():
     E = 4
@@ -565,6 +578,7 @@ def test_router_float32_for_low_precision_inputs():
     assert F.softmax(res.logits, -1).dtype == torch.float32
 
 
+# ----------------------------------------------------------------------------- router parameters
 def _every_gate_router() -> Router:
     """A router with every gate and buffer it can have: two-level groups, noisy gating, aux-loss-free bias."""
     return Router(D, MoEConfig(num_experts=8, top_k=2, hierarchy="two_level", num_groups=4, top_groups=2,
@@ -605,19 +619,6 @@ def test_a_fresh_router_starts_near_uniform():
     res = r(torch.randn(256, D))
     assert res.probs.max(-1).values.mean() < 1.5 / 8
     assert res.group_probs.max(-1).values.mean() < 1.5 / 4
-
-
-def test_token_choice_capacity_follows_the_eval_factor_in_eval():
-    """Every one of 16 tokens (4 experts, k=1, one image) wants expert 0: it keeps ceil(0.5 * 16 / 4) = 2 in
-    training (capacity_factor 0.5) and ceil(2.0 * 16 / 4) = 8 in eval (eval_capacity_factor 2.0; causal sites
-    refuse an eval capacity)."""
-    r = make_router(num_experts=4, top_k=1, capacity_factor=0.5, eval_capacity_factor=2.0)
-    with torch.no_grad():
-        r.gate.weight.zero_()
-        r.gate.weight[0, 0] = 10.0
-    x = tokens(16).abs() + 1.0  # dim 0 positive: expert 0 wins for every token
-    assert (r.train()(x).expert_counts("kept") == torch.tensor([2, 0, 0, 0])).all()
-    assert (r.eval()(x).expert_counts("kept") == torch.tensor([8, 0, 0, 0])).all()
 
 
 def test_moving_and_casting_a_router_in_one_call_moves_it_and_keeps_float32():
