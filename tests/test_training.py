@@ -345,6 +345,33 @@ def test_param_groups_scale_the_vision_tower_lr_and_keep_the_decay_rules():
     assert any(n.startswith("vision.") and ".router." in n for n in named)  # the stacked case is exercised
 
 
+def test_the_vit_routers_can_have_their_own_lr_and_a_model_without_them_refuses_it():
+    """vision_router_lr_scale replaces the stacked vision x router scale on the ViT's routers only: the other
+    sites' routers and the rest of the tower keep theirs. Set on a model whose ViT has no router it would do
+    nothing, so it is refused, naming the field."""
+    import types
+
+    from mmoe.training.config import OptimConfig
+    _, cfg = _dense_and_moe(None)
+    optim = OptimConfig(lr=1e-3, router_lr_scale=0.5, vision_lr_scale=0.1, vision_router_lr_scale=2.0)
+    module = MMoEModule(arch=cfg, optim=optim)
+    module._trainer = types.SimpleNamespace(estimated_stepping_batches=10)
+    opt = module.configure_optimizers()["optimizer"]
+    lr_of = {id(p): g["initial_lr"] for g in opt.param_groups for p in g["params"]}
+    seen = set()
+    for name, p in module.model.named_parameters():
+        where = ("vision" if name.startswith("vision.") else "rest", ".router." in name)
+        expected = {("vision", True): 2e-3, ("vision", False): 1e-4, ("rest", True): 5e-4, ("rest", False): 1e-3}
+        assert lr_of[id(p)] == pytest.approx(expected[where]), name
+        seen.add(where)
+    assert len(seen) == 4  # every kind of parameter exercised
+    dense_vit = from_dict(VLMConfig, merge_dicts(TINY_OVERRIDES["model"]["arch"], {"vision": {"moe": None}}))
+    module = MMoEModule(arch=dense_vit, optim=optim)
+    module._trainer = types.SimpleNamespace(estimated_stepping_batches=10)
+    with pytest.raises(ValueError, match="model.optim.vision_router_lr_scale=2.0 has no effect"):
+        module.configure_optimizers()
+
+
 def test_logits_at_labels_are_the_full_logits_at_the_supervised_positions():
     from mmoe.constants import IGNORE_INDEX
     _, cfg = _dense_and_moe(None)

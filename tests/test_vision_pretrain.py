@@ -152,6 +152,8 @@ def test_patch_loss_without_patch_targets_or_with_the_wrong_grid_fails_naming_th
         VisionPretrainModule(VISION, num_classes=0)
     with pytest.raises(ValueError, match="model.optim.vision_lr_scale has no effect in stage 0"):
         VisionPretrainModule(VISION, num_classes=3, optim=OptimConfig(vision_lr_scale=0.1))
+    with pytest.raises(ValueError, match="model.optim.vision_router_lr_scale has no effect in stage 0"):
+        VisionPretrainModule(VISION, num_classes=3, optim=OptimConfig(vision_router_lr_scale=1.0))
     boxed = VisionPretrainModule(VISION, num_classes=3, box_loss=1.0)
     boxed.log = module.log
     with pytest.raises(ValueError, match="model.box_loss.*data.patch_grid"):

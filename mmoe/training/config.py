@@ -33,6 +33,9 @@ class OptimConfig:
     """Multiplier on the LR of router (gate) weights."""
     vision_lr_scale: float = 1.0
     """Multiplier on the LR of the vision tower (a pretrained tower is usually tuned gently or frozen)."""
+    vision_router_lr_scale: float | None = None
+    """Multiplier on the LR of the ViT's MoE routers in place of `vision_lr_scale` x `router_lr_scale` (None: that
+    product). Upcycled routers are new even when the tower arrives pretrained and is tuned gently."""
 
     def validate(self) -> None:
         """Raise ValueError naming the field (the Python API bypasses the CLI's Literal check)."""

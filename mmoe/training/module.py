@@ -351,11 +351,13 @@ class MMoEModule(L.LightningModule):
             else:
                 kind = "decay"
             by_kind.setdefault((kind, name.startswith("vision.")), []).append(p)
+        if cfg.vision_router_lr_scale is not None and ("router", True) not in by_kind:
+            raise ValueError(f"model.optim.vision_router_lr_scale={cfg.vision_router_lr_scale} has no effect: the "
+                             "vision tower has no trainable router (no MoE blocks, or the tower is frozen)")
         groups = [
             {"params": params,
              "weight_decay": cfg.weight_decay if kind == "decay" else 0.0,
-             "lr": cfg.lr * (cfg.router_lr_scale if kind == "router" else 1.0)
-             * (cfg.vision_lr_scale if in_vision else 1.0)}
+             "lr": cfg.lr * lr_scale(cfg, kind, in_vision)}
             for (kind, in_vision), params in sorted(by_kind.items())
         ]
         opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
@@ -375,6 +377,14 @@ def refuse_sharded_init(arch: VLMConfig, stage: StageConfig, lora: LoraSettings)
                              "sharded init fills the shards from the model's own initialisation and streams only "
                              "model.arch.vision.checkpoint and model.stage.hf_decoder")
     check_streamable(arch, stage)
+
+
+def lr_scale(cfg: OptimConfig, kind: str, in_vision: bool) -> float:
+    """LR multiplier of one parameter group: the router and vision-tower scales stack, unless the ViT's routers
+    have their own (`vision_router_lr_scale`)."""
+    if kind == "router" and in_vision and cfg.vision_router_lr_scale is not None:
+        return cfg.vision_router_lr_scale
+    return (cfg.router_lr_scale if kind == "router" else 1.0) * (cfg.vision_lr_scale if in_vision else 1.0)
 
 
 def skips_weight_decay(name: str, p: Tensor) -> bool:

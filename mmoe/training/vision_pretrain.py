@@ -112,9 +112,10 @@ class VisionPretrainModule(L.LightningModule):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"model.num_classes must be >= 1, got {num_classes}")
-        for field in ("vision_lr_scale", "router_lr_scale"):  # one dense tower: no tower/rest or router split
-            if getattr(optim, field) != 1.0:
-                raise ValueError(f"model.optim.{field} has no effect in stage 0 (a dense tower only); leave it 1.0")
+        neutral_scales = {"vision_lr_scale": 1.0, "router_lr_scale": 1.0, "vision_router_lr_scale": None}
+        for field, neutral in neutral_scales.items():  # one dense tower: no tower/rest or router split
+            if getattr(optim, field) != neutral:
+                raise ValueError(f"model.optim.{field} has no effect in stage 0 (a dense tower only); leave it {neutral}")
         vision = replace(vision, moe=None)  # a new config: the caller's is not touched
         self.save_hyperparameters()
         self.vision_cfg, self.optim_cfg = vision, optim
