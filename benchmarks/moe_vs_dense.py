@@ -22,6 +22,7 @@ Variants (same data, steps, batch, schedule and seed):
   dense_vit, dense_connector          the default with only the ViT (or only the connector) from the dense twin
   connector_shared    the default's MoE connector as 1 shared expert + top-1 of 4 routed (same active parameters)
   vit_router_lr       the default with the ViT's routers at the full LR (the rest of the tower stays at a tenth)
+  vit_drop_upcycle    the default with the ViT's experts drop-upcycled (half of each expert's hidden units redrawn)
 
 Seeds are paired: seed s of every variant sees the same data order and (where shapes allow) the same stage-0
 tower, so per-seed differences (variant minus dense) are the statistic. Routing health (MaxVio and dead experts of
@@ -57,7 +58,8 @@ from mmoe.model.vlm import VLMConfig  # noqa: E402
 
 MAIN_VARIANTS = ("moe", "dense", "flat_routing", "modality", "dense_total")
 ABLATIONS = ("no_moa", "no_vision_moe", "flat_routing", "aux_free_bias", "moe_vision_only", "moe_decoder_only",
-             "dense_vit", "dense_connector", "connector_shared", "vit_router_lr")
+             "dense_vit", "dense_connector", "connector_shared", "vit_router_lr",
+             "vit_drop_upcycle")
 ALL_VARIANTS = tuple(dict.fromkeys((*MAIN_VARIANTS, *ABLATIONS)))
 DEFAULT_VARIANTS = ("moe", "dense", "flat_routing", "dense_total")
 SETTINGS = {"default": "data/synthetic", "hard": "data/synthetic_hard"}
@@ -123,6 +125,9 @@ def variant_overrides(name: str, base_arch: dict) -> dict:
         # upcycled experts start identical, so the task loss gives the routers no gradient until the experts
         # drift apart; at the pretrained tower's tenth of the LR both stay near uniform
         return {"model": {"optim": {"vision_router_lr_scale": 1.0}}}
+    if name == "vit_drop_upcycle":
+        # the other way to start the ViT's experts apart: Drop-Upcycling's r = 0.5 (Nakamura et al., ICLR 2025)
+        return {"model": {"arch": {"vision": {"moe": {"upcycle_reinit": 0.5}}}}}
     if name == "no_moa":
         return {"model": {"arch": {"decoder": {"attn_moe": None}}}}
     if name == "no_vision_moe":

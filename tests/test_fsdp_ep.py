@@ -614,6 +614,10 @@ def test_fsdp_sharded_init_refuses_what_it_cannot_stream(tmp_path):
     torch.save({}, pt)
     with pytest.raises(ValueError, match=r"streams .safetensors vision checkpoints only; model.arch.vision.checkpoint"):
         MMoEModule(arch=_stream_arch(str(pt)), parallel=sharded)
+    redrawn = _stream_arch(vit)
+    redrawn.vision.moe.upcycle_reinit = 0.5
+    with pytest.raises(ValueError, match=r"streams exact expert copies: model.arch.vision.moe.upcycle_reinit=0.5"):
+        MMoEModule(arch=redrawn, parallel=sharded)
     import json
     cfg = json.loads((Path(llama) / "config.json").read_text())
     (Path(llama) / "config.json").write_text(json.dumps({**cfg, "model_type": "mixtral", "num_local_experts": 4,

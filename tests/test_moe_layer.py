@@ -394,6 +394,96 @@ def test_upcycling_copies_dense_biases_and_refuses_to_drop_them():
             GroupedExperts(3, D, HID, act, bias=False).double().upcycle_(dense)
 
 
+def _redrawn_units(experts: GroupedExperts, dense, e: int) -> dict[str, set[int]]:
+    """Hidden units of expert e whose weights differ from the dense MLP's, per dense matrix."""
+    hid = experts.w_out.in_features
+    w_in, w_out = experts.w_in.weight[e].t(), experts.w_out.weight[e]  # (parts * hid, in), (hid, out)
+    if experts.glu:
+        ins, out = (dense.gate_proj, dense.up_proj), dense.down_proj
+    else:
+        ins, out = (dense.fc1,), dense.fc2
+    units = {f"in{i}": {h for h in range(hid) if not torch.equal(w_in[i * hid + h], m.weight[h])}
+             for i, m in enumerate(ins)}
+    units["out"] = {h for h in range(hid) if not torch.equal(w_out[h], out.weight[:, h])}
+    return units
+
+
+@pytest.mark.parametrize("act", ["swiglu", "gelu"])
+def test_drop_upcycling_redraws_a_different_quarter_of_hidden_units_in_each_expert(act):
+    """upcycle_reinit 0.25 of 40 units: in each expert exactly 10 units are redrawn (the same units in every
+    matrix, their input biases zeroed), the other 30 stay exact copies, and the experts redraw different units."""
+    from mmoe.model.layers import GeluMLP, SwiGLU
+    hid = 40
+    torch.manual_seed(0)
+    dense = (SwiGLU(D, hid, bias=True) if act == "swiglu" else GeluMLP(D, hid, bias=True)).double()
+    with torch.no_grad():
+        for p in dense.parameters():
+            p.normal_(0.2, 0.5)  # biases nonzero, so a kept or zeroed one shows
+    experts = GroupedExperts(4, D, hid, act, bias=True).double()
+    experts.upcycle_(dense, reinit=0.25)
+    b_in = experts.w_in.bias
+    first = dense.gate_proj if act == "swiglu" else dense.fc1
+    redrawn = []
+    for e in range(4):
+        units = _redrawn_units(experts, dense, e)
+        assert len(set(map(frozenset, units.values()))) == 1, units  # one set of units across the matrices
+        chosen = units["out"]
+        assert len(chosen) == 10
+        for h in range(hid):
+            assert (b_in[e, h] == 0) if h in chosen else torch.equal(b_in[e, h], first.bias[h])
+        redrawn.append(frozenset(chosen))
+    assert len(set(redrawn)) == 4
+    torch.testing.assert_close(experts.w_out.bias, dense.state_dict()[
+        "down_proj.bias" if act == "swiglu" else "fc2.bias"].expand(4, -1))  # output biases are not per unit
+    with pytest.raises(ValueError, match="reinit fraction must be in"):
+        experts.upcycle_(dense, reinit=1.5)
+
+
+def test_drop_upcycled_units_are_drawn_with_the_dense_matrix_statistics():
+    from mmoe.model.layers import SwiGLU
+    torch.manual_seed(0)
+    dense = SwiGLU(64, 256).double()
+    with torch.no_grad():
+        dense.gate_proj.weight.normal_(0.3, 0.1)
+        dense.up_proj.weight.normal_(-0.2, 0.4)
+        dense.down_proj.weight.normal_(0.0, 0.02)
+    experts = GroupedExperts(2, 64, 256, "swiglu").double()
+    experts.upcycle_(dense, reinit=0.5)
+    units = sorted(_redrawn_units(experts, dense, 1)["out"])
+    assert len(units) == 128
+    gate, up = experts.w_in.weight[1, :, :256][:, units], experts.w_in.weight[1, :, 256:][:, units]
+    for got, (mean, std) in ((gate, (0.3, 0.1)), (up, (-0.2, 0.4)), (experts.w_out.weight[1, units], (0.0, 0.02))):
+        assert abs(got.mean().item() - mean) < 0.05 * std + 0.01 * abs(mean) + 1e-3
+        assert abs(got.std().item() / std - 1) < 0.05
+
+
+def test_identical_upcycled_experts_give_the_router_no_gradient_and_drop_upcycling_does():
+    """Why drop-upcycling exists: with exact copies every expert mix gives the same output, so the task loss
+    cannot teach the router anything; redrawn units make the choice matter from the first step."""
+    from mmoe.model.layers import GeluMLP
+    torch.manual_seed(0)
+    dense = GeluMLP(D, HID, bias=False).double()
+    grads = {}
+    for reinit in (0.0, 0.5):
+        moe = MoEFFN(D, HID, MoEConfig(num_experts=4, top_k=2, upcycle_reinit=reinit), activation="gelu",
+                     causal=False, site="vision").double()
+        moe.upcycle_(dense)
+        x, mask = inputs()
+        y, _ = moe(x, mask)
+        (y ** 2).sum().backward()
+        grads[reinit] = moe.router.gate.weight.grad.abs().max().item()
+    assert grads[0.0] < 1e-12 and grads[0.5] > 1e-3, grads
+
+
+def test_upcycle_reinit_is_checked_and_refused_where_nothing_is_redrawn():
+    from mmoe.model.decoder import DecoderConfig
+    with pytest.raises(MoEConfigError, match=r"vision: moe.upcycle_reinit must be in \[0, 1\], got -0.1"):
+        MoEConfig(upcycle_reinit=-0.1).validate(site="vision")
+    with pytest.raises(MoEConfigError, match="decoder.attn_moe.upcycle_reinit is not used by mixture-of-attention"):
+        DecoderConfig(vocab_size=32, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, hidden=32, max_seq_len=16,
+                      attn_moe=MoEConfig(upcycle_reinit=0.5)).validate()
+
+
 def test_upcycling_an_unknown_mlp_names_the_accepted_layouts():
     class Odd(torch.nn.Module):
         def __init__(self):

@@ -65,6 +65,8 @@ def test_variants_change_only_what_they_name():
     assert active_param_count(models["connector_shared"][0]) == a_moe
     assert models["vit_router_lr"][1]["model"]["optim"] == {**base["model"]["optim"], "vision_router_lr_scale": 1.0}
     assert models["vit_router_lr"][1]["model"]["arch"] == arch
+    assert models["vit_drop_upcycle"][1]["model"]["arch"]["vision"]["moe"] == {**arch["vision"]["moe"],
+                                                                               "upcycle_reinit": 0.5}
     assert models["flat_routing"][1]["model"]["arch"]["decoder"]["ffn_moe"]["hierarchy"] == "flat"
     assert models["flat_routing"][1]["model"]["balance"]["ffn"]["group"] == 0.0
     assert models["aux_free_bias"][1]["model"]["arch"]["decoder"]["ffn_moe"]["aux_free_bias"] is True

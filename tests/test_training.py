@@ -372,6 +372,20 @@ def test_the_vit_routers_can_have_their_own_lr_and_a_model_without_them_refuses_
         module.configure_optimizers()
 
 
+def test_upcycle_reinit_is_refused_on_a_site_nothing_upcycles():
+    """The tiny arch has no vision checkpoint, connector checkpoint or HF decoder: drop-upcycling would do
+    nothing at any site, so each is refused naming the field and what would upcycle it."""
+    arch = TINY_OVERRIDES["model"]["arch"]
+    for site, path, source in (("vision", ("vision", "moe"), "model.arch.vision.checkpoint"),
+                               ("connector", ("connector", "moe"), "model.arch.connector.checkpoint"),
+                               ("decoder", ("decoder", "ffn_moe"), "model.stage.hf_decoder")):
+        over = {path[0]: {path[1]: {"upcycle_reinit": 0.5}}}
+        cfg = from_dict(VLMConfig, merge_dicts(arch, over))
+        with pytest.raises(ValueError, match=rf"model.arch.{path[0]}.{path[1]}.upcycle_reinit=0.5 has no effect: "
+                                             rf"nothing upcycles this site .*set {source} or model.stage.init_from"):
+            MMoEModule(arch=cfg)
+
+
 def test_logits_at_labels_are_the_full_logits_at_the_supervised_positions():
     from mmoe.constants import IGNORE_INDEX
     _, cfg = _dense_and_moe(None)

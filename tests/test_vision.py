@@ -96,6 +96,22 @@ def test_timm_upcycled_features_equal_dense(tmp_path, feature_layer, keep_cls, f
         assert enc.moe_mlps[0].moe.router.gate.weight.abs().sum() > 0
 
 
+def test_timm_checkpoint_drop_upcycles_when_the_moe_config_asks(tmp_path):
+    """vision.moe.upcycle_reinit reaches the checkpoint load: each expert of every MoE block keeps the dense fc1
+    columns except a different half of its hidden units."""
+    dense = _tiny_timm_dense()
+    path = tmp_path / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in dense.state_dict().items()}, str(path))
+    enc = build_vision_encoder(_tiny_cfg(checkpoint=str(path), moe=MoEConfig(num_experts=4, top_k=2,
+                                                                             upcycle_reinit=0.5)))
+    for i in enc.moe_layers:
+        fc1 = dense.blocks[i].mlp.fc1.weight  # (hidden, dim)
+        w_in = enc.moe_mlps[i].moe.experts.w_in.weight  # (E, dim, hidden)
+        redrawn = [frozenset(h for h in range(fc1.shape[0]) if not torch.equal(w_in[e, :, h], fc1[h]))
+                   for e in range(4)]
+        assert [len(r) for r in redrawn] == [fc1.shape[0] // 2] * 4 and len(set(redrawn)) == 4
+
+
 def test_timm_registry_arch_mixed_layers(tmp_path):
     """Architecture from timm's registry (no download); MoE every 2nd block, dense timm Mlp elsewhere."""
     dense = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=0)

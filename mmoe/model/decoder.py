@@ -104,6 +104,9 @@ class DecoderConfig:
             if self.attn_moe.expert_hidden:
                 raise MoEConfigError("decoder.attn_moe.expert_hidden is not used by mixture-of-attention (an expert "
                                      "is a group of heads of head_dim); leave it 0")
+            if self.attn_moe.upcycle_reinit:
+                raise MoEConfigError("decoder.attn_moe.upcycle_reinit is not used by mixture-of-attention (upcycling "
+                                     "splits the dense heads among the experts: nothing is copied twice); leave it 0")
             self.moa_layer_ids()
             moa_heads_per_group(self.n_heads, self.n_kv_heads, self.attn_moe, "decoder.attn_moe")
         return self

@@ -102,6 +102,10 @@ def check_streamable(arch, stage) -> None:
     """Refuse, before any process group exists, the loads streaming does not cover (naming the field)."""
     if arch.connector.checkpoint:
         raise ValueError("model.parallel.sharded_init=true does not stream model.arch.connector.checkpoint")
+    for site, moe in (("vision.moe", arch.vision.moe), ("decoder.ffn_moe", arch.decoder.ffn_moe)):
+        if moe is not None and moe.upcycle_reinit:
+            raise ValueError(f"model.parallel.sharded_init=true streams exact expert copies: model.arch.{site}."
+                             f"upcycle_reinit={moe.upcycle_reinit} is not supported (load without sharded_init)")
     if arch.vision.checkpoint and Path(arch.vision.checkpoint).suffix != ".safetensors":
         raise ValueError(f"model.parallel.sharded_init=true streams .safetensors vision checkpoints only; "
                          f"model.arch.vision.checkpoint={arch.vision.checkpoint!r}")

@@ -126,6 +126,7 @@ class MMoEModule(L.LightningModule):
             raise ValueError(f"model.loss_reduction must be one of {sorted(LOSS_REDUCTIONS)}, "
                              f"got {loss_reduction!r}")
         self.loss_reduction = loss_reduction
+        refuse_idle_upcycle_reinit(arch, stage)
         self._sharded_init = None  # the recorded meta build (parallel.sharded_init) until the strategy shards it
         if parallel.sharded_init:
             from mmoe.parallel.sharded_init import record_build
@@ -364,6 +365,18 @@ class MMoEModule(L.LightningModule):
         total = max(1, int(self.trainer.estimated_stepping_batches))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(cfg, total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def refuse_idle_upcycle_reinit(arch: VLMConfig, stage: StageConfig) -> None:
+    """`moe.upcycle_reinit` acts only when a site is upcycled from dense weights: refuse it where nothing is."""
+    sites = (("vision.moe", arch.vision.moe, arch.vision.checkpoint, "model.arch.vision.checkpoint"),
+             ("connector.moe", arch.connector.moe if arch.connector.kind == "moe_mlp" else None,
+              arch.connector.checkpoint, "model.arch.connector.checkpoint"),
+             ("decoder.ffn_moe", arch.decoder.ffn_moe, stage.hf_decoder, "model.stage.hf_decoder"))
+    for site, moe, source, source_field in sites:
+        if moe is not None and moe.upcycle_reinit and not (source or stage.init_from):
+            raise ValueError(f"model.arch.{site}.upcycle_reinit={moe.upcycle_reinit} has no effect: nothing upcycles "
+                             f"this site from dense weights (set {source_field} or model.stage.init_from)")
 
 
 def refuse_sharded_init(arch: VLMConfig, stage: StageConfig, lora: LoraSettings) -> None:

@@ -84,6 +84,11 @@ class MoEConfig:
     which every token takes every (in-group) expert."""
     bias_update_rate: float = 1e-3
     """Step size u of the bias update b_i += u * sign(mean_load - load_i)."""
+    upcycle_reinit: float = 0.0
+    """Drop-Upcycling (Nakamura et al., ICLR 2025): when the site is upcycled from a dense MLP, redraw this
+    fraction of each expert's hidden units (a different random subset per expert; the paper uses 0.5), so the
+    experts start apart and the router learns from the first step. 0: exact copies (the output equals the dense
+    MLP's at step 0). FFN sites only (MoA splits heads; nothing to redraw)."""
 
     def validate(self, causal: bool = False, site: str = "moe", residual: bool = True) -> None:
         """Raise MoEConfigError naming the field when the combination cannot work or an option would do nothing.
@@ -142,6 +147,8 @@ class MoEConfig:
                          f"{per_group * self.top_groups}")
         if self.num_shared_experts < 0 or self.expert_hidden < 0:
             fail("num_shared_experts", "and expert_hidden must be >= 0")
+        if not 0.0 <= self.upcycle_reinit <= 1.0:
+            fail("upcycle_reinit", f"must be in [0, 1], got {self.upcycle_reinit}")
         self._refuse_inert(fail)
         if not residual and self.num_shared_experts == 0:
             if self.router == "expert_choice":

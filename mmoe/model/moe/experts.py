@@ -310,8 +310,14 @@ class GroupedExperts(nn.Module):
         return self.w_out(h, tokens_per_expert, groups)
 
     @torch.no_grad()
-    def upcycle_(self, dense: nn.Module) -> None:
-        """Copy a dense MLP into every expert (co-upcycling): identical experts reproduce the dense MLP."""
+    def upcycle_(self, dense: nn.Module, reinit: float = 0.0) -> None:
+        """Copy a dense MLP into every expert (co-upcycling): identical experts reproduce the dense MLP.
+
+        `reinit` > 0 is Drop-Upcycling (Nakamura et al., ICLR 2025): in each expert a different random
+        `reinit` fraction of the hidden units is redrawn, so the experts start apart and the router gets a
+        task-loss gradient from the first step (identical experts give it none)."""
+        if not 0.0 <= reinit <= 1.0:
+            raise ValueError(f"upcycle reinit fraction must be in [0, 1], got {reinit}")
         dense_hidden = (dense_glu_parts(dense)[0] if self.glu else dense_mlp_parts(dense)[0]).weight.shape[0]
         own_hidden = self.w_out.in_features
         if dense_hidden != own_hidden:
@@ -332,6 +338,26 @@ class GroupedExperts(nn.Module):
             fc1, fc2 = dense_mlp_parts(dense)
             self.w_in.copy_dense_(fc1)
             self.w_out.copy_dense_(fc2)
+        if reinit > 0:
+            self._redraw_hidden_units_(round(reinit * own_hidden))
+
+    def _redraw_hidden_units_(self, n: int) -> None:
+        """Redraw n random hidden units per expert: their input columns (gate and up for SwiGLU) and output row
+        from a normal with the mean and std of the copied matrix they belong to; their input biases zeroed."""
+        hidden = self.w_out.in_features
+        # w_in.weight (E, in, parts * hidden): parts = 2 for SwiGLU (gate | up), each a copied dense matrix
+        in_parts = [self.w_in.weight[:, :, i * hidden:(i + 1) * hidden] for i in range(2 if self.glu else 1)]
+        out_w = self.w_out.weight  # (E, hidden, out)
+        stats = [(m[0].mean(), m[0].std()) for m in (*in_parts, out_w)]  # experts are identical copies
+        for e in range(out_w.shape[0]):
+            units = torch.randperm(hidden)[:n].to(out_w.device)
+            for (mean, std), m in zip(stats, in_parts):
+                m[e, :, units] = torch.randn_like(m[e, :, units]) * std + mean
+            mean, std = stats[-1]
+            out_w[e, units] = torch.randn_like(out_w[e, units]) * std + mean
+            if self.w_in.bias is not None:
+                for i in range(len(in_parts)):
+                    self.w_in.bias[e, units + i * hidden] = 0.0
 
 
 GLU_NAMES = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))  # Llama/Qwen2/Mistral, Mixtral expert

@@ -56,9 +56,10 @@ class MoEFFN(nn.Module):
 
         With renormalised weights (or top_k = 1 with weight 1) the output equals the dense MLP exactly,
         whatever the router picks; shared experts get the dense weights with a zeroed output projection
-        so they start contributing nothing and learn from there.
+        so they start contributing nothing and learn from there. `cfg.upcycle_reinit` > 0 (Drop-Upcycling)
+        gives up that exactness to start the experts apart.
         """
-        self.experts.upcycle_(dense)
+        self.experts.upcycle_(dense, self.cfg.upcycle_reinit)
         if self.shared is not None:
             out = self.shared.down_proj if isinstance(self.shared, SwiGLU) else self.shared.fc2
             out.weight.zero_()
