@@ -67,3 +67,39 @@ def test_run_mutants_runs_the_selection_records_verdicts_and_refuses_stale_mutan
     (tmp_path / "pkg" / "mod.py").write_text("x = 2\n")  # edited after the mutants were generated
     with pytest.raises(SystemExit, match=r"pkg/mod.py changed after the mutants were generated"):
         tool.main(["--repo", str(tmp_path), "pkg.mod.*"])
+
+
+def test_run_mutants_times_out_a_hanging_run_and_stops_its_runs_when_stopped(tmp_path):
+    """A mutant that hangs the tests is recorded as mutmut's timeout; stopping the script stops the test run it
+    started (no orphan left holding a core)."""
+    import signal
+    import subprocess
+    import sys
+    tool = _tool()
+    meta, names = _fake_repo(tmp_path)
+    pid_file = tmp_path / "pid"
+    (tmp_path / "tests" / "test_fake.py").write_text(
+        "import os, time\n\ndef test_hangs():\n"
+        f"    open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n    time.sleep(120)\n")
+    assert tool.main(["--repo", str(tmp_path), "--jobs", "1", "--timeout", "5", names[0]]) == 0
+    assert json.loads(meta.read_text())["exit_code_by_key"][names[0]] == tool.TIMEOUT_EXIT
+    pid_file.unlink()
+    script = subprocess.Popen([sys.executable, str(REPO / "tools" / "run_mutants.py"), "--repo", str(tmp_path),
+                               "--jobs", "1", names[1], names[2]], stdout=subprocess.DEVNULL)
+    for _ in range(300):  # until the hanging test has started
+        if pid_file.exists() and pid_file.read_text():
+            break
+        time.sleep(0.1)
+    test_pid = int(pid_file.read_text())
+    script.send_signal(signal.SIGTERM)
+    assert script.wait(timeout=30) == 128 + signal.SIGTERM
+    for _ in range(100):
+        try:
+            os.kill(test_pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the test run {test_pid} outlived the script")
+    codes = json.loads(meta.read_text())["exit_code_by_key"]
+    assert codes[names[1]] is None and codes[names[2]] is None  # no verdict for the stopped run, none started after

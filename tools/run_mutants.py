@@ -21,6 +21,7 @@ import argparse
 import fnmatch
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -70,14 +71,30 @@ def pytest_command(pyproject: Path, python: str) -> list[str]:
             *selection]
 
 
+RUNNING: set[subprocess.Popen] = set()  # the test runs in flight, stopped with the script
+STOPPING = threading.Event()  # set on SIGTERM / SIGINT: runs cut short get no verdict
+
+
 def run_one(name: str, command: list[str], cwd: Path, timeout: float) -> int:
     """The exit code of the test selection with mutant `name` active (TIMEOUT_EXIT past `timeout` seconds)."""
     env = {**os.environ, "MUTANT_UNDER_TEST": name}
-    try:
-        return subprocess.run(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              timeout=timeout).returncode
-    except subprocess.TimeoutExpired:
-        return TIMEOUT_EXIT
+    with subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
+        RUNNING.add(proc)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return TIMEOUT_EXIT
+        finally:
+            RUNNING.discard(proc)
+
+
+def stop_running(signum, frame) -> None:
+    """SIGTERM / SIGINT: stop the test runs in flight too (they would go on as orphans) and exit."""
+    STOPPING.set()
+    for proc in list(RUNNING):
+        proc.kill()
+    raise SystemExit(128 + signum)
 
 
 def record(meta: Path, name: str, code: int) -> None:
@@ -110,7 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     start, lock = time.monotonic(), threading.Lock()
 
     def check(name: str) -> None:
+        if STOPPING.is_set():  # queued behind a stopped run
+            return
         code = run_one(name, command, mutants, args.timeout)
+        if STOPPING.is_set():
+            return
         verdict = {0: "survived", TIMEOUT_EXIT: "timeout"}.get(code, "killed")
         with lock:  # several mutants of one file share its .meta
             record(chosen[name], name, code)
@@ -118,8 +139,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[mutants] {sum(counts.values())}/{len(chosen)} {name} {verdict} "
                   f"({time.monotonic() - start:.0f} s)", flush=True)
 
-    with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(check, chosen))
+    previous = {sig: signal.signal(sig, stop_running) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(check, chosen))
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     print(json.dumps({"mutants": len(chosen), **counts}))
     return 0
 
