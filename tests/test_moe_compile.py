@@ -209,3 +209,22 @@ def test_compiled_decode_step_fullgraph_no_recompile_across_steps():
 
     out = generate(dec, ids, max_new_tokens=7, step_fn=counted)
     assert len(calls) == 6 and torch.equal(out, ref)
+
+
+def test_compiled_cpu_experts_run_the_loop_custom_op_not_the_dense_fallback():
+    """On CPU the compiled expert matmul is the per-expert loop as one custom op. The dense fallback gives the same
+    values at E times the FLOPs (every row through every expert), so only the traced graph tells them apart."""
+    from mmoe.model.moe import GroupedLinear
+    traced: list[str] = []
+
+    def recording_backend(gm, example_inputs):
+        traced.extend(str(n.target) for n in gm.graph.nodes if n.op in ("call_function", "call_method"))
+        return gm.forward
+
+    torch.manual_seed(0)
+    lin = GroupedLinear(4, 8, 6, bias=True)
+    x, counts = torch.randn(10, 8), torch.tensor([3, 0, 5, 2])
+    compiled = torch.compile(lambda x, counts: lin(x, counts), backend=recording_backend, fullgraph=True)
+    torch.testing.assert_close(compiled(x, counts), lin(x, counts))
+    assert any("expert_loop_mm" in t for t in traced), traced
+    assert not any(t in ("matmul", "gather", "bmm") or "matmul" in t for t in traced), traced
