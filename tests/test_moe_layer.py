@@ -554,3 +554,16 @@ def test_grouped_linear_starts_like_nn_linear():
     for t in (lin.weight, lin.bias):
         assert t.abs().max() <= 1 / 8 and t.min() < -0.9 / 8 and t.max() > 0.9 / 8
     assert GroupedLinear(2, 3, 4).bias is None  # bias-free unless asked (Llama/Mixtral experts)
+
+
+def test_grouped_experts_default_to_bias_free_swiglu_and_keep_their_activation_name():
+    """Built with no activation, experts are Llama/Mixtral SwiGLU (gate and up in one input projection, no
+    biases); the activation name is kept because upcycling from a checkpoint rebuilds the dense MLP with it."""
+    experts = GroupedExperts(4, D, HID)
+    assert experts.glu and experts.activation == "swiglu"
+    assert experts.w_in.weight.shape == (4, D, 2 * HID) and experts.w_out.weight.shape == (4, HID, D)
+    assert experts.w_in.bias is None and experts.w_out.bias is None
+    x = torch.randn(5, D)
+    gate, up = (x @ experts.w_in.weight[0]).chunk(2, dim=-1)
+    torch.testing.assert_close(experts(x, torch.tensor([5, 0, 0, 0])), (F.silu(gate) * up) @ experts.w_out.weight[0])
+    assert GroupedExperts(2, D, HID, "quick_gelu").activation == "quick_gelu"
