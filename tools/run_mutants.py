@@ -34,14 +34,10 @@ REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_EXIT = 36  # mutmut.stats.status_by_exit_code: "timeout"
 
 
-def meta_files(mutants: Path) -> list[Path]:
-    return sorted(mutants.rglob("*.py.meta"))
-
-
 def select(mutants: Path, globs: list[str], pending: bool) -> dict[str, Path]:
     """{mutant name: its .meta file} for every mutant matching one of `globs` (only unchecked ones if pending)."""
     chosen: dict[str, Path] = {}
-    for meta in meta_files(mutants):
+    for meta in sorted(mutants.rglob("*.py.meta")):
         for name, code in json.loads(meta.read_text())["exit_code_by_key"].items():
             if any(fnmatch.fnmatchcase(name, g) for g in globs) and not (pending and code is not None):
                 chosen[name] = meta
