@@ -181,17 +181,28 @@ def test_modality_routing_in_vlm_decoder_ffn_and_moa():
             assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
-@pytest.mark.parametrize("kw,causal,field", [
-    (dict(image_experts=0), True, "image_experts"),
-    (dict(image_experts=6), True, "image_experts"),
-    (dict(image_experts=2, top_k=3), True, "top_k"),
-    (dict(image_experts=2), False, "hierarchy"),  # ViT / connector: no text tokens
-    (dict(image_experts=2, router="top_p"), True, "hierarchy"),
-    (dict(image_experts=2, num_groups=2), True, "num_groups"),
-    (dict(image_experts=3, top_k=3, aux_free_bias=True), True, "aux_free_bias"),
-    (dict(hierarchy="flat", image_experts=2), True, "image_experts"),
+@pytest.mark.parametrize("kw,causal,field,why", [
+    (dict(image_experts=0), True, "image_experts", r"must be in \[1, num_experts - 1 = 5\], got 0"),
+    (dict(image_experts=6), True, "image_experts", r"must be in \[1, num_experts - 1 = 5\], got 6"),
+    (dict(image_experts=2, top_k=3), True, "top_k", r"3 does not fit in the image group \(2 experts\)"),
+    (dict(image_experts=2), False, "hierarchy",  # ViT / connector: no text tokens
+     "'modality' needs a decoder site: the ViT and the connector see image tokens only, so the text experts would "
+     "never be used"),
+    (dict(image_experts=2, router="top_p"), True, "hierarchy", "'modality' routing needs router='token_choice', "
+                                                                "got 'top_p'"),
+    (dict(image_experts=2, num_groups=2), True, "num_groups",
+     r"\(and top_groups\) must stay 1 with hierarchy=.modality."),
+    (dict(image_experts=3, top_k=3, aux_free_bias=True), True, "aux_free_bias",
+     "cannot change which experts are picked: every token takes all experts of its modality group"),
+    (dict(hierarchy="flat", image_experts=2), True, "image_experts", "is only used by hierarchy='modality'"),
 ])
-def test_modality_config_refusals_name_the_field(kw, causal, field):
+def test_modality_config_refusals_name_the_field(kw, causal, field, why):
     cfg = dict(num_experts=E, top_k=2, hierarchy="modality") | kw
-    with pytest.raises(MoEConfigError, match=rf"moe\.{field}"):
+    with pytest.raises(MoEConfigError, match=rf"moe\.{field} {why}"):
         MoEConfig(**cfg).validate(causal=causal)
+
+
+@pytest.mark.parametrize("image_experts", [1, E - 1])
+def test_modality_groups_of_one_expert_are_valid(image_experts):
+    """The smallest groups the split allows: one image expert (or one text expert), each token its group's top-1."""
+    MoEConfig(num_experts=E, top_k=1, hierarchy="modality", image_experts=image_experts).validate(causal=True)
