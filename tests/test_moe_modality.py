@@ -205,4 +205,9 @@ def test_modality_config_refusals_name_the_field(kw, causal, field, why):
 @pytest.mark.parametrize("image_experts", [1, E - 1])
 def test_modality_groups_of_one_expert_are_valid(image_experts):
     """The smallest groups the split allows: one image expert (or one text expert), each token its group's top-1."""
-    MoEConfig(num_experts=E, top_k=1, hierarchy="modality", image_experts=image_experts).validate(causal=True)
+    r = _router(top_k=1, image_experts=image_experts)  # validates the config
+    x, modality, mask = _batch()
+    picked = r(x, mask, modality).expert_idx[:, 0][mask]
+    image = modality[mask] == MODALITY_IMAGE
+    assert (picked[image] < image_experts).all() and (picked[~image] >= image_experts).all()
+    assert image.any() and (~image).any()
