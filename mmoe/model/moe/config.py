@@ -234,18 +234,22 @@ def select_layers(spec: str | list[int], n_layers: int, field: str = "moe_layers
                 layers = []
             elif s == "all":
                 layers = list(range(n_layers))
-            elif s.startswith("every_"):
-                n = int(s[6:])
-                layers = [i for i in range(n_layers) if (i + 1) % n == 0]
-            elif s.startswith("last_"):
-                layers = list(range(max(0, n_layers - int(s[5:])), n_layers))
-            elif s.startswith("first_"):
-                layers = list(range(min(n_layers, int(s[6:]))))
+            elif s.startswith(("every_", "last_", "first_")):
+                kind, count = s.split("_", 1)
+                n = int(count)
+                if n < 1:  # every_0 would divide by zero; last_0 / first_-1 would silently select nothing
+                    raise ValueError(s)
+                if kind == "every":
+                    layers = [i for i in range(n_layers) if (i + 1) % n == 0]
+                elif kind == "last":
+                    layers = list(range(max(0, n_layers - n), n_layers))
+                else:
+                    layers = list(range(min(n_layers, n)))
             else:
                 layers = [int(t) for t in s.split(",")]
         except ValueError:
             raise MoEConfigError(f"{field}: cannot parse {spec!r}; use 'none', 'all', 'every_N', 'last_N', "
-                                 "'first_N' or a comma list of layer indices") from None
+                                 "'first_N' (N >= 1) or a comma list of layer indices") from None
     bad = [i for i in layers if not 0 <= i < n_layers]
     if bad:
         raise MoEConfigError(f"{field}: layer indices {bad} out of range for {n_layers} layers")
