@@ -72,9 +72,11 @@ mutation: install
 	$(VENV)/bin/mutmut results
 
 # The fallback when mutmut's runner stalls (no verdict for many minutes): the mutants named by MUTANTS (name globs)
-# that have no verdict yet, run by hand against the same test selection; verdicts land where `mutmut results` reads.
+# that have no verdict yet, run by hand against the same test selection (or MUTATION_TESTS: test files, for a module
+# that every test reaches, such as config.py); verdicts land where `mutmut results` reads.
 mutation-by-hand: install
-	nice -n 10 $(PYTHON) tools/run_mutants.py --jobs $(MUTATION_JOBS) --pending $(foreach s,$(MUTANTS),'$(s)')
+	nice -n 10 $(PYTHON) tools/run_mutants.py --jobs $(MUTATION_JOBS) $(if $(MUTATION_TESTS),--tests $(MUTATION_TESTS)) \
+		--pending $(foreach s,$(MUTANTS),'$(s)')
 
 clean:
 	rm -rf runs lightning_logs .pytest_cache

@@ -64,6 +64,9 @@ def test_run_mutants_runs_the_selection_records_verdicts_and_refuses_stale_mutan
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"mutants": 3, "survived": 2, "killed": 1}
     with pytest.raises(SystemExit, match="no mutant .* with no verdict"):
         tool.main(["--repo", str(tmp_path), "--pending", "pkg.mod.*"])
+    # --tests replaces the selection (its --deselect too): the test that always fails now kills every mutant
+    assert tool.main(["--repo", str(tmp_path), "--tests", "tests/test_fake.py::test_skip", "--", "pkg.mod.x_f*"]) == 0
+    assert set(json.loads(meta.read_text())["exit_code_by_key"].values()) == {1}
     (tmp_path / "pkg" / "mod.py").write_text("x = 2\n")  # edited after the mutants were generated
     with pytest.raises(SystemExit, match=r"pkg/mod.py changed after the mutants were generated"):
         tool.main(["--repo", str(tmp_path), "pkg.mod.*"])

@@ -1,6 +1,6 @@
 """Run named mutmut mutants by hand, N at a time, and record the verdicts where `mutmut results` reads them.
 
-    .venv/bin/python tools/run_mutants.py [--jobs 2] [--pending] [--dry-run] GLOB [GLOB ...]
+    .venv/bin/python tools/run_mutants.py [--jobs 2] [--pending] [--tests FILE ...] [--dry-run] GLOB [GLOB ...]
 
 mutmut 3.8's `run` can stall on some functions (no verdict for many minutes, its children restarting); this runs
 the same check without its scheduler: for each mutant, pytest over the `[tool.mutmut]` test selection of
@@ -56,11 +56,12 @@ def refuse_stale(repo: Path, mutants: Path, metas: set[Path]) -> None:
                              "for it first (its mutants are of the old code)")
 
 
-def pytest_command(pyproject: Path, python: str) -> list[str]:
-    """pytest over [tool.mutmut]'s test selection, run from `mutants/` on the working tree's tests (pytest's
-    rootdir stays the repository: its pyproject.toml is the first config above ../tests)."""
+def pytest_command(pyproject: Path, python: str, tests: list[str] | None = None) -> list[str]:
+    """pytest over [tool.mutmut]'s test selection (or `tests`, test files or node ids relative to the repository),
+    run from `mutants/` on the working tree's tests (pytest's rootdir stays the repository: its pyproject.toml is
+    the first config above ../tests)."""
     cfg = tomllib.loads(pyproject.read_text())["tool"]["mutmut"]
-    selection, args = [], cfg["pytest_add_cli_args_test_selection"]
+    selection, args = [], tests or cfg["pytest_add_cli_args_test_selection"]
     for i, a in enumerate(args):  # test files move to ../; node ids (--deselect) stay relative to the rootdir
         selection.append(f"../{a}" if a.startswith("tests/") and (i == 0 or args[i - 1] != "--deselect") else a)
     return [python, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *cfg.get("pytest_add_cli_args", []),
@@ -105,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--pending", action="store_true", help="only mutants with no verdict yet")
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds per mutant")
+    ap.add_argument("--tests", nargs="+", metavar="TEST",
+                    help="run these test files / node ids instead of [tool.mutmut]'s selection (a survivor of a "
+                         "narrower selection may still be killed by the full one)")
     ap.add_argument("--dry-run", action="store_true", help="list the mutants and the command, run nothing")
     ap.add_argument("--repo", type=Path, default=REPO)
     args = ap.parse_args(argv)
@@ -113,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     if not chosen:
         raise SystemExit(f"no mutant in {mutants} matches {args.globs}" + (" with no verdict" if args.pending else ""))
     refuse_stale(args.repo, mutants, set(chosen.values()))
-    command = pytest_command(args.repo / "pyproject.toml", sys.executable)
+    command = pytest_command(args.repo / "pyproject.toml", sys.executable, args.tests)
     print(f"[mutants] {len(chosen)} mutants, {args.jobs} at a time: MUTANT_UNDER_TEST=<name> {' '.join(command)}",
           flush=True)
     if args.dry_run:
