@@ -84,6 +84,10 @@ REFUSED = [
     (dict(HIER8, hierarchy="two_level", top_groups=2, top_k=4, aux_free_bias=True), False, True,
      "aux_free_bias cannot change which experts are picked: every token already takes all experts of each chosen "
      "group (two_level groups are chosen by the group gate alone); lower top_k or drop aux_free_bias"),
+    (dict(num_experts=8, num_groups=2, hierarchy="two_level", top_groups=1, top_k=4, renormalize=False,
+          aux_free_bias=True), False, True,
+     "aux_free_bias cannot change which experts are picked: every token already takes all experts of each chosen "
+     "group (two_level groups are chosen by the group gate alone); lower top_k or drop aux_free_bias"),
     (dict(bias_update_rate=0.01), False, True, "bias_update_rate is only used with aux_free_bias=true"),
     (dict(drop_policy="position"), False, True,
      "drop_policy is only used by token-choice / top_p routing with a capacity (capacity_factor or "
@@ -142,6 +146,8 @@ ACCEPTED = [
     (dict(HIER8, hierarchy="two_level", top_groups=2, top_k=4), True, True),
     (dict(HIER8, hierarchy="two_level", top_groups=2, top_k=2, aux_free_bias=True), True, True),
     (dict(HIER8, hierarchy="two_level", top_groups=1, top_k=2, renormalize=False), True, True),
+    (dict(num_experts=8, num_groups=2, hierarchy="two_level", top_groups=1, top_k=2, renormalize=False,
+          aux_free_bias=True), True, True),
     (dict(num_shared_experts=0, expert_hidden=0), True, True),
     (dict(upcycle_reinit=0.0), True, True),
     (dict(upcycle_reinit=1.0), False, True),
@@ -193,11 +199,19 @@ def test_slots_are_top_k_except_expert_choice_which_has_one_per_expert():
     (" All ", 3, [0, 1, 2]),
     ("NONE", 3, []),
     ("3,1", 4, [1, 3]),
+    (" 3 , 1 ", 4, [1, 3]),
+    ("every_02", 4, [1, 3]),
     ((2, 0, 2), 3, [0, 2]),
     ([], 3, []),
 ])
 def test_select_layers_specs(spec, n, expected):
     assert select_layers(spec, n) == expected
+
+
+def test_select_layers_errors_name_moe_layers_by_default():
+    with pytest.raises(MoEConfigError) as err:
+        select_layers("9", 4)
+    assert str(err.value) == "moe_layers: layer indices [9] out of range for 4 layers"
 
 
 @pytest.mark.parametrize("spec,why", [
@@ -206,6 +220,11 @@ def test_select_layers_specs(spec, n, expected):
     ("first_-1", "cannot parse 'first_-1'"),
     ("every_two", "cannot parse 'every_two'"),
     ("1;2", "cannot parse '1;2'"),
+    ("every_2_3", "cannot parse 'every_2_3'"),  # int() alone reads "2_3" as 23
+    ("1_0", "cannot parse '1_0'"),
+    ("every_", "cannot parse 'every_'"),
+    (["1"], "cannot parse ['1']"),
+    ([True], "cannot parse [True]"),
     ("-1", "layer indices [-1] out of range for 4 layers"),
     ("0,4,9", "layer indices [4, 9] out of range for 4 layers"),
     ([4], "layer indices [4] out of range for 4 layers"),

@@ -6,6 +6,7 @@ Strings pick behaviour (``Literal`` fields) so configs round-trip through plain 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, fields
 from typing import Literal
 
@@ -225,31 +226,35 @@ class MoEConfig:
 
 def select_layers(spec: str | list[int], n_layers: int, field: str = "moe_layers") -> list[int]:
     """Which layers carry MoE: 'none', 'all', 'every_N' (layers N-1, 2N-1, ...), 'last_N', 'first_N', '0,3,5'."""
+    def unparsable() -> MoEConfigError:
+        return MoEConfigError(f"{field}: cannot parse {spec!r}; use 'none', 'all', 'every_N', 'last_N', "
+                              "'first_N' (N >= 1) or a comma list of layer indices")
+
     if isinstance(spec, (list, tuple)):
-        layers = [int(i) for i in spec]
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in spec):
+            raise unparsable()
+        layers = list(spec)
     else:
         s = str(spec).strip().lower()
-        try:
-            if s in ("", "none"):
-                layers = []
-            elif s == "all":
-                layers = list(range(n_layers))
-            elif s.startswith(("every_", "last_", "first_")):
-                kind, count = s.split("_", 1)
-                n = int(count)
-                if n < 1:  # every_0 would divide by zero; last_0 / first_-1 would silently select nothing
-                    raise ValueError(s)
-                if kind == "every":
-                    layers = [i for i in range(n_layers) if (i + 1) % n == 0]
-                elif kind == "last":
-                    layers = list(range(max(0, n_layers - n), n_layers))
-                else:
-                    layers = list(range(min(n_layers, n)))
+        counted = re.fullmatch(r"(every|last|first)_([0-9]+)", s)  # strict: int() would read "2_3" as 23
+        if s in ("", "none"):
+            layers = []
+        elif s == "all":
+            layers = list(range(n_layers))
+        elif counted:
+            kind, n = counted[1], int(counted[2])
+            if n < 1:  # every_0 would divide by zero; last_0 / first_0 would silently select nothing
+                raise unparsable()
+            if kind == "every":
+                layers = [i for i in range(n_layers) if (i + 1) % n == 0]
+            elif kind == "last":
+                layers = list(range(max(0, n_layers - n), n_layers))
             else:
-                layers = [int(t) for t in s.split(",")]
-        except ValueError:
-            raise MoEConfigError(f"{field}: cannot parse {spec!r}; use 'none', 'all', 'every_N', 'last_N', "
-                                 "'first_N' (N >= 1) or a comma list of layer indices") from None
+                layers = list(range(min(n_layers, n)))
+        elif all(re.fullmatch(r"\s*-?[0-9]+\s*", t) for t in s.split(",")):
+            layers = [int(t) for t in s.split(",")]
+        else:
+            raise unparsable()
     bad = [i for i in layers if not 0 <= i < n_layers]
     if bad:
         raise MoEConfigError(f"{field}: layer indices {bad} out of range for {n_layers} layers")
