@@ -47,8 +47,43 @@ def test_parallel_dims_layout():
     d = ParallelDims(8, 2)
     assert d.edp_size == 4 and d.dp_size == 8
     assert d.ep_group_ranks(5) == [4, 5] and d.edp_group_ranks(5) == [1, 3, 5, 7]
-    with pytest.raises(ValueError, match="ep_size=3 must divide"):
+    assert [d.ep_rank(r) for r in range(8)] == [0, 1, 0, 1, 0, 1, 0, 1]  # contiguous EP groups
+    assert [d.edp_rank(r) for r in range(8)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    solo = ParallelDims(3)  # no expert parallelism: every rank holds every expert
+    assert solo.ep_size == 1 and solo.edp_size == 3
+    assert [solo.ep_rank(r) for r in range(3)] == [0, 0, 0] and [solo.edp_rank(r) for r in range(3)] == [0, 1, 2]
+    assert solo.ep_group_ranks(2) == [2] and solo.edp_group_ranks(2) == [0, 1, 2]
+    with pytest.raises(ValueError) as err:
         ParallelDims(8, 3)
+    assert str(err.value) == "model.parallel.ep_size=3 must divide the world size 8 (devices x nodes)"
+    with pytest.raises(ValueError) as err:
+        ParallelDims(8, 0)
+    assert str(err.value) == "model.parallel.ep_size must be >= 1, got 0"
+
+
+def test_ddp_ignore_list_names_marked_shards_under_every_path_and_refuses_a_shard_on_the_root():
+    """What DDP must skip, given the marks enable_expert_parallel leaves (set by hand here: one process): every
+    name a shard or a router load buffer is reachable under (DDP walks parameters with duplicates, so a layer
+    registered twice appears twice), and a shard on the wrapped module itself is refused (DDP matches ignored
+    names as `module.param`, which a root parameter never has)."""
+    from mmoe.model.moe import GroupedLinear
+    from mmoe.parallel.expert_parallel import SHARD_ATTR, ExpertShard, ddp_ignore_names
+
+    root = _LM(_tiny_decoder(aux_free=True))
+    w_in = root.model.layers[1].mlp.experts.w_in
+    setattr(w_in, SHARD_ATTR, ExpertShard(num_experts=4, lo=0, hi=2, owner="model.layers.1.mlp"))
+    root.alias = root.model.layers[1]  # the same layer under a second name
+    assert sorted(ddp_ignore_names(root)) == sorted([
+        "model.layers.1.mlp.experts.w_in.weight", "alias.mlp.experts.w_in.weight",
+        "model.layers.0.self_attn.router.load_accum", "model.layers.0.mlp.router.load_accum",
+        "model.layers.1.mlp.router.load_accum", "alias.mlp.router.load_accum"])
+
+    bare = GroupedLinear(4, 8, 8)
+    setattr(bare, SHARD_ATTR, ExpertShard(num_experts=8, lo=0, hi=4, owner="bare"))
+    with pytest.raises(ValueError) as err:
+        ddp_ignore_names(bare)
+    assert str(err.value) == ("expert params ['weight'] sit on the DDP root module; wrap the model in a parent "
+                              "module")
 
 
 # =========================================================================== helpers used inside workers

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
+from torch import nn
 from _dist_utils import export_vs_gathered, run_distributed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -249,10 +250,49 @@ def test_fsdp_checkpoint_incompatible_model_refused(tmp_path):
            r"has shape \(4, 16, 16\) there, \(4, 16, 32\) here")
     with pytest.raises(ValueError, match=msg):
         fc.load_into(other, [], tmp_path / "ck")
+    extra = {"state_dict": {"not.in.the.checkpoint": torch.zeros(2)}}
+    with pytest.raises(ValueError) as err:
+        fc.check_compatible(tmp_path / "ck", extra)
+    assert str(err.value) == (f"checkpoint {tmp_path / 'ck'} is incompatible with this model: it has no tensor "
+                              "'state_dict.not.in.the.checkpoint'")
     same = MMoEVLM(_arch()).double()
     fc.load_into(same, [], tmp_path / "ck")
     ref = _model().state_dict()
     assert all(torch.equal(v, ref[k]) for k, v in same.state_dict().items())
+
+
+def test_fsdp_checkpoint_round_trips_adamw_state_in_one_process(tmp_path):
+    """The DCP layout with an optimizer (one process, no process group): after two AdamW steps, a fresh model and
+    optimizer loaded from the checkpoint hold the same weights, moments and step counts."""
+    from mmoe.parallel import fsdp_checkpoint as fc
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(2):
+        opt.zero_grad()
+        sum(p.square().sum() for p in model.parameters()).backward()
+        opt.step()
+    fc.save(model, [opt], tmp_path / "ck")
+    fresh = _model()
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    fc.load_into(fresh, [fresh_opt], tmp_path / "ck")
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters()))
+    for p, q in zip(model.parameters(), fresh.parameters()):
+        want, got = opt.state[p], fresh_opt.state[q]
+        assert float(got["step"]) == 2.0 and set(got) == set(want)
+        assert torch.equal(got["exp_avg"], want["exp_avg"]) and torch.equal(got["exp_avg_sq"], want["exp_avg_sq"])
+
+
+def test_fsdp_checkpoint_names_and_strides_match_torch():
+    """The DCP layout's helpers against torch: names lose the activation-checkpoint wrapper (what
+    `checkpoint_wrapper` inserts), and a global expert tensor gets the stride of a contiguous torch tensor."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    from mmoe.parallel.fsdp_checkpoint import _contiguous_stride, clean_name
+    wrapped = nn.Sequential(checkpoint_wrapper(nn.Sequential(nn.Linear(2, 2))))
+    assert [clean_name(n) for n, _ in wrapped.named_parameters()] == ["0.0.weight", "0.0.bias"]
+    assert [n for n, _ in wrapped.named_parameters()] != ["0.0.weight", "0.0.bias"]  # the wrapper is in the name
+    for shape in [(4, 16, 32), (3,), (2, 1, 5, 7), ()]:
+        assert _contiguous_stride(shape) == torch.empty(shape).stride(), shape
 
 
 # =========================================================================== train.py's CLI
@@ -645,6 +685,27 @@ def test_fsdp_sharded_init_replay_equals_ordinary_build_of_presets(preset):
     assert all(torch.equal(got[k], v) for k, v in want.items())
     total = sum(v.numel() * v.element_size() for v in want.values())
     assert stats["peak_bytes"] == stats["largest_bytes"] < total / 4, (stats, total)  # one tensor at a time
+
+
+@pytest.mark.parametrize("view", ["contiguous", "transposed", "every_other_row", "every_other_column", "expanded",
+                                  "size_one_dim_smallest_stride", "unsqueezed", "row_slice"])
+def test_fsdp_sharded_init_density_matches_the_addressed_elements(view):
+    """The replay's dense-view test (`_is_dense`: may a view be filled as the whole tensor?) against brute force:
+    a view is dense and non-overlapping exactly when the storage offsets it addresses are 0..numel-1 once each.
+    And `_ref` counts a storage's elements for 1-byte dtypes too (bool masks are buffers)."""
+    import itertools
+
+    from mmoe.parallel.sharded_init import _is_dense, _ref
+    base = torch.empty(64)
+    t = {"contiguous": base[:12].view(4, 3), "transposed": base[:12].view(4, 3).t(),
+         "every_other_row": base[:12].view(4, 3)[::2], "every_other_column": base[:12].view(3, 4)[:, ::2],
+         "expanded": base[:3].view(3, 1).expand(3, 4),
+         "size_one_dim_smallest_stride": base.as_strided((1, 3, 2), (0, 4, 2)),
+         "unsqueezed": base[:6].view(2, 3).unsqueeze(1), "row_slice": base[:12].view(4, 3)[1:3]}[view]
+    offsets = sorted(sum(i * st for i, st in zip(idx, t.stride())) for idx in itertools.product(*map(range, t.shape)))
+    assert _is_dense(tuple(t.shape), t.stride()) == (offsets == list(range(t.numel()))), view
+    mask = torch.zeros(6, dtype=torch.bool)
+    assert _ref(mask).nelem == 6 and _ref(mask).covers_storage and not _ref(mask[2:]).covers_storage
 
 
 def test_fsdp_sharded_init_replays_constants_and_refuses_outside_meta_tensors():
