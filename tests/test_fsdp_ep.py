@@ -731,6 +731,35 @@ def test_fsdp_sharded_init_replays_constants_and_refuses_outside_meta_tensors():
         record_build(lambda: Scaled(outside))
 
 
+def test_fsdp_sharded_init_hands_over_a_constant_buffer_and_names_a_tensor_made_outside():
+    """A real tensor the build reads and registers as a buffer is never written by a recorded op: the replay must
+    still hand it to the sink (before any op runs). A module made outside the recording is refused naming the
+    tensor."""
+    from mmoe.parallel.sharded_init import record_build, replay
+    scale = torch.tensor([3.0, 0.5])
+
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.empty(4, 2))
+            torch.nn.init.normal_(self.w)
+            with torch.no_grad():
+                self.w.mul_(scale)
+            self.register_buffer("scale", scale)
+
+    torch.manual_seed(1)
+    want = Scaled().w.detach().clone()
+    torch.manual_seed(1)
+    got = {}
+    replay(record_build(Scaled), lambda n, v: got.__setitem__(n, v.clone()))
+    assert set(got) == {"w", "scale"}
+    assert torch.equal(got["w"], want) and torch.equal(got["scale"], scale)
+    premade = torch.nn.Linear(2, 2, device="meta")
+    with pytest.raises(RuntimeError) as err:
+        record_build(lambda: premade)
+    assert str(err.value) == "sharded init: weight was created outside the recorded build"
+
+
 def _write_open_clip(root: Path) -> str:
     """A tiny open_clip CLIP (ViT 64 wide, 3 layers, 4 heads, patch 8, 32 px) as .safetensors."""
     import json
