@@ -727,8 +727,10 @@ def test_fsdp_sharded_init_replays_constants_and_refuses_outside_meta_tensors():
     replay(record_build(Scaled), lambda n, v: got.__setitem__(n, v.clone()))
     assert torch.equal(got["w"], want)
     outside = torch.ones(4, 3, device="meta")
-    with pytest.raises(RuntimeError, match="reads meta tensors created outside it"):
+    with pytest.raises(RuntimeError) as err:
         record_build(lambda: Scaled(outside))
+    assert str(err.value) == ("sharded init: the model build reads meta tensors created outside it; build the "
+                              "model inside record_build")
 
 
 def test_fsdp_sharded_init_hands_over_a_constant_buffer_and_names_a_tensor_made_outside():
@@ -746,14 +748,21 @@ def test_fsdp_sharded_init_hands_over_a_constant_buffer_and_names_a_tensor_made_
             with torch.no_grad():
                 self.w.mul_(scale)
             self.register_buffer("scale", scale)
+            self.twice = torch.nn.Parameter(self.w.detach() * 2)  # reads w after w is complete
+            halves = torch.empty(4, dtype=torch.float64)  # filled in two slices, not float32
+            halves[:2].fill_(1.0)
+            halves[2:].fill_(2.0)
+            self.register_buffer("halves", halves)
 
     torch.manual_seed(1)
-    want = Scaled().w.detach().clone()
+    want = dict(Scaled().state_dict())
+    assert torch.equal(want["halves"], torch.tensor([1.0, 1.0, 2.0, 2.0], dtype=torch.float64))
     torch.manual_seed(1)
     got = {}
     replay(record_build(Scaled), lambda n, v: got.__setitem__(n, v.clone()))
-    assert set(got) == {"w", "scale"}
-    assert torch.equal(got["w"], want) and torch.equal(got["scale"], scale)
+    assert set(got) == set(want) == {"w", "scale", "twice", "halves"}
+    assert all(torch.equal(got[k], v) and got[k].dtype == v.dtype for k, v in want.items())
+    assert torch.equal(got["scale"], scale)
     premade = torch.nn.Linear(2, 2, device="meta")
     with pytest.raises(RuntimeError) as err:
         record_build(lambda: premade)
