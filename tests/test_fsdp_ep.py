@@ -836,6 +836,20 @@ def test_fsdp_sharded_init_streams_open_clip_tower_equal_ordinary_load(tmp_path)
     assert not bad, bad[:5]
 
 
+@pytest.mark.parametrize("box", [None, (), (slice(1, 3),), (slice(2, 3),), (slice(None), slice(2, None)),
+                                 (slice(-2, None), slice(None, -1)), (slice(0, 9), slice(1, 2), slice(None))])
+def test_fsdp_streamed_box_write_into_a_plain_tensor_equals_indexing(box):
+    """sharded_load.write_box on one process (a plain tensor holds all of it): the box, given for leading dims
+    only and with open, negative or overlong bounds as in `t[box] = value`, lands exactly where indexing puts it."""
+    from mmoe.parallel.sharded_load import write_box
+    t = torch.arange(4 * 5 * 3, dtype=torch.float64).view(4, 5, 3)
+    want = t.clone()
+    want[() if box is None else box] = -1.0
+    write_box(t, torch.tensor(-1.0, dtype=torch.float64), box)
+    assert torch.equal(t, want)
+    assert (t == -1).any()
+
+
 def test_fsdp_streamed_box_writes_land_where_a_full_tensor_assignment_puts_them():
     """sharded_load.write_local: a rank holding `region` of a global tensor, written a broadcast value into
     `box`, ends up with exactly region of (full tensor after full[box] = value) - for random regions and boxes,
