@@ -658,6 +658,18 @@ def test_fsdp_sharded_init_refuses_what_it_cannot_stream(tmp_path):
     redrawn.vision.moe.upcycle_reinit = 0.5
     with pytest.raises(ValueError, match=r"streams exact expert copies: model.arch.vision.moe.upcycle_reinit=0.5"):
         MMoEModule(arch=redrawn, parallel=sharded)
+    from mmoe.parallel.sharded_load import check_streamable
+    redrawn_ffn = _arch()
+    redrawn_ffn.decoder.ffn_moe.upcycle_reinit = 0.25
+    with pytest.raises(ValueError) as err:
+        check_streamable(redrawn_ffn, StageConfig())
+    assert str(err.value) == ("model.parallel.sharded_init=true streams exact expert copies: model.arch.decoder."
+                              "ffn_moe.upcycle_reinit=0.25 is not supported (load without sharded_init)")
+    with_connector = _arch()
+    with_connector.connector.checkpoint = str(pt)
+    with pytest.raises(ValueError) as err:
+        check_streamable(with_connector, StageConfig())
+    assert str(err.value) == "model.parallel.sharded_init=true does not stream model.arch.connector.checkpoint"
     import json
     cfg = json.loads((Path(llama) / "config.json").read_text())
     (Path(llama) / "config.json").write_text(json.dumps({**cfg, "model_type": "mixtral", "num_local_experts": 4,
