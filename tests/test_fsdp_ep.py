@@ -765,6 +765,10 @@ def test_fsdp_sharded_init_hands_over_a_constant_buffer_and_names_a_tensor_made_
             halves[:2].fill_(1.0)
             halves[2:].fill_(2.0)
             self.register_buffer("halves", halves)
+            self.register_buffer("ones", torch.empty(3, dtype=torch.float64).fill_(1.0))  # one op fills it all
+            self.copied = torch.nn.Parameter(torch.empty(4, 2))
+            with torch.no_grad():
+                self.copied.copy_(self.twice)  # overwrites all of it from another tensor
 
     torch.manual_seed(1)
     want = dict(Scaled().state_dict())
@@ -772,7 +776,7 @@ def test_fsdp_sharded_init_hands_over_a_constant_buffer_and_names_a_tensor_made_
     torch.manual_seed(1)
     got = {}
     replay(record_build(Scaled), lambda n, v: got.__setitem__(n, v.clone()))
-    assert set(got) == set(want) == {"w", "scale", "twice", "halves"}
+    assert set(got) == set(want) == {"w", "scale", "twice", "halves", "ones", "copied"}
     assert all(torch.equal(got[k], v) and got[k].dtype == v.dtype for k, v in want.items())
     assert torch.equal(got["scale"], scale)
     premade = torch.nn.Linear(2, 2, device="meta")
