@@ -721,45 +721,20 @@ def test_fsdp_sharded_init_density_matches_the_addressed_elements(view):
 
 
 def test_fsdp_sharded_init_replays_constants_and_refuses_outside_meta_tensors():
-    from mmoe.parallel.sharded_init import record_build, replay
-    scale = torch.tensor(3.0)  # a real tensor made before the build
-
-    class Scaled(torch.nn.Module):
-        def __init__(self, extra=None):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.empty(4, 3))
-            torch.nn.init.normal_(self.w)
-            with torch.no_grad():
-                self.w.mul_(scale if extra is None else extra)
-
-    torch.manual_seed(1)
-    want = Scaled().w.detach().clone()
-    torch.manual_seed(1)
-    got = {}
-    replay(record_build(Scaled), lambda n, v: got.__setitem__(n, v.clone()))
-    assert torch.equal(got["w"], want)
-    outside = torch.ones(4, 3, device="meta")
-    with pytest.raises(RuntimeError) as err:
-        record_build(lambda: Scaled(outside))
-    assert str(err.value) == ("sharded init: the model build reads meta tensors created outside it; build the "
-                              "model inside record_build")
-
-
-def test_fsdp_sharded_init_hands_over_a_constant_buffer_and_names_a_tensor_made_outside():
     """A real tensor the build reads and registers as a buffer is never written by a recorded op: the replay must
-    still hand it to the sink (before any op runs). A module made outside the recording is refused naming the
-    tensor."""
+    still hand it to the sink (before any op runs). A build reading meta tensors made outside it, or returning a
+    module made outside the recording, is refused with a message naming what to do / the tensor."""
     from mmoe.parallel.sharded_init import record_build, replay
     scale = torch.tensor([3.0, 0.5])
 
     class Scaled(torch.nn.Module):
-        def __init__(self):
+        def __init__(self, extra=None):
             super().__init__()
             self.w = torch.nn.Parameter(torch.empty(4, 2))
             torch.nn.init.normal_(self.w)
             with torch.no_grad():
-                self.w.mul_(scale)
-            self.register_buffer("scale", scale)
+                self.w.mul_(scale if extra is None else extra)
+            self.register_buffer("scale", scale if extra is None else extra)  # the factor w was scaled by
             self.twice = torch.nn.Parameter(self.w.detach() * 2)  # reads w after w is complete
             halves = torch.empty(4, dtype=torch.float64)  # filled in two slices, not float32
             halves[:2].fill_(1.0)
@@ -779,6 +754,11 @@ def test_fsdp_sharded_init_hands_over_a_constant_buffer_and_names_a_tensor_made_
     assert set(got) == set(want) == {"w", "scale", "twice", "halves", "ones", "copied"}
     assert all(torch.equal(got[k], v) and got[k].dtype == v.dtype for k, v in want.items())
     assert torch.equal(got["scale"], scale)
+    outside = torch.ones(4, 2, device="meta")
+    with pytest.raises(RuntimeError) as err:
+        record_build(lambda: Scaled(outside))
+    assert str(err.value) == ("sharded init: the model build reads meta tensors created outside it; build the "
+                              "model inside record_build")
     premade = torch.nn.Linear(2, 2, device="meta")
     with pytest.raises(RuntimeError) as err:
         record_build(lambda: premade)
