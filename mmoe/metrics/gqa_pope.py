@@ -103,17 +103,19 @@ def gqa_accuracy(predictions: Sequence[Mapping[str, Any]] | Mapping[Any, str],
         missing = sorted(set(gt) - set(preds))[:5]
         raise ValueError(f"GQA predictions: {unanswered} questions have no prediction (e.g. {missing})")
     correct: list[int] = []
-    groups: dict[str, list[int]] = {}
+    by_kind: dict[str, list[int]] = {}  # "binary" / "open"
+    by_structural: dict[str, list[int]] = {}  # GQA's structural type (verify, query, logical, ...)
     for qid, pred in preds.items():
         q = gt[qid]
         if not isinstance(q, Mapping) or not isinstance(q.get("answer"), str):
             raise ValueError(f"GQA questions[{qid!r}]: missing string field 'answer'")
         hit = int(normalize_gqa_answer(pred, normalization) == normalize_gqa_answer(q["answer"], normalization))
         correct.append(hit)
-        structural = (q.get("types") or {}).get("structural") if isinstance(q.get("types"), Mapping) else None
+        types = q.get("types")
+        structural = types.get("structural") if isinstance(types, Mapping) else None
         if structural is not None:
-            groups.setdefault(f"structural/{structural}", []).append(hit)
-            groups.setdefault("open" if structural == "query" else "binary", []).append(hit)
+            by_structural.setdefault(str(structural), []).append(hit)
+            by_kind.setdefault("open" if structural == "query" else "binary", []).append(hit)
     out: dict[str, Any] = {
         "accuracy": 100.0 * sum(correct) / len(correct),
         "num_questions": len(correct),
@@ -121,12 +123,10 @@ def gqa_accuracy(predictions: Sequence[Mapping[str, Any]] | Mapping[Any, str],
         "normalization": normalization,
     }
     for key in ("binary", "open"):
-        if key in groups:
-            out[key] = 100.0 * sum(groups[key]) / len(groups[key])
-    per_struct = {k.split("/", 1)[1]: 100.0 * sum(v) / len(v)
-                  for k, v in groups.items() if k.startswith("structural/")}
-    if per_struct:
-        out["per_structural_type"] = per_struct
+        if key in by_kind:
+            out[key] = 100.0 * sum(by_kind[key]) / len(by_kind[key])
+    if by_structural:
+        out["per_structural_type"] = {k: 100.0 * sum(v) / len(v) for k, v in by_structural.items()}
     return out
 
 
