@@ -13,8 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import mmoe.parallel.dispatcher as dispatcher_module
-from _ep_threads import ThreadedAllToAll, run_ranks
+from _ep_threads import ThreadWorld
 from mmoe.model.moe.routing import RoutingResult
 from mmoe.parallel.dispatcher import AllToAllDispatcher
 
@@ -41,23 +40,22 @@ def test_threaded_all_to_all_dispatch_equals_a_per_token_loop(monkeypatch, world
     over tokens and kept slots with all experts in one place; the bookkeeping agrees with the routing."""
     E, K, D, H = 8, 2, 5, 3
     El = E // world
-    exchange = ThreadedAllToAll(world)
-    monkeypatch.setattr(dispatcher_module, "_a2a", exchange)
+    tw = ThreadWorld(world).patch(monkeypatch)
     g = torch.Generator().manual_seed(world)
     routings = [_routing(n, K, E, g) for n in tokens]
     xs = [torch.randn(n * K if per_slot else n, D, generator=g, dtype=torch.float64, requires_grad=True)
           for n in tokens]
     expert_w = torch.randn(E, D, H, generator=g, dtype=torch.float64, requires_grad=True)
-    dispatchers = [AllToAllDispatcher(r, E, ep_size=world, ep_rank=r) for r in range(world)]
 
     def rank_step(r: int):
-        d = dispatchers[r]
+        d = AllToAllDispatcher(None, E)  # EP size and rank from the (whole-world) group
+        assert (d.ep_size, d.ep_rank, list(d.local_experts)) == (world, r, list(range(r * El, (r + 1) * El)))
         plan = d.plan(routings[r])
         rows, counts = d.dispatch(xs[r], plan, per_slot=per_slot)
         y = _local_experts(rows, counts, expert_w[r * El:(r + 1) * El])
-        return d.combine(y, plan, per_slot=per_slot), plan
+        return d.combine(y, plan, per_slot=per_slot), plan, d
 
-    outs, plans = zip(*run_ranks(world, rank_step), strict=True)
+    outs, plans, dispatchers = zip(*tw.run(rank_step), strict=True)
     gys = [torch.randn_like(o) for o in outs]
     inputs = (*xs, expert_w, *[r.weights for r in routings])
     grads = torch.autograd.grad(sum((o * gy).sum() for o, gy in zip(outs, gys, strict=True)), inputs,
@@ -96,17 +94,17 @@ def test_threaded_all_to_all_dispatch_equals_a_per_token_loop(monkeypatch, world
         assert plan.output_splits == [int(sent[q][r * El:(r + 1) * El].sum()) for q in range(world)]
         assert plan.recv_counts.tolist() == [sent[q][r * El:(r + 1) * El].tolist() for q in range(world)]
         # three exchanges per rank (counts, rows out, rows back), the last two with the plan's splits
-        assert exchange.received_splits[r][1:] == [plan.output_splits, plan.input_splits]
+        assert tw.a2a_splits[r][1:] == [plan.output_splits, plan.input_splits]
 
 
 def test_threaded_all_to_all_byte_counters(monkeypatch):
     """`stats` counts the rows and bytes each rank sends, split into the part that leaves the rank."""
     world, E, K, D = 2, 4, 2, 6
-    monkeypatch.setattr(dispatcher_module, "_a2a", ThreadedAllToAll(world))
+    tw = ThreadWorld(world).patch(monkeypatch)
     g = torch.Generator().manual_seed(3)
     routings = [_routing(n, K, E, g) for n in (10, 4)]
     xs = [torch.randn(n, D, generator=g, dtype=torch.float32) for n in (10, 4)]
-    dispatchers = [AllToAllDispatcher(r, E, ep_size=world, ep_rank=r) for r in range(world)]
+    dispatchers = [AllToAllDispatcher((0, 1), E, ep_size=world, ep_rank=r) for r in range(world)]
 
     def rank_step(r: int):
         d = dispatchers[r]
@@ -115,7 +113,7 @@ def test_threaded_all_to_all_byte_counters(monkeypatch):
         d.combine(rows, plan)
         return dict(d.stats)
 
-    stats = run_ranks(world, rank_step)
+    stats = tw.run(rank_step)
     for r in range(world):
         kept_experts = routings[r].expert_idx[routings[r].kept]
         out_rows = int(kept_experts.numel())  # every kept slot is one row out

@@ -1,39 +1,55 @@
-"""`enable_expert_parallel` at ep 2 and 4 in one process (thread ranks, tests/_ep_threads.py) against one
-process holding every expert, float64: outputs, expert-shard and replicated gradients, and its refusals.
+"""Expert parallelism of whole models in one process (thread ranks, tests/_ep_threads.py) against one
+process holding every expert, float64: `enable_expert_parallel` (ep 2 and 4, and ep 2 x edp 2), expert-gradient
+reduction, global-norm clipping, overflow sync, per-rank load metrics, checkpoint gathering/slicing and export.
 
-The multi-process tests (test_expert_parallel.py) check the same through gloo, a few seconds per start-up;
-these run in about a second, so every mutant of the sharding code can be run against them (docs/mutation.md).
+The multi-process tests (test_expert_parallel.py) check the same through gloo at a few seconds per job; these
+take about two seconds in all, so every mutant of this code can be run against them (docs/mutation.md).
 """
 
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
 from torch import nn
 
-import mmoe.parallel.dispatcher as dispatcher_module
-from _ep_threads import ThreadedAllToAll, run_ranks
+from _ep_threads import ThreadWorld
 from mmoe.model.decoder import Decoder, DecoderConfig
 from mmoe.model.moe import MoEConfig
+from mmoe.model.moe.dispatch import LocalDispatcher
 from mmoe.model.moe.experts import GroupedLinear
 from mmoe.model.moe.ffn import MoEFFN
+from mmoe.parallel.checkpoint import (
+    cache_consolidated,
+    consolidated_model,
+    drop_consolidated,
+    full_optimizer_state_dict,
+    full_state_dict,
+    gather_experts_locally,
+    shard_optimizer_state_dict,
+    shard_state_dict,
+)
 from mmoe.parallel.expert_parallel import (
     SHARD_ATTR,
     _GuardedDispatcher,
+    clip_grad_norm_,
     enable_expert_parallel,
+    ep_load_metrics,
     expert_parameters,
+    finalize_expert_grads,
     find_state,
+    grad_norm,
     is_expert_param,
+    sync_nonfinite_expert_grads,
 )
-from mmoe.parallel.mesh import ExpertParallelMesh, ParallelDims
 
 TOL = 1e-12
 
 
-def _mesh(world: int, rank: int) -> ExpertParallelMesh:
-    return ExpertParallelMesh(dims=ParallelDims(world, world), rank=rank, ep_group=rank, edp_group=None)
+def _mesh(world: int, rank: int):
+    return ThreadWorld(world).mesh(rank, world)
 
 
 def _decoder() -> Decoder:
@@ -63,74 +79,98 @@ class _Connector(nn.Module):
         return self.moe(x)[0]
 
 
-def _check_against_reference(ref: nn.Module, ranks: list[nn.Module], inputs: list, world: int) -> None:
-    """Forward on each rank's inputs vs `ref` on the same; then one backward of sum_r <out_r, gy_r> on both:
-    expert shards carry their rows of the reference gradient, replicated params sum to the reference's."""
-    outs = run_ranks(world, lambda r: ranks[r](inputs[r]))
-    ref_outs = [ref(x) for x in inputs]
-    get = (lambda o: o.logits) if hasattr(outs[0], "logits") else (lambda o: o)
-    gys = [torch.randn_like(get(o), generator=torch.Generator().manual_seed(5)) for o in ref_outs]
-    for o, ro in zip(outs, ref_outs, strict=True):
-        torch.testing.assert_close(get(o), get(ro), rtol=0, atol=TOL)
-    sum((get(o) * gy).sum() for o, gy in zip(outs, gys, strict=True)).backward()
-    sum((get(o) * gy).sum() for o, gy in zip(ref_outs, gys, strict=True)).backward()
-    ref_params = dict(ref.named_parameters())
+def _out(o):
+    return o.logits if hasattr(o, "logits") else o
+
+
+def _shards(ref: nn.Module, m: nn.Module, ep_rank: int, ep: int):
+    """(name, local param, the reference's full param, lo, hi) of every expert tensor of rank model `m`,
+    after checking its shard bookkeeping against the reference's expert count."""
     ref_modules = dict(ref.named_modules())
+    out = []
+    for name, gl in m.named_modules():
+        shard = getattr(gl, SHARD_ATTR, None)
+        if shard is None:
+            continue
+        full = ref_modules[name]
+        El = full.num_experts // ep
+        lo, hi = ep_rank * El, (ep_rank + 1) * El
+        assert (shard.num_experts, shard.lo, shard.hi, gl.num_experts) == (full.num_experts, lo, hi, El)
+        for pname in ("weight", "bias"):
+            p, q = getattr(gl, pname), getattr(full, pname)
+            assert (p is None) == (q is None), (name, pname)
+            if p is not None:
+                assert is_expert_param(p)
+                out.append((f"{name}.{pname}", p, q, lo, hi))
+    assert out, "no expert parameter was sharded"
+    return out
+
+
+def _ep_ranks(tw: ThreadWorld, ref: nn.Module, ep: int) -> list[nn.Module]:
+    """One copy of `ref` per rank, expert-parallel at `ep` (gradients reduced by hand: grad_sync 'manual')."""
+    ranks = [copy.deepcopy(ref) for _ in range(tw.world)]
+    for r, m in enumerate(ranks):
+        enable_expert_parallel(m, ep, mesh=tw.mesh(r, ep)).grad_sync = "manual"
+    return ranks
+
+
+def _connector_inputs(world: int) -> list[torch.Tensor]:
+    return [torch.randn(2, 5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(r)) for r in range(world)]
+
+
+def _forward_backward(tw: ThreadWorld, ref: nn.Module, ranks: list[nn.Module], inputs: list) -> None:
+    """Each rank's output equals `ref` on the same inputs; then one backward of sum_r L_r, L_r = <out_r, gy_r>,
+    through every rank and through the reference."""
+    outs = tw.run(lambda r: _out(ranks[r](inputs[r])))
+    ref_outs = [_out(ref(x)) for x in inputs]
+    gys = [torch.randn_like(o, generator=torch.Generator().manual_seed(5 + i)) for i, o in enumerate(ref_outs)]
+    for o, ro in zip(outs, ref_outs, strict=True):
+        torch.testing.assert_close(o, ro, rtol=0, atol=TOL)
+    sum((o * gy).sum() for o, gy in zip(outs, gys, strict=True)).backward()
+    sum((o * gy).sum() for o, gy in zip(ref_outs, gys, strict=True)).backward()
+
+
+def _check_against_reference(tw: ThreadWorld, ref: nn.Module, ranks: list[nn.Module], inputs: list) -> None:
+    """ep = world: expert shards carry their rows of the reference gradient (the all-to-all backward brings every
+    rank's contribution home), replicated params sum over the ranks to the reference's."""
+    _forward_backward(tw, ref, ranks, inputs)
     sharded = set()
     for r, m in enumerate(ranks):
-        for name, gl in m.named_modules():
-            shard = getattr(gl, SHARD_ATTR, None)
-            if shard is None:
-                continue
-            full = ref_modules[name]
-            El = full.num_experts // world
-            assert (shard.num_experts, shard.lo, shard.hi, gl.num_experts) == (full.num_experts, r * El,
-                                                                                  (r + 1) * El, El)
-            for pname in ("weight", "bias"):
-                p, q = getattr(gl, pname), getattr(full, pname)
-                assert (p is None) == (q is None), (name, pname)
-                if p is None:
-                    continue
-                assert is_expert_param(p) and p.requires_grad
-                torch.testing.assert_close(p.detach(), q.detach()[r * El:(r + 1) * El], rtol=0, atol=0)
-                torch.testing.assert_close(p.grad, q.grad[r * El:(r + 1) * El], rtol=0, atol=TOL)
-                sharded.add(f"{name}.{pname}")
-    for name, q in ref_params.items():
-        if name in sharded:
-            continue
-        total = sum(dict(m.named_parameters())[name].grad for m in ranks)
-        torch.testing.assert_close(total, q.grad, rtol=0, atol=TOL, msg=name)
-    assert sharded, "no expert parameter was sharded"
+        for name, p, q, lo, hi in _shards(ref, m, r, tw.world):
+            assert p.requires_grad
+            torch.testing.assert_close(p.detach(), q.detach()[lo:hi], rtol=0, atol=0)
+            torch.testing.assert_close(p.grad, q.grad[lo:hi], rtol=0, atol=TOL)
+            sharded.add(name)
+    for name, q in ref.named_parameters():
+        if name not in sharded:
+            total = sum(dict(m.named_parameters())[name].grad for m in ranks)
+            torch.testing.assert_close(total, q.grad, rtol=0, atol=TOL, msg=name)
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_threaded_expert_parallel_decoder_equals_one_process(monkeypatch, world):
-    monkeypatch.setattr(dispatcher_module, "_a2a", ThreadedAllToAll(world))
+    tw = ThreadWorld(world).patch(monkeypatch)
     ref = _decoder()
     ranks = [copy.deepcopy(ref) for _ in range(world)]
     sites = [n for n, m in ref.named_modules() if hasattr(m, "dispatcher")]
     for r, m in enumerate(ranks):
-        state = enable_expert_parallel(m, world, mesh=_mesh(world, r))
+        state = enable_expert_parallel(m, world, mesh=tw.mesh(r, world))
         assert find_state(m) is state and state.moe_modules == sites and len(sites) == 3
         for name in sites:
             d = m.get_submodule(name).dispatcher
-            assert isinstance(d, _GuardedDispatcher) and (d.ep_size, d.ep_rank, d.group) == (world, r, r)
+            assert isinstance(d, _GuardedDispatcher) and (d.ep_size, d.ep_rank, d.group) == (world, r, tuple(range(world)))
         state.grad_sync = "manual"
-        assert enable_expert_parallel(m, world, mesh=_mesh(world, r)) is state  # Lightning calls it again
+        assert enable_expert_parallel(m, world, mesh=tw.mesh(r, world)) is state  # Lightning calls it again
     ids = [torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(10 + r)) for r in range(world)]
-    _check_against_reference(ref, ranks, ids, world)
+    _check_against_reference(tw, ref, ranks, ids)
 
 
 def test_threaded_expert_parallel_connector_with_biases_equals_one_process(monkeypatch):
-    world = 2
-    monkeypatch.setattr(dispatcher_module, "_a2a", ThreadedAllToAll(world))
+    tw = ThreadWorld(2).patch(monkeypatch)
     ref = _Connector()
-    ranks = [copy.deepcopy(ref) for _ in range(world)]
-    for r, m in enumerate(ranks):
-        enable_expert_parallel(m, world, mesh=_mesh(world, r)).grad_sync = "manual"
-        assert len(expert_parameters(m)) == 4  # w_in/w_out weight + bias
-    xs = [torch.randn(2, 5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(r)) for r in range(world)]
-    _check_against_reference(ref, ranks, xs, world)
+    ranks = _ep_ranks(tw, ref, 2)
+    assert all(len(expert_parameters(m)) == 4 for m in ranks)  # w_in/w_out weight + bias
+    _check_against_reference(tw, ref, ranks, _connector_inputs(2))
 
 
 def test_frozen_experts_stay_frozen_when_sharded():
@@ -141,14 +181,12 @@ def test_frozen_experts_stay_frozen_when_sharded():
     assert m.moe.router.gate.weight.requires_grad
 
 
-def test_unguarded_expert_parallel_training_is_refused(monkeypatch):
-    monkeypatch.setattr(dispatcher_module, "_a2a", ThreadedAllToAll(1))
+def test_unguarded_expert_parallel_training_is_refused():
     m = _Connector()
-    enable_expert_parallel(m, 2, mesh=ExpertParallelMesh(dims=ParallelDims(2, 2), rank=0, ep_group=0,
-                                                          edp_group=None))
+    enable_expert_parallel(m, 2, mesh=_mesh(2, 0))
     x = torch.randn(1, 3, 6, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="nothing reduces the expert gradients.*--trainer.strategy ddp_ep"):
-        m(x)
+        m(x)  # refused in the dispatcher's plan, before any collective
 
 
 def test_enable_expert_parallel_refusals():
@@ -181,3 +219,241 @@ def test_a_vlm_keeps_encoding_images_under_expert_parallel():
     m.always_encode_images = False  # the MMoEVLM attribute: text-only batches must still join the all-to-alls
     enable_expert_parallel(m, 2, mesh=_mesh(2, 0))
     assert m.always_encode_images is True
+
+
+# --------------------------------------------------------------------------- gradients, clipping, metrics
+
+
+def _ddp_average(ref: nn.Module, ranks: list[nn.Module]) -> None:
+    """What DDP does to the replicated parameters: every rank's gradient := the mean over the ranks."""
+    expert = {id(p) for m in ranks for p in expert_parameters(m)}
+    for name, _ in ref.named_parameters():
+        ps = [dict(m.named_parameters())[name] for m in ranks]
+        if id(ps[0]) not in expert:
+            mean = torch.stack([p.grad for p in ps]).mean(0)
+            for p in ps:
+                p.grad = mean.clone()
+
+
+def _assert_grads_equal_reference(ref: nn.Module, m: nn.Module, ep_rank: int, ep: int, rtol: float) -> None:
+    """Expert shards hold their rows of the reference's weights and gradients, every other parameter its grad."""
+    sharded = set()
+    for name, p, q, lo, hi in _shards(ref, m, ep_rank, ep):
+        torch.testing.assert_close(p.detach(), q.detach()[lo:hi], rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(p.grad, q.grad[lo:hi], rtol=rtol, atol=TOL, msg=name)
+        sharded.add(name)
+    for name, q in ref.named_parameters():
+        if name not in sharded:
+            torch.testing.assert_close(dict(m.named_parameters())[name].grad, q.grad, rtol=rtol, atol=TOL, msg=name)
+
+
+def test_threaded_edp2_ep2_replicas_agree_and_expert_grads_are_summed_over_edp_over_world(monkeypatch):
+    """4 ranks as (edp 2) x (ep 2): the EDP replicas of a shard are re-broadcast from the first one at enable
+    time, and after finalize_expert_grads every expert gradient is the reference gradient of the data-parallel
+    loss (1/W) sum_r L_r (SUM over the EDP group / W); DDP-averaged replicated grads match it too."""
+    tw = ThreadWorld(4).patch(monkeypatch)
+    ref = _decoder()
+    ranks = [copy.deepcopy(ref) for _ in range(4)]
+    with torch.no_grad():
+        for gl in ranks[2].modules():
+            if isinstance(gl, GroupedLinear):
+                gl.weight.add_(1.0)  # rank 2 (edp rank 1 of shard 0) starts from different experts: the broadcast fixes it
+    tw.run(lambda r: setattr(enable_expert_parallel(ranks[r], 2, mesh=tw.mesh(r, 2)), "grad_sync", "manual"))
+    assert tw.calls["broadcast"] > 0
+    ids = [torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(20 + r)) for r in range(4)]
+    _forward_backward(tw, ref, ranks, ids)  # each rank backpropagates its L_r; the reference sum_r L_r
+    for q in ref.parameters():
+        q.grad /= 4  # reference: grad of (1/W) sum_r L_r
+    tw.run(lambda r: finalize_expert_grads(ranks[r]))
+    _ddp_average(ref, ranks)
+    for r, m in enumerate(ranks):
+        assert find_state(m).mesh.edp_group == (r % 2, r % 2 + 2)
+        _assert_grads_equal_reference(ref, m, r % 2, 2, rtol=0)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf])
+def test_threaded_global_norm_and_clipping_equal_one_process(monkeypatch, norm_type):
+    """Every rank computes the one global norm (replicated grads once, expert shards over the EP group) and
+    clips by the same coefficient: the shards then hold the rows of torch's clip on the reference."""
+    tw = ThreadWorld(2).patch(monkeypatch)
+    ref = _decoder()
+    ranks = _ep_ranks(tw, ref, 2)
+    _forward_backward(tw, ref, ranks, [torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(r))
+                                       for r in range(2)])
+    for q in ref.parameters():
+        q.grad /= 2  # reference: grad of (1/W) sum_r L_r
+    tw.run(lambda r: finalize_expert_grads(ranks[r]))
+    _ddp_average(ref, ranks)
+    want = torch.linalg.vector_norm(torch.cat([q.grad.flatten() for q in ref.parameters()]), norm_type)
+    norms = tw.run(lambda r: grad_norm(ranks[r].parameters(), norm_type, module=ranks[r]))
+    for n in norms:
+        torch.testing.assert_close(n, want.to(n.dtype), rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="include expert shards; pass module="):  # no group: a rank-local norm
+        grad_norm(ranks[0].parameters(), norm_type)
+    max_norm = float(want) / 3
+    totals = tw.run(lambda r: clip_grad_norm_(ranks[r].parameters(), max_norm, norm_type, module=ranks[r]))
+    torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm, norm_type)
+    for r, m in enumerate(ranks):
+        torch.testing.assert_close(totals[r], want.to(totals[r].dtype), rtol=1e-12, atol=0)
+        _assert_grads_equal_reference(ref, m, r, 2, rtol=1e-9)
+
+
+def test_threaded_clipping_refuses_a_nonfinite_norm_when_asked(monkeypatch):
+    tw = ThreadWorld(2).patch(monkeypatch)
+    ranks = _ep_ranks(tw, _Connector(), 2)
+    for m in ranks:
+        for p in m.parameters():
+            p.grad = torch.ones_like(p)
+    expert_parameters(ranks[1])[0].grad[0, 0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="^the total norm of order 2.0 for gradients is non-finite$"):
+        tw.run(lambda r: clip_grad_norm_(ranks[r].parameters(), 1.0, module=ranks[r], error_if_nonfinite=True))
+
+
+def test_threaded_overflow_on_one_rank_is_seen_by_every_rank(monkeypatch):
+    tw = ThreadWorld(2).patch(monkeypatch)
+    ranks = _ep_ranks(tw, _Connector(), 2)
+    for m in ranks:
+        for p in m.parameters():
+            p.grad = torch.ones_like(p)
+    assert tw.run(lambda r: sync_nonfinite_expert_grads(ranks[r])) == [False, False]
+    assert all(bool(torch.isfinite(p.grad).all()) for m in ranks for p in m.parameters())
+    expert_parameters(ranks[1])[2].grad[0, 1] = float("inf")
+    assert tw.run(lambda r: sync_nonfinite_expert_grads(ranks[r])) == [True, True]
+    for m in ranks:  # every rank's expert grads are inf (so every GradScaler skips); replicated ones untouched
+        assert all(bool(torch.isinf(p.grad).all()) for p in expert_parameters(m))
+        assert bool(torch.isfinite(m.moe.router.gate.weight.grad).all())
+    assert sync_nonfinite_expert_grads(_Connector()) is False  # not expert-parallel: nothing to sync
+
+
+def test_threaded_load_metrics_report_every_ranks_received_tokens(monkeypatch):
+    tw = ThreadWorld(2).patch(monkeypatch)
+    ref = _decoder()
+    ranks = _ep_ranks(tw, ref, 2)
+    ids = [torch.randint(0, 40, (3, 5), generator=torch.Generator().manual_seed(30 + r)) for r in range(2)]
+    with torch.no_grad():
+        tw.run(lambda r: ranks[r](ids[r]))
+    metrics = tw.run(lambda r: ep_load_metrics(ranks[r]))
+    paths = find_state(ranks[0]).moe_modules
+    sites = {f"{ref.get_submodule(n).site if hasattr(ref.get_submodule(n), 'site') else 'attention'}."
+             f"{ref.get_submodule(n).layer}": n for n in paths}
+    assert sorted(sites) == ["attention.1", "ffn.0", "ffn.1"]
+    for r, got in enumerate(metrics):
+        want = {}
+        for site, path in sites.items():
+            recv = [float(m.get_submodule(path).dispatcher.last_recv_tokens_per_expert.sum()) for m in ranks]
+            want.update({f"ep/{site}/recv_tokens_rank{q}": recv[q] for q in range(2)})
+            want[f"ep/{site}/recv_imbalance"] = max(recv) / (sum(recv) / 2)
+        want["ep/a2a_sent_bytes_remote"] = float(sum(ranks[r].get_submodule(path).dispatcher.stats[
+            "sent_bytes_remote"] for path in sites.values()))
+        assert got == pytest.approx(want, rel=1e-12)
+    assert ep_load_metrics(_decoder()) == {}  # not expert-parallel
+
+
+# --------------------------------------------------------------------------- checkpoints and export
+
+
+def _assert_same_state(got: dict, want: dict) -> None:
+    assert list(got) == list(want)
+    for k, v in want.items():
+        assert got[k].shape == v.shape, k
+        torch.testing.assert_close(got[k], v, rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.parametrize("build", [_decoder, _Connector], ids=["decoder", "connector"])
+def test_threaded_full_state_dict_and_shard_round_trip(monkeypatch, build):
+    """The gathered state dict is the one-process one (keys, order, shapes, values); slicing it gives each rank
+    its own block back, a local-shaped dict passes through, and any other shape is refused by name."""
+    world = 2
+    tw = ThreadWorld(world).patch(monkeypatch)
+    ref = build()
+    ranks = _ep_ranks(tw, ref, world)
+    want = ref.state_dict()
+    fulls = tw.run(lambda r: full_state_dict(ranks[r]))
+    for r, m in enumerate(ranks):
+        _assert_same_state(fulls[r], want)
+        local = m.state_dict()
+        _assert_same_state(shard_state_dict(m, fulls[r]), local)
+        _assert_same_state(shard_state_dict(m, local), local)
+    m = ranks[1]
+    key = next(k for k in want if k.endswith("w_out.weight"))
+    bad = {**want, key: want[key][:3]}
+    E, *rest = want[key].shape
+    with pytest.raises(ValueError, match=rf"^{key}: checkpoint shape \(3, {rest[0]}, {rest[1]}\) is neither the full "
+                                         rf"\({E}, {rest[0]}, {rest[1]}\) nor the local \({E // 2}, {rest[0]}, "
+                                         rf"{rest[1]}\)$"):
+        shard_state_dict(m, bad)
+    plain = build()  # not expert-parallel: every function is the identity
+    assert shard_state_dict(plain, want) == want
+    _assert_same_state(full_state_dict(plain), want)
+
+
+def test_threaded_consolidated_model_cache_and_local_gather(monkeypatch):
+    world = 2
+    tw = ThreadWorld(world).patch(monkeypatch)
+    ref = _Connector()
+    ranks = _ep_ranks(tw, ref, world)
+    x = torch.randn(2, 4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    want_out = ref(x)
+
+    cons = tw.run(lambda r: consolidated_model(ranks[r]))
+    for r, c in enumerate(cons):
+        _assert_same_state(c.state_dict(), ref.state_dict())
+        assert find_state(c) is None and type(c.moe.dispatcher) is LocalDispatcher
+        assert c.moe.experts.w_in.num_experts == 4 and not hasattr(c.moe.experts.w_in, SHARD_ATTR)
+        torch.testing.assert_close(c(x), want_out, rtol=0, atol=TOL)
+        assert find_state(ranks[r]) is not None and ranks[r].moe.experts.w_in.num_experts == 2  # original intact
+
+    tw.run(lambda r: cache_consolidated(ranks[r]))
+    calls = tw.calls["all_gather"]
+    c1 = consolidated_model(ranks[1])  # one rank alone: served from the cache, no collective
+    assert tw.calls["all_gather"] == calls
+    _assert_same_state(c1.state_dict(), ref.state_dict())
+    drop_consolidated(ranks[1])
+    assert find_state(ranks[1])._cache is None
+
+    weights = [(m.moe.experts.w_in.weight, m.moe.experts.w_out.bias, m.moe.dispatcher) for m in ranks]
+    restores = tw.run(lambda r: gather_experts_locally(ranks[r]))
+    for r, m in enumerate(ranks):
+        assert m.moe.experts.w_in.num_experts == 4 and type(m.moe.dispatcher) is LocalDispatcher
+        torch.testing.assert_close(m(x), want_out, rtol=0, atol=TOL)  # local: no collective per step
+        restores[r]()
+        assert (m.moe.experts.w_in.weight, m.moe.experts.w_out.bias, m.moe.dispatcher) == weights[r]
+        assert m.moe.experts.w_in.num_experts == 2
+
+
+def test_threaded_optimizer_state_gathers_and_slices_expert_moments(monkeypatch):
+    """AdamW moments of every expert, gathered over the EP ranks, equal the one-process optimizer's (the
+    expert gradients agree with it exactly); slicing them back gives each rank its own moments."""
+    world = 2
+    tw = ThreadWorld(world).patch(monkeypatch)
+    ref = _Connector()
+    ranks = _ep_ranks(tw, ref, world)
+    xs = _connector_inputs(world)
+    outs = tw.run(lambda r: ranks[r](xs[r]))
+    sum(o.square().sum() for o in outs).backward()
+    sum(ref(x).square().sum() for x in xs).backward()
+    opts = [torch.optim.AdamW(m.parameters(), lr=0.1) for m in ranks]
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=0.1)
+    for o in (*opts, ref_opt):
+        o.step()
+    names = [n for n, _ in ref.named_parameters()]
+    expert_idx = [i for i, n in enumerate(names) if ".experts." in n]
+    fulls = tw.run(lambda r: full_optimizer_state_dict(opts[r], ranks[r]))
+    want = ref_opt.state_dict()["state"]
+    for r in range(world):
+        own = opts[r].state_dict()["state"]
+        for i in expert_idx:
+            for k in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(fulls[r]["state"][i][k], want[i][k], rtol=0, atol=TOL)
+            assert fulls[r]["state"][i]["step"] == own[i]["step"]
+        for i in set(range(len(names))) - set(expert_idx):  # replicated params: the rank's own state, as is
+            assert fulls[r]["state"][i]["exp_avg"] is own[i]["exp_avg"]
+        back = shard_optimizer_state_dict(opts[r], ranks[r], fulls[r])["state"]
+        for i in expert_idx:
+            torch.testing.assert_close(back[i]["exp_avg"], own[i]["exp_avg"], rtol=0, atol=0)
+            assert back[i]["exp_avg"].data_ptr() != fulls[r]["state"][i]["exp_avg"].data_ptr()  # a copy
+        opts[r].load_state_dict({**fulls[r], "state": back})
+    plain = _Connector()
+    plain_opt = torch.optim.AdamW(plain.parameters())
+    assert full_optimizer_state_dict(plain_opt, plain) == plain_opt.state_dict()
+    assert shard_optimizer_state_dict(plain_opt, plain, want) is want

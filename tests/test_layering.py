@@ -51,6 +51,33 @@ def _import_everything(package: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+_FIRST_IMPORT_PROBE = r"""
+import importlib, json, pkgutil, sys, traceback
+names = [m.name for m in pkgutil.walk_packages(importlib.import_module("mmoe").__path__, prefix="mmoe.")
+         if not m.name.endswith(".__main__")]
+failed = {}
+for name in names:
+    for k in [k for k in sys.modules if k == "mmoe" or k.startswith("mmoe.")]:
+        del sys.modules[k]  # a fresh start for mmoe; torch, Lightning, ... stay loaded (speed)
+    try:
+        importlib.import_module(name)
+    except Exception:
+        failed[name] = traceback.format_exc(limit=-2)
+print(json.dumps({"modules": names, "failed": failed}))
+"""
+
+
+def test_every_module_imports_first_on_its_own():
+    """No import cycle that only works in one order: `from mmoe.parallel.checkpoint import ...` as a program's
+    first mmoe import once failed (checkpoint -> expert_parallel -> checkpoint, half initialised)."""
+    out = subprocess.run([sys.executable, "-c", _FIRST_IMPORT_PROBE], capture_output=True, text=True, cwd=REPO,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    data = json.loads(out.stdout.strip().splitlines()[-1])
+    assert {"mmoe.parallel.checkpoint", "mmoe.parallel.strategy", "mmoe.model.vlm"} <= set(data["modules"])
+    assert not data["failed"], "\n".join(f"{k}:\n{v}" for k, v in data["failed"].items())
+
+
 def _matches(name: str, prefixes) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 

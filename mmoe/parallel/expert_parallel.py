@@ -1,5 +1,5 @@
 """Expert parallelism for any model built from mmoe's MoE modules: shard experts, swap dispatchers,
-reduce expert gradients, clip with one global norm, gather/shard checkpoints.
+reduce expert gradients, clip with one global norm (checkpoints and export: `mmoe.parallel.checkpoint`).
 
     state = enable_expert_parallel(model, ep_size)     # collective; after init_process_group, before DDP
     ddp = wrap_ddp(root)                               # plain torch: DDP that leaves the experts alone
@@ -286,8 +286,12 @@ def grad_norm(parameters: Iterable[Tensor], norm_type: float = 2.0, module: nn.M
     if any(isinstance(p.grad, DTensor) for p in params):  # FSDP-sharded (fsdp_ep): every shard once
         from .fsdp import fsdp_grad_norm
         return fsdp_grad_norm(params, norm_type)
+    if module is None and any(is_expert_param(p) for p in params):
+        # without the model there is no EP group to combine the shards' norms over: a rank-local norm
+        raise ValueError("grad_norm / clip_grad_norm_: the parameters include expert shards; pass "
+                         "module=<the expert-parallel model> so that their norms are combined over the EP group")
     st = find_state(module) if module is not None else None
-    ex = set(_shard_params(module)) if module is not None else {id(p) for p in params if is_expert_param(p)}
+    ex = set(_shard_params(module)) if module is not None else set()
     shared = [p.grad for p in params if id(p) not in ex]
     expert = [p.grad for p in params if id(p) in ex]
     device = params[0].grad.device if params else torch.device("cpu")
@@ -367,14 +371,8 @@ def dispatchers(module: nn.Module) -> list[AllToAllDispatcher]:
     return [m.dispatcher for _, m in moe_modules(module) if isinstance(m.dispatcher, AllToAllDispatcher)]
 
 
-from .checkpoint import (cache_consolidated, consolidated_model, drop_consolidated, full_optimizer_state_dict,  # noqa: E402
-                         full_state_dict, gather_experts_locally, shard_optimizer_state_dict, shard_state_dict)
-
 __all__ = [
     "ExpertParallel", "ExpertShard", "enable_expert_parallel", "find_state", "moe_modules", "expert_parameters",
     "is_expert_param", "ddp_ignore_names", "set_ddp_ignore", "wrap_ddp", "finalize_expert_grads",
-    "sync_nonfinite_expert_grads", "grad_norm",
-    "clip_grad_norm_", "full_state_dict", "shard_state_dict", "full_optimizer_state_dict",
-    "shard_optimizer_state_dict", "cache_consolidated", "drop_consolidated", "consolidated_model",
-    "gather_experts_locally", "ep_load_metrics", "dispatchers",
+    "sync_nonfinite_expert_grads", "grad_norm", "clip_grad_norm_", "ep_load_metrics", "dispatchers",
 ]

@@ -36,11 +36,10 @@ from typing import Any, Callable, Mapping
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from torch.nn import Module
 
-from .expert_parallel import (cache_consolidated, clip_grad_norm_, drop_consolidated, finalize_expert_grads,
-                              find_state,
-                              gather_experts_locally, sync_nonfinite_expert_grads,
-                              full_optimizer_state_dict, full_state_dict, set_ddp_ignore, shard_optimizer_state_dict,
-                              shard_state_dict)
+from .checkpoint import (cache_consolidated, drop_consolidated, full_optimizer_state_dict, full_state_dict,
+                         gather_experts_locally, shard_optimizer_state_dict, shard_state_dict)
+from .expert_parallel import (clip_grad_norm_, finalize_expert_grads, find_state, set_ddp_ignore,
+                              sync_nonfinite_expert_grads)
 
 log = logging.getLogger(__name__)
 

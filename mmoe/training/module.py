@@ -196,7 +196,7 @@ class MMoEModule(L.LightningModule):
 
     def consolidated_model(self):
         """The model with every expert shard gathered (one-process layout) for export; `self.model` without EP."""
-        from mmoe.parallel.expert_parallel import consolidated_model
+        from mmoe.parallel.checkpoint import consolidated_model
         return consolidated_model(self.model)
 
     # ------------------------------------------------------------------ objective
