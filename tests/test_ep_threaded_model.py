@@ -457,3 +457,21 @@ def test_threaded_optimizer_state_gathers_and_slices_expert_moments(monkeypatch)
     plain_opt = torch.optim.AdamW(plain.parameters())
     assert full_optimizer_state_dict(plain_opt, plain) == plain_opt.state_dict()
     assert shard_optimizer_state_dict(plain_opt, plain, want) is want
+
+
+def test_threaded_sum_over_ranks_reduces_a_copy(monkeypatch):
+    """The reducer training code hands to the balancing losses: a new tensor summed over every rank; without a
+    process group a copy of the input."""
+    from mmoe.parallel.collectives import sum_over_ranks, world_size
+
+    t = torch.tensor([1.0, 2.0])
+    assert world_size() == 1
+    out = sum_over_ranks(t)
+    assert out is not t and out.tolist() == [1.0, 2.0]
+    tw = ThreadWorld(3).patch(monkeypatch)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    inputs = [torch.tensor([float(r), 2.0], requires_grad=True) for r in range(3)]
+    outs = tw.run(lambda r: (world_size(), sum_over_ranks(inputs[r])))
+    for r, (size, o) in enumerate(outs):
+        assert size == 3 and o.tolist() == [3.0, 6.0] and not o.requires_grad
+        assert inputs[r].tolist() == [float(r), 2.0]  # the input is left alone

@@ -83,28 +83,51 @@ def test_perfect_captions_sanity(ours: dict) -> None:
         assert perfect[key] > ours[key], key
 
 
-def test_mismatched_ids_raise() -> None:
-    with pytest.raises(ValueError, match=r"1 result image ids have no reference captions \(e.g. \[99\]\)"):
-        caption_metrics(RESULTS + [{"image_id": 99, "caption": "x"}], GT)
-    with pytest.raises(ValueError, match=r"1 GT images have no result caption.*allow_subset"):
-        caption_metrics(RESULTS[:2], GT)
-    with pytest.raises(ValueError, match="id types differ"):
-        caption_metrics([{**r, "image_id": str(r["image_id"])} for r in RESULTS], GT)
+def _message(fn, *args, **kwargs) -> str:
+    with pytest.raises(ValueError) as info:
+        fn(*args, **kwargs)
+    return str(info.value)
 
 
-def test_malformed_inputs_raise() -> None:
-    with pytest.raises(ValueError, match="duplicate image_id 1"):
-        caption_metrics(RESULTS + [RESULTS[0]], GT)
-    with pytest.raises(ValueError, match=r"results\[0\]: missing string field 'caption'"):
-        caption_metrics([{"image_id": 1, "text": "x"}], GT)
-    with pytest.raises(ValueError, match=r"GT\['annotations'\]\[0\]: missing field 'image_id'"):
-        caption_metrics(RESULTS, {"annotations": [{"caption": "x"}]})
+def test_every_input_refusal_names_the_problem_in_full() -> None:
+    """Input checks run before Java starts: whole messages, so a field or index named wrongly shows."""
+    gt_message = "captions GT: expected a COCO captions JSON object with an 'annotations' list"
+    for bad_gt, message in [
+        ([GT], gt_message), ({"images": GT["images"]}, gt_message),
+        ({"annotations": [5]}, "captions GT['annotations'][0]: expected an object"),
+        ({"annotations": [{"caption": "x"}]}, "captions GT['annotations'][0]: missing field 'image_id'"),
+        ({"annotations": [{"image_id": 1}]}, "captions GT['annotations'][0]: missing string field 'caption'"),
+        ({"annotations": []}, "captions GT['annotations'] is empty: nothing to score against"),
+    ]:
+        assert _message(caption_metrics, RESULTS, bad_gt) == message
+    for bad_results, message in [
+        ("a dog", "caption results: expected a list of {'image_id', 'caption'} objects, got str"),
+        ([5], "caption results[0]: missing field 'image_id'"),
+        ([{"caption": "x"}], "caption results[0]: missing field 'image_id'"),
+        ([{"image_id": 1}], "caption results[0]: missing string field 'caption'"),
+        (RESULTS[:2] + RESULTS[:1], "caption results[2]: duplicate image_id 1 "
+                                    "(COCO caption evaluation needs exactly one caption per image)"),
+        ([], "caption results: empty list, nothing to score"),
+    ]:
+        assert _message(caption_metrics, bad_results, GT) == message
+    # ids of mixed types are listed in repr order (a plain sort would fail on int vs str), the first five only
+    extra = [{"image_id": i, "caption": "x"} for i in ("x", 99, 98, 97, 96, 95)]
+    assert _message(caption_metrics, RESULTS + extra, GT) == (
+        "caption results do not match the GT: 6 result image ids have no reference captions "
+        "(e.g. ['x', 95, 96, 97, 98]). Note: image id types differ between results and GT (e.g. str vs int).")
+    gt_more = {"annotations": GT["annotations"] + [{"image_id": i, "caption": "x"} for i in range(4, 10)]}
+    assert _message(caption_metrics, RESULTS[1:], gt_more) == (
+        "caption results do not match the GT: 7 GT images have no result caption (e.g. [1, 4, 5, 6, 7]); pass "
+        "allow_subset=True to score only the captioned images (CIDEr then uses the subset's IDF and is not "
+        "comparable to full-split numbers).")
 
 
 def test_missing_java_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(caption_mod.shutil, "which", lambda name: None)
-    with pytest.raises(JavaNotFoundError, match="java.*PTBTokenizer and METEOR"):
+    with pytest.raises(JavaNotFoundError) as info:
         caption_metrics(RESULTS, GT)
+    assert str(info.value) == ("`java` was not found on PATH: pycocoevalcap's PTBTokenizer and METEOR run on Java. "
+                               "Install a JRE (e.g. `apt-get install openjdk-17-jre-headless`) and retry.")
 
 
 @needs_java
