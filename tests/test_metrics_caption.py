@@ -69,13 +69,15 @@ def test_equals_pycocoevalcap_scorers_exactly(ours: dict) -> None:
     for key, value in expected.items():
         assert ours[key] == value, key
     assert ours["SPICE"] is None and "download" in ours["notes"]["SPICE"]
-    assert ours["num_images"] == 3
+    assert ours["num_images"] == 3 and ours["num_gt_images"] == 3
+    assert ours["scale"] == "raw pycocoevalcap (0-1, CIDEr-D 0-10); multiply by 100 for paper-style numbers"
 
 
 @needs_java
-def test_perfect_captions_sanity(ours: dict) -> None:
+def test_perfect_captions_sanity(ours: dict, capsys: pytest.CaptureFixture) -> None:
     perfect = caption_metrics(PERFECT, GT, meteor=False)  # METEOR's Java start-up costs ~10 s
-    assert perfect["METEOR"] is None and "skipped" in perfect["notes"]["METEOR"]
+    assert capsys.readouterr().out == ""  # BLEU's corpus statistics do not reach stdout (a CLI's JSON goes there)
+    assert perfect["METEOR"] is None and perfect["notes"]["METEOR"] == "skipped: meteor=False"
     assert perfect["BLEU-4"] == pytest.approx(1.0, abs=1e-6)  # candidate equals one reference exactly
     assert perfect["ROUGE-L"] == pytest.approx(1.0)
     assert perfect["CIDEr"] > perfect["BLEU-4"]
@@ -120,6 +122,12 @@ def test_every_input_refusal_names_the_problem_in_full() -> None:
         "caption results do not match the GT: 7 GT images have no result caption (e.g. [1, 4, 5, 6, 7]); pass "
         "allow_subset=True to score only the captioned images (CIDEr then uses the subset's IDF and is not "
         "comparable to full-split numbers).")
+    gt_mixed = {"annotations": GT["annotations"] + [{"image_id": "z", "caption": "x"}]}
+    assert _message(caption_metrics, RESULTS[1:] + [{"image_id": 98, "caption": "x"}], gt_mixed) == (
+        "caption results do not match the GT: 1 result image ids have no reference captions (e.g. [98]); "
+        "2 GT images have no result caption (e.g. ['z', 1]); pass allow_subset=True to score only the captioned "
+        "images (CIDEr then uses the subset's IDF and is not comparable to full-split numbers). "
+        "Note: image id types differ between results and GT (e.g. str vs int).")
 
 
 def test_missing_java_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
