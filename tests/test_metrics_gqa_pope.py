@@ -51,6 +51,9 @@ def test_gqa_unanswered_questions_are_counted_or_refused() -> None:
     assert _message(ValueError, gqa_accuracy, preds, questions, require_all=True) == (
         "GQA predictions: 1 questions have no prediction (e.g. ['2'])")
     assert gqa_accuracy({**preds, "2": "no"}, questions, require_all=True)["accuracy"] == pytest.approx(200 / 3)
+    many = {str(i): {"answer": "yes"} for i in range(8)}  # seven unanswered: the first five, sorted, are named
+    assert _message(ValueError, gqa_accuracy, {"0": "yes"}, many, require_all=True) == (
+        "GQA predictions: 7 questions have no prediction (e.g. ['1', '2', '3', '4', '5'])")
 
 
 def test_gqa_structural_types_and_binary_open_split() -> None:
@@ -104,7 +107,7 @@ def test_pope_parser_commas_and_spaces(text: str, parsed: str) -> None:
 
 
 def test_pope_parser_refuses_non_strings() -> None:
-    assert _message(TypeError, parse_pope_answer, None) == "POPE answers must be strings, got NoneType: None"
+    assert _message(TypeError, parse_pope_answer, 3) == "POPE answers must be strings, got int: 3"
 
 
 def _pope(preds: list[str], labels: list[str], categories: list[str] | None = None) -> dict:
