@@ -475,3 +475,61 @@ def test_threaded_sum_over_ranks_reduces_a_copy(monkeypatch):
     for r, (size, o) in enumerate(outs):
         assert size == 3 and o.tolist() == [3.0, 6.0] and not o.requires_grad
         assert inputs[r].tolist() == [float(r), 2.0]  # the input is left alone
+
+
+class _FakeDeviceMesh:
+    """init_device_mesh's (edp, ep) mesh for one rank: row-major as torch lays it out, or wrongly."""
+
+    def __init__(self, shape, rank: int, layout: str = "torch"):
+        edp, ep = shape
+        ranks = torch.arange(edp * ep)
+        grid = ranks.view(ep, edp).t() if layout == "transposed" else ranks.view(edp, ep)  # (edp, ep)
+        row, col = [int(i) for i in (grid == rank).nonzero()[0]]
+        edp_ranks = grid[:, col].tolist()
+        self.groups = {"ep": tuple(grid[row].tolist()),
+                       "edp": tuple(reversed(edp_ranks) if layout == "edp_reversed" else edp_ranks)}
+
+    def get_group(self, name):
+        return self.groups[name]
+
+
+@pytest.mark.parametrize("backend, cuda, device", [("gloo", False, "cpu"), ("nccl", False, "cpu"),
+                                                   ("nccl", True, "cuda"), ("gloo", True, "cpu")])
+def test_build_mesh_lays_out_ep_contiguous_and_edp_strided(monkeypatch, backend, cuda, device):
+    """build_mesh's own logic around init_device_mesh (faked here; the real one runs in the multi-process
+    tests): the sizes, the groups, the device type from the backend, and its layout check."""
+    import torch.distributed as dist
+    import torch.distributed.device_mesh as device_mesh_module
+
+    from mmoe.parallel.mesh import build_mesh
+
+    with pytest.raises(RuntimeError, match=r"^expert parallelism \(ep_size=2\) needs torch.distributed "
+                                           r"initialised first; under Lightning call it from configure_model"):
+        build_mesh(2)
+    calls, layout = [], "torch"
+
+    def fake_init(device_type, shape, mesh_dim_names):
+        calls.append((device_type, shape, mesh_dim_names))
+        return _FakeDeviceMesh(shape, dist.get_rank(), layout)
+
+    monkeypatch.setattr(device_mesh_module, "init_device_mesh", fake_init)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 8)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: backend)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(dist, "get_process_group_ranks", lambda group: list(group))
+    for rank in range(8):
+        monkeypatch.setattr(dist, "get_rank", lambda group=None, r=rank: r)
+        mesh = build_mesh(2)
+        assert (mesh.rank, mesh.ep_size, mesh.edp_size, mesh.ep_rank) == (rank, 2, 4, rank % 2)
+        assert mesh.ep_group == (rank - rank % 2, rank - rank % 2 + 1)
+        assert mesh.edp_group == tuple(range(rank % 2, 8, 2)) and isinstance(mesh.device_mesh, _FakeDeviceMesh)
+    assert calls[-1] == (device, (4, 2), ("edp", "ep"))
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    assert build_mesh(8).edp_group is None  # one replica per shard: no EDP group
+    layout = "transposed"  # a mesh laid out another way than DeepSpeed's is refused, not used
+    with pytest.raises(RuntimeError, match=r"^unexpected EP group \[0, 4\] for rank 0, expected \[0, 1\]$"):
+        build_mesh(2)
+    layout = "edp_reversed"
+    with pytest.raises(RuntimeError, match=r"^unexpected EDP group for rank 0$"):
+        build_mesh(2)
