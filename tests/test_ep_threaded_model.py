@@ -260,6 +260,8 @@ def test_threaded_edp2_ep2_replicas_agree_and_expert_grads_are_summed_over_edp_o
                 gl.weight.add_(1.0)  # rank 2 (edp rank 1 of shard 0) starts from different experts: the broadcast fixes it
     tw.run(lambda r: setattr(enable_expert_parallel(ranks[r], 2, mesh=tw.mesh(r, 2)), "grad_sync", "manual"))
     assert tw.calls["broadcast"] > 0
+    for full in tw.run(lambda r: full_state_dict(ranks[r])):  # gathered over the EP group, not the world
+        _assert_same_state(full, ref.state_dict())
     ids = [torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(20 + r)) for r in range(4)]
     _forward_backward(tw, ref, ranks, ids)  # each rank backpropagates its L_r; the reference sum_r L_r
     for q in ref.parameters():
@@ -432,12 +434,15 @@ def test_threaded_optimizer_state_gathers_and_slices_expert_moments(monkeypatch)
     outs = tw.run(lambda r: ranks[r](xs[r]))
     sum(o.square().sum() for o in outs).backward()
     sum(ref(x).square().sum() for x in xs).backward()
+    for m in (*ranks, ref):
+        m.moe.experts.w_in.bias.grad = None  # no state for this expert tensor: the ones after it still count
     opts = [torch.optim.AdamW(m.parameters(), lr=0.1) for m in ranks]
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=0.1)
     for o in (*opts, ref_opt):
         o.step()
     names = [n for n, _ in ref.named_parameters()]
-    expert_idx = [i for i, n in enumerate(names) if ".experts." in n]
+    expert_idx = [i for i, n in enumerate(names) if ".experts." in n and n != "moe.experts.w_in.bias"]
+    assert len(expert_idx) == 3 and names.index("moe.experts.w_in.bias") < max(expert_idx)
     fulls = tw.run(lambda r: full_optimizer_state_dict(opts[r], ranks[r]))
     want = ref_opt.state_dict()["state"]
     for r in range(world):
@@ -446,7 +451,8 @@ def test_threaded_optimizer_state_gathers_and_slices_expert_moments(monkeypatch)
             for k in ("exp_avg", "exp_avg_sq"):
                 torch.testing.assert_close(fulls[r]["state"][i][k], want[i][k], rtol=0, atol=TOL)
             assert fulls[r]["state"][i]["step"] == own[i]["step"]
-        for i in set(range(len(names))) - set(expert_idx):  # replicated params: the rank's own state, as is
+        assert names.index("moe.experts.w_in.bias") not in fulls[r]["state"]
+        for i in set(own) - set(expert_idx):  # replicated params: the rank's own state, as is
             assert fulls[r]["state"][i]["exp_avg"] is own[i]["exp_avg"]
         back = shard_optimizer_state_dict(opts[r], ranks[r], fulls[r])["state"]
         for i in expert_idx:
