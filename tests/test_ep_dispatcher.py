@@ -129,6 +129,13 @@ def test_threaded_all_to_all_byte_counters(monkeypatch):
         assert set(dispatchers[r].stats.values()) == {0}
 
 
+def test_dispatcher_takes_its_size_and_rank_from_its_group(monkeypatch):
+    tw = ThreadWorld(4).patch(monkeypatch)
+    got = tw.run(lambda r: AllToAllDispatcher(tw.mesh(r, 2).ep_group, 8))  # ep 2 inside a world of 4
+    assert [(d.ep_size, d.ep_rank, list(d.local_experts)) for d in got] == [
+        (2, 0, [0, 1, 2, 3]), (2, 1, [4, 5, 6, 7]), (2, 0, [0, 1, 2, 3]), (2, 1, [4, 5, 6, 7])]
+
+
 def test_dispatcher_layout_and_refusals():
     d = AllToAllDispatcher(None, 8, ep_size=4, ep_rank=2)
     assert (d.num_local_experts, list(d.local_experts)) == (2, [4, 5])
