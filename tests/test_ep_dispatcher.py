@@ -87,7 +87,7 @@ def test_threaded_all_to_all_dispatch_equals_a_per_token_loop(monkeypatch, world
     # bookkeeping: what each rank sends per global expert and receives per local expert, the split lists
     sent = [torch.bincount(ro.expert_idx[ro.kept], minlength=E) for ro in routings]  # (E,) per source rank
     for r, (d, plan) in enumerate(zip(dispatchers, plans, strict=True)):
-        assert d.last_send_tokens_per_expert.tolist() == sent[r].tolist()
+        assert d.last_send_tokens_per_expert.tolist() == plan.tokens_per_expert.tolist() == sent[r].tolist()
         local = sum(s[r * El:(r + 1) * El] for s in sent)
         assert d.last_recv_tokens_per_expert.tolist() == local.tolist()
         assert plan.input_splits == [int(sent[r][q * El:(q + 1) * El].sum()) for q in range(world)]

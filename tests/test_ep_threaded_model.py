@@ -332,6 +332,7 @@ def test_threaded_load_metrics_report_every_ranks_received_tokens(monkeypatch):
     ref = _decoder()
     ranks = _ep_ranks(tw, ref, 2)
     ids = [torch.randint(0, 40, (3, 5), generator=torch.Generator().manual_seed(30 + r)) for r in range(2)]
+    assert ep_load_metrics(ranks[0]) == {}  # before the first step: nothing routed yet, no collective
     with torch.no_grad():
         tw.run(lambda r: ranks[r](ids[r]))
     metrics = tw.run(lambda r: ep_load_metrics(ranks[r]))
