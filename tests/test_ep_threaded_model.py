@@ -185,8 +185,13 @@ def test_unguarded_expert_parallel_training_is_refused():
     m = _Connector()
     enable_expert_parallel(m, 2, mesh=_mesh(2, 0))
     x = torch.randn(1, 3, 6, dtype=torch.float64)
-    with pytest.raises(RuntimeError, match="nothing reduces the expert gradients.*--trainer.strategy ddp_ep"):
+    with pytest.raises(RuntimeError) as info:
         m(x)  # refused in the dispatcher's plan, before any collective
+    assert str(info.value) == (
+        "expert-parallel training step, but nothing reduces the expert gradients and the experts are not protected "
+        "from DDP's start-up broadcast: under Lightning use --trainer.strategy ddp_ep "
+        "(mmoe.parallel.strategy.ExpertParallelStrategy); with plain torch use mmoe.parallel.wrap_ddp(root) and "
+        "finalize_expert_grads(root) after backward, or set state.grad_sync = 'manual'")
 
 
 def test_enable_expert_parallel_refusals():
@@ -292,6 +297,7 @@ def test_threaded_global_norm_and_clipping_equal_one_process(monkeypatch, norm_t
         torch.testing.assert_close(n, want.to(n.dtype), rtol=1e-12, atol=0)
     with pytest.raises(ValueError, match="include expert shards; pass module="):  # no group: a rank-local norm
         grad_norm(ranks[0].parameters(), norm_type)
+    torch.testing.assert_close(grad_norm(ref.parameters(), norm_type), want, rtol=1e-12, atol=0)  # no EP: no module
     max_norm = float(want) / 3
     totals = tw.run(lambda r: clip_grad_norm_(ranks[r].parameters(), max_norm, norm_type, module=ranks[r]))
     torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm, norm_type)
