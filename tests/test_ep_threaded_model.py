@@ -219,6 +219,62 @@ def test_enable_expert_parallel_refusals():
         enable_expert_parallel(m, 2, mesh=_mesh(2, 0))
 
 
+class _BareSite(nn.Module):
+    """Any module with a `.dispatcher` and GroupedLinear experts is a MoE site, with or without a `cfg`."""
+
+    def __init__(self, cfg=None):
+        super().__init__()
+        self.dispatcher = LocalDispatcher()
+        self.proj = GroupedLinear(4, 3, 2)
+        if cfg is not None:
+            self.cfg = cfg
+
+
+def test_any_module_with_a_dispatcher_and_grouped_experts_is_sharded(monkeypatch):
+    from types import SimpleNamespace
+
+    import mmoe.parallel.expert_parallel as ep_module
+
+    built = []
+    monkeypatch.setattr(ep_module, "build_mesh", lambda ep_size: built.append(ep_size) or _mesh(ep_size, 1))
+    for site in (_BareSite(), _BareSite(cfg=SimpleNamespace(top_k=1))):  # no cfg; a cfg without num_experts
+        root = nn.Sequential(site)
+        state = enable_expert_parallel(root, 2)  # no mesh given: built from the process group
+        assert state.moe_modules == ["0"] and site.proj.num_experts == 2
+        assert getattr(site.proj, SHARD_ATTR).lo == 2 and isinstance(site.dispatcher, _GuardedDispatcher)
+    assert built == [2, 2]
+
+
+class _RecordingDDP(nn.parallel.DistributedDataParallel):
+    """DistributedDataParallel's class-level ignore-list helper, with a constructor that only records (the
+    real one needs a process group; the multi-process tests use it)."""
+
+    def __init__(self, module, **kwargs):
+        nn.Module.__init__(self)
+        self.wrapped, self.kwargs = module, kwargs
+
+
+def test_wrap_ddp_excludes_the_expert_shards_and_marks_who_reduces_them(monkeypatch):
+    import mmoe.parallel.expert_parallel as ep_module
+
+    monkeypatch.setattr(nn.parallel, "DistributedDataParallel", _RecordingDDP)
+    root = nn.Sequential(_Connector())
+    root._ddp_params_and_buffers_to_ignore = ["already.ignored"]
+    state = enable_expert_parallel(root, 2, mesh=_mesh(2, 0))
+    ddp = ep_module.wrap_ddp(root, find_unused_parameters=True)
+    assert isinstance(ddp, _RecordingDDP) and ddp.wrapped is root and ddp.kwargs == {"find_unused_parameters": True}
+    ignored = ["0.moe.experts.w_in.weight", "0.moe.experts.w_in.bias", "0.moe.experts.w_out.weight",
+               "0.moe.experts.w_out.bias", "0.moe.router.load_accum"]  # shards, the router's per-rank load
+    assert sorted(root._ddp_params_and_buffers_to_ignore) == sorted(["already.ignored", *ignored])
+    assert state.grad_sync == "ddp"  # the caller reduces expert grads with finalize_expert_grads
+    state.grad_sync = "strategy"
+    assert ep_module.set_ddp_ignore(root) == ignored and ep_module.wrap_ddp(root) is not None
+    assert state.grad_sync == "strategy"  # a sync already arranged is kept
+    plain = nn.Sequential(_Connector())  # no EP: nothing to ignore, no state to mark
+    assert ep_module.wrap_ddp(plain).wrapped is plain
+    assert plain._ddp_params_and_buffers_to_ignore == ["0.moe.router.load_accum"]
+
+
 def test_a_vlm_keeps_encoding_images_under_expert_parallel():
     m = _Connector()
     m.always_encode_images = False  # the MMoEVLM attribute: text-only batches must still join the all-to-alls
