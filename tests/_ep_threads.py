@@ -107,8 +107,9 @@ class ThreadWorld:
 
     def broadcast(self, tensor, src, group=None, async_op=False):
         assert not async_op
-        got, _ = self._exchange("broadcast", group, tensor.detach().clone())
-        tensor.copy_(got[self.members(group).index(src)])
+        got, _ = self._exchange("broadcast", group, (src, tensor.detach().clone()))
+        assert len({s for s, _ in got}) == 1, f"broadcast over {self.members(group)} with different sources {got}"
+        tensor.copy_(got[self.members(group).index(src)][1])
 
     def patch(self, monkeypatch) -> ThreadWorld:
         monkeypatch.setattr(dispatcher_module, "_a2a", self.all_to_all)

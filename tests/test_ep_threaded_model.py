@@ -35,6 +35,7 @@ from mmoe.parallel.expert_parallel import (
     SHARD_ATTR,
     _GuardedDispatcher,
     clip_grad_norm_,
+    dispatchers,
     enable_expert_parallel,
     ep_load_metrics,
     expert_parameters,
@@ -96,6 +97,7 @@ def _shards(ref: nn.Module, m: nn.Module, ep_rank: int, ep: int):
         El = full.num_experts // ep
         lo, hi = ep_rank * El, (ep_rank + 1) * El
         assert (shard.num_experts, shard.lo, shard.hi, gl.num_experts) == (full.num_experts, lo, hi, El)
+        assert name.startswith(shard.owner + ".") and hasattr(m.get_submodule(shard.owner), "dispatcher")
         for pname in ("weight", "bias"):
             p, q = getattr(gl, pname), getattr(full, pname)
             assert (p is None) == (q is None), (name, pname)
@@ -161,6 +163,7 @@ def test_threaded_expert_parallel_decoder_equals_one_process(monkeypatch, world)
             assert isinstance(d, _GuardedDispatcher) and (d.ep_size, d.ep_rank, d.group) == (world, r, tuple(range(world)))
         state.grad_sync = "manual"
         assert enable_expert_parallel(m, world, mesh=tw.mesh(r, world)) is state  # Lightning calls it again
+        assert dispatchers(m) == [m.get_submodule(name).dispatcher for name in sites]
     ids = [torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(10 + r)) for r in range(world)]
     _check_against_reference(tw, ref, ranks, ids)
 
