@@ -365,12 +365,17 @@ def test_threaded_global_norm_and_clipping_equal_one_process(monkeypatch, norm_t
         _assert_grads_equal_reference(ref, m, r, 2, rtol=1e-9)
 
 
-def test_threaded_clipping_refuses_a_nonfinite_norm_when_asked(monkeypatch):
-    tw = ThreadWorld(2).patch(monkeypatch)
-    ranks = _ep_ranks(tw, _Connector(), 2)
+def _connector_ranks_with_unit_grads(tw: ThreadWorld) -> list[nn.Module]:
+    ranks = _ep_ranks(tw, _Connector(), tw.world)
     for m in ranks:
         for p in m.parameters():
             p.grad = torch.ones_like(p)
+    return ranks
+
+
+def test_threaded_clipping_refuses_a_nonfinite_norm_when_asked(monkeypatch):
+    tw = ThreadWorld(2).patch(monkeypatch)
+    ranks = _connector_ranks_with_unit_grads(tw)
     expert_parameters(ranks[1])[0].grad[0, 0, 0] = float("nan")
     with pytest.raises(RuntimeError, match="^the total norm of order 2.0 for gradients is non-finite$"):
         tw.run(lambda r: clip_grad_norm_(ranks[r].parameters(), 1.0, module=ranks[r], error_if_nonfinite=True))
@@ -378,10 +383,7 @@ def test_threaded_clipping_refuses_a_nonfinite_norm_when_asked(monkeypatch):
 
 def test_threaded_overflow_on_one_rank_is_seen_by_every_rank(monkeypatch):
     tw = ThreadWorld(2).patch(monkeypatch)
-    ranks = _ep_ranks(tw, _Connector(), 2)
-    for m in ranks:
-        for p in m.parameters():
-            p.grad = torch.ones_like(p)
+    ranks = _connector_ranks_with_unit_grads(tw)
     assert tw.run(lambda r: sync_nonfinite_expert_grads(ranks[r])) == [False, False]
     assert all(bool(torch.isfinite(p.grad).all()) for m in ranks for p in m.parameters())
     expert_parameters(ranks[1])[2].grad[0, 1] = float("inf")
