@@ -3,7 +3,7 @@ process holding every expert, float64: `enable_expert_parallel` (ep 2 and 4, and
 reduction, global-norm clipping, overflow sync, per-rank load metrics, checkpoint gathering/slicing and export.
 
 The multi-process tests (test_expert_parallel.py) check the same through gloo at a few seconds per job; these
-take about two seconds in all, so every mutant of this code can be run against them (docs/mutation.md).
+take a few seconds in all, so every mutant of this code can be run against them (docs/mutation.md).
 """
 
 from __future__ import annotations
