@@ -24,10 +24,12 @@ def _fake_repo(tmp_path):
     """A repo with one mutated module: its test kills mutant 2 (fails when it is active), lets 1 and 3 live."""
     (tmp_path / "pyproject.toml").write_text(
         '[tool.mutmut]\npytest_add_cli_args = ["-p", "no:randomly"]\n'
-        'pytest_add_cli_args_test_selection = ["tests/test_fake.py", "--deselect", "tests/test_fake.py::test_skip"]\n')
+        'pytest_add_cli_args_test_selection = ["tests/test_fake.py", "--deselect", "tests/test_fake.py::test_skip", '
+        '"--deselect", "tests/test_fake.py::test_kills_one_and_three"]\n')
     (tmp_path / "tests").mkdir()
     (tmp_path / "tests" / "test_fake.py").write_text(
         "import os\n\ndef test_kills_two():\n    assert not os.environ['MUTANT_UNDER_TEST'].endswith('_2')\n\n"
+        "def test_kills_one_and_three():\n    assert not os.environ['MUTANT_UNDER_TEST'].endswith(('_1', '_3'))\n\n"
         "def test_skip():\n    raise AssertionError('deselected by the selection')\n")
     (tmp_path / "pkg").mkdir()
     (tmp_path / "pkg" / "mod.py").write_text("x = 1\n")
@@ -64,9 +66,18 @@ def test_run_mutants_runs_the_selection_records_verdicts_and_refuses_stale_mutan
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"mutants": 3, "survived": 2, "killed": 1}
     with pytest.raises(SystemExit, match="no mutant .* with no verdict"):
         tool.main(["--repo", str(tmp_path), "--pending", "pkg.mod.*"])
-    # --tests replaces the selection (its --deselect too): the test that always fails now kills every mutant
-    assert tool.main(["--repo", str(tmp_path), "--tests", "tests/test_fake.py::test_skip", "--", "pkg.mod.x_f*"]) == 0
-    assert set(json.loads(meta.read_text())["exit_code_by_key"].values()) == {1}
+    # --tests replaces the selection: another test, other verdicts
+    assert tool.main(["--repo", str(tmp_path), "--tests", "tests/test_fake.py::test_kills_one_and_three", "--",
+                      "pkg.mod.x_f*"]) == 0
+    codes = json.loads(meta.read_text())["exit_code_by_key"]
+    assert [codes[n] for n in names[:3]] == [1, 0, 1]
+    # a selection that fails with no mutant active (here the test the configured selection deselects) would
+    # "kill" every mutant: refused before any verdict is written
+    with pytest.raises(SystemExit, match=r"the test selection fails with no mutant active \(exit code 1\)"):
+        tool.main(["--repo", str(tmp_path), "--tests", "tests/test_fake.py::test_skip", "--", "pkg.mod.x_f*"])
+    assert json.loads(meta.read_text())["exit_code_by_key"] == codes
+    with pytest.raises(SystemExit, match=r"fails with no mutant active \(exit code 4\)"):  # a file that is not there
+        tool.main(["--repo", str(tmp_path), "--tests", "tests/test_typo.py", "--", "pkg.mod.x_f*"])
     (tmp_path / "pkg" / "mod.py").write_text("x = 2\n")  # edited after the mutants were generated
     with pytest.raises(SystemExit, match=r"pkg/mod.py changed after the mutants were generated"):
         tool.main(["--repo", str(tmp_path), "pkg.mod.*"])
@@ -81,9 +92,9 @@ def test_run_mutants_times_out_a_hanging_run_and_stops_its_runs_when_stopped(tmp
     tool = _tool()
     meta, names = _fake_repo(tmp_path)
     pid_file = tmp_path / "pid"
-    (tmp_path / "tests" / "test_fake.py").write_text(
-        "import os, time\n\ndef test_hangs():\n"
-        f"    open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n    time.sleep(120)\n")
+    (tmp_path / "tests" / "test_fake.py").write_text(  # hangs with a mutant active (the clean run passes)
+        "import os, time\n\ndef test_hangs():\n    if os.environ['MUTANT_UNDER_TEST']:\n"
+        f"        open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n        time.sleep(120)\n")
     assert tool.main(["--repo", str(tmp_path), "--jobs", "1", "--timeout", "5", names[0]]) == 0
     assert json.loads(meta.read_text())["exit_code_by_key"][names[0]] == tool.TIMEOUT_EXIT
     pid_file.unlink()

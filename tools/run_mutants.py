@@ -5,7 +5,8 @@
 mutmut 3.8's `run` can stall on some functions (no verdict for many minutes, its children restarting); this runs
 the same check without its scheduler: for each mutant, pytest over the `[tool.mutmut]` test selection of
 pyproject.toml, in `mutants/`, with MUTANT_UNDER_TEST naming the mutant. Exit code 0 means the mutant survived,
-1 that a test killed it; a run over --timeout seconds is recorded as mutmut's timeout (36). Verdicts go into
+any other that a test killed it; a run over --timeout seconds is recorded as mutmut's timeout (36). The selection
+is run once with no mutant active first, and a selection that fails by itself is refused. Verdicts go into
 the `exit_code_by_key` of the `.meta` files, so `mutmut results` and `mutmut show` see them.
 
 It runs the tests of the working tree (`../tests` from `mutants/`), not mutmut's copy, so a test written
@@ -123,6 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         print("\n".join(chosen))
         return 0
+    # Any failing run counts as a kill, so a selection that fails by itself (a typo in --tests, a broken test)
+    # would "kill" every mutant: run it once with no mutant active first.
+    clean = run_one("", command, mutants, args.timeout)
+    if clean != 0:
+        raise SystemExit(f"the test selection fails with no mutant active (exit code {clean}): every mutant would "
+                         f"count as killed. Fix it first: cd {mutants} && MUTANT_UNDER_TEST= {' '.join(command)}")
     counts: dict[str, int] = {}
     start, lock = time.monotonic(), threading.Lock()
 
