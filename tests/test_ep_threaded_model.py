@@ -607,3 +607,6 @@ def test_build_mesh_lays_out_ep_contiguous_and_edp_strided(monkeypatch, backend,
     layout = "edp_reversed"
     with pytest.raises(RuntimeError, match=r"^unexpected EDP group for rank 0$"):
         build_mesh(2)
+    layout = "torch"
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 4)
+    assert build_mesh(2).edp_group == (0, 2)  # two replicas per shard
