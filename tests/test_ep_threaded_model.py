@@ -132,17 +132,25 @@ def _forward_backward(tw: ThreadWorld, ref: nn.Module, ranks: list[nn.Module], i
     sum((o * gy).sum() for o, gy in zip(ref_outs, gys, strict=True)).backward()
 
 
+def _assert_shards_equal_reference(ref: nn.Module, m: nn.Module, ep_rank: int, ep: int, rtol: float) -> set[str]:
+    """Each expert shard of rank model `m` holds its rows of the reference's weights and gradients; returns the
+    sharded parameter names."""
+    sharded = set()
+    for name, p, q, lo, hi in _shards(ref, m, ep_rank, ep):
+        torch.testing.assert_close(p.detach(), q.detach()[lo:hi], rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(p.grad, q.grad[lo:hi], rtol=rtol, atol=TOL, msg=name)
+        sharded.add(name)
+    return sharded
+
+
 def _check_against_reference(tw: ThreadWorld, ref: nn.Module, ranks: list[nn.Module], inputs: list) -> None:
     """ep = world: expert shards carry their rows of the reference gradient (the all-to-all backward brings every
     rank's contribution home), replicated params sum over the ranks to the reference's."""
     _forward_backward(tw, ref, ranks, inputs)
     sharded = set()
     for r, m in enumerate(ranks):
-        for name, p, q, lo, hi in _shards(ref, m, r, tw.world):
-            assert p.requires_grad
-            torch.testing.assert_close(p.detach(), q.detach()[lo:hi], rtol=0, atol=0)
-            torch.testing.assert_close(p.grad, q.grad[lo:hi], rtol=0, atol=TOL)
-            sharded.add(name)
+        assert all(p.requires_grad for _, p, *_ in _shards(ref, m, r, tw.world))
+        sharded |= _assert_shards_equal_reference(ref, m, r, tw.world, rtol=0)
     for name, q in ref.named_parameters():
         if name not in sharded:
             total = sum(dict(m.named_parameters())[name].grad for m in ranks)
@@ -301,11 +309,7 @@ def _ddp_average(ref: nn.Module, ranks: list[nn.Module]) -> None:
 
 def _assert_grads_equal_reference(ref: nn.Module, m: nn.Module, ep_rank: int, ep: int, rtol: float) -> None:
     """Expert shards hold their rows of the reference's weights and gradients, every other parameter its grad."""
-    sharded = set()
-    for name, p, q, lo, hi in _shards(ref, m, ep_rank, ep):
-        torch.testing.assert_close(p.detach(), q.detach()[lo:hi], rtol=0, atol=0, msg=name)
-        torch.testing.assert_close(p.grad, q.grad[lo:hi], rtol=rtol, atol=TOL, msg=name)
-        sharded.add(name)
+    sharded = _assert_shards_equal_reference(ref, m, ep_rank, ep, rtol)
     for name, q in ref.named_parameters():
         if name not in sharded:
             torch.testing.assert_close(dict(m.named_parameters())[name].grad, q.grad, rtol=rtol, atol=TOL, msg=name)
