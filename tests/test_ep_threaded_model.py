@@ -15,12 +15,24 @@ import pytest
 import torch
 from torch import nn
 
+from _ep_models import (
+    TOL,
+    Connector,
+    assert_grads_equal_reference,
+    assert_same_state,
+    assert_shards_equal_reference,
+    connector_inputs,
+    ddp_average,
+    decoder,
+    ep_ranks,
+    expert_shards,
+    forward_backward,
+    output_of,
+)
 from _ep_threads import ThreadWorld
-from mmoe.model.decoder import Decoder, DecoderConfig
 from mmoe.model.moe import MoEConfig
 from mmoe.model.moe.dispatch import LocalDispatcher
 from mmoe.model.moe.experts import GroupedLinear
-from mmoe.model.moe.ffn import MoEFFN
 from mmoe.parallel.checkpoint import (
     cache_consolidated,
     consolidated_model,
@@ -42,115 +54,22 @@ from mmoe.parallel.expert_parallel import (
     finalize_expert_grads,
     find_state,
     grad_norm,
-    is_expert_param,
     sync_nonfinite_expert_grads,
 )
-
-TOL = 1e-12
 
 
 def _mesh(world: int, rank: int):
     return ThreadWorld(world).mesh(rank, world)
 
 
-def _decoder() -> Decoder:
-    """MoA (4 experts) in layer 1, MoE FFN (8 experts + 1 shared) in both layers."""
-    torch.manual_seed(0)
-    cfg = DecoderConfig(vocab_size=40, dim=16, n_layers=2, n_heads=8, n_kv_heads=2, hidden=24, max_seq_len=32,
-                        tie_embeddings=True, attn_moe=MoEConfig(num_experts=4, top_k=2), attn_moe_layers="1",
-                        ffn_moe=MoEConfig(num_experts=8, top_k=2, num_shared_experts=1), ffn_moe_layers="all")
-    m = Decoder(cfg).double()
-    m.reset_parameters(std=0.2)
-    return m
-
-
-class _Connector(nn.Module):
-    """A connector-like MoE site: GELU experts with biases, no causal routing."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(1)
-        self.moe = MoEFFN(6, 10, MoEConfig(num_experts=4, top_k=2), activation="gelu", bias=True, causal=False,
-                          site="connector", layer=0, out_dim=5).double()
-        with torch.no_grad():
-            for p in self.moe.parameters():
-                p.normal_(0, 0.3)  # biases nonzero too, so a bias left unsharded or misplaced shows
-
-    def forward(self, x):
-        return self.moe(x)[0]
-
-
-def _out(o):
-    return o.logits if hasattr(o, "logits") else o
-
-
-def _shards(ref: nn.Module, m: nn.Module, ep_rank: int, ep: int):
-    """(name, local param, the reference's full param, lo, hi) of every expert tensor of rank model `m`,
-    after checking its shard bookkeeping against the reference's expert count."""
-    ref_modules = dict(ref.named_modules())
-    out = []
-    for name, gl in m.named_modules():
-        shard = getattr(gl, SHARD_ATTR, None)
-        if shard is None:
-            continue
-        full = ref_modules[name]
-        El = full.num_experts // ep
-        lo, hi = ep_rank * El, (ep_rank + 1) * El
-        assert (shard.num_experts, shard.lo, shard.hi, gl.num_experts) == (full.num_experts, lo, hi, El)
-        assert name.startswith(shard.owner + ".") and hasattr(m.get_submodule(shard.owner), "dispatcher")
-        for pname in ("weight", "bias"):
-            p, q = getattr(gl, pname), getattr(full, pname)
-            assert (p is None) == (q is None), (name, pname)
-            if p is not None:
-                assert is_expert_param(p)
-                out.append((f"{name}.{pname}", p, q, lo, hi))
-    assert out, "no expert parameter was sharded"
-    return out
-
-
-def _ep_ranks(tw: ThreadWorld, ref: nn.Module, ep: int) -> list[nn.Module]:
-    """One copy of `ref` per rank, expert-parallel at `ep` (gradients reduced by hand: grad_sync 'manual')."""
-    ranks = [copy.deepcopy(ref) for _ in range(tw.world)]
-    for r, m in enumerate(ranks):
-        enable_expert_parallel(m, ep, mesh=tw.mesh(r, ep)).grad_sync = "manual"
-    return ranks
-
-
-def _connector_inputs(world: int) -> list[torch.Tensor]:
-    return [torch.randn(2, 5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(r)) for r in range(world)]
-
-
-def _forward_backward(tw: ThreadWorld, ref: nn.Module, ranks: list[nn.Module], inputs: list) -> None:
-    """Each rank's output equals `ref` on the same inputs; then one backward of sum_r L_r, L_r = <out_r, gy_r>,
-    through every rank and through the reference."""
-    outs = tw.run(lambda r: _out(ranks[r](inputs[r])))
-    ref_outs = [_out(ref(x)) for x in inputs]
-    gys = [torch.randn_like(o, generator=torch.Generator().manual_seed(5 + i)) for i, o in enumerate(ref_outs)]
-    for o, ro in zip(outs, ref_outs, strict=True):
-        torch.testing.assert_close(o, ro, rtol=0, atol=TOL)
-    sum((o * gy).sum() for o, gy in zip(outs, gys, strict=True)).backward()
-    sum((o * gy).sum() for o, gy in zip(ref_outs, gys, strict=True)).backward()
-
-
-def _assert_shards_equal_reference(ref: nn.Module, m: nn.Module, ep_rank: int, ep: int, rtol: float) -> set[str]:
-    """Each expert shard of rank model `m` holds its rows of the reference's weights and gradients; returns the
-    sharded parameter names."""
-    sharded = set()
-    for name, p, q, lo, hi in _shards(ref, m, ep_rank, ep):
-        torch.testing.assert_close(p.detach(), q.detach()[lo:hi], rtol=0, atol=0, msg=name)
-        torch.testing.assert_close(p.grad, q.grad[lo:hi], rtol=rtol, atol=TOL, msg=name)
-        sharded.add(name)
-    return sharded
-
-
 def _check_against_reference(tw: ThreadWorld, ref: nn.Module, ranks: list[nn.Module], inputs: list) -> None:
     """ep = world: expert shards carry their rows of the reference gradient (the all-to-all backward brings every
     rank's contribution home), replicated params sum over the ranks to the reference's."""
-    _forward_backward(tw, ref, ranks, inputs)
+    forward_backward(tw, ref, ranks, inputs)
     sharded = set()
     for r, m in enumerate(ranks):
-        assert all(p.requires_grad for _, p, *_ in _shards(ref, m, r, tw.world))
-        sharded |= _assert_shards_equal_reference(ref, m, r, tw.world, rtol=0)
+        assert all(p.requires_grad for _, p, *_ in expert_shards(ref, m, r, tw.world))
+        sharded |= assert_shards_equal_reference(ref, m, r, tw.world, rtol=0)
     for name, q in ref.named_parameters():
         if name not in sharded:
             total = sum(dict(m.named_parameters())[name].grad for m in ranks)
@@ -160,7 +79,7 @@ def _check_against_reference(tw: ThreadWorld, ref: nn.Module, ranks: list[nn.Mod
 @pytest.mark.parametrize("world", [2, 4])
 def test_threaded_expert_parallel_decoder_equals_one_process(monkeypatch, world):
     tw = ThreadWorld(world).patch(monkeypatch)
-    ref = _decoder()
+    ref = decoder()
     ranks = [copy.deepcopy(ref) for _ in range(world)]
     sites = [n for n, m in ref.named_modules() if hasattr(m, "dispatcher")]
     for r, m in enumerate(ranks):
@@ -178,14 +97,14 @@ def test_threaded_expert_parallel_decoder_equals_one_process(monkeypatch, world)
 
 def test_threaded_expert_parallel_connector_with_biases_equals_one_process(monkeypatch):
     tw = ThreadWorld(2).patch(monkeypatch)
-    ref = _Connector()
-    ranks = _ep_ranks(tw, ref, 2)
+    ref = Connector()
+    ranks = ep_ranks(tw, ref, 2)
     assert all(len(expert_parameters(m)) == 4 for m in ranks)  # w_in/w_out weight + bias
-    _check_against_reference(tw, ref, ranks, _connector_inputs(2))
+    _check_against_reference(tw, ref, ranks, connector_inputs(2))
 
 
 def test_frozen_experts_stay_frozen_when_sharded():
-    m = _Connector()
+    m = Connector()
     m.moe.experts.requires_grad_(False)
     enable_expert_parallel(m, 2, mesh=_mesh(2, 1))
     assert [p.requires_grad for p in expert_parameters(m)] == [False] * 4
@@ -193,7 +112,7 @@ def test_frozen_experts_stay_frozen_when_sharded():
 
 
 def test_unguarded_expert_parallel_training_is_refused():
-    m = _Connector()
+    m = Connector()
     enable_expert_parallel(m, 2, mesh=_mesh(2, 0))
     x = torch.randn(1, 3, 6, dtype=torch.float64)
     with pytest.raises(RuntimeError) as info:
@@ -206,25 +125,25 @@ def test_unguarded_expert_parallel_training_is_refused():
 
 
 def test_enable_expert_parallel_refusals():
-    assert enable_expert_parallel(_Connector(), 1) is None  # ep 1: nothing to do, no process group needed
-    m = _Connector()
+    assert enable_expert_parallel(Connector(), 1) is None  # ep 1: nothing to do, no process group needed
+    m = Connector()
     enable_expert_parallel(m, 2, mesh=_mesh(2, 0))
     with pytest.raises(RuntimeError, match=r"^model is already expert-parallel with ep_size=2, not 4$"):
         enable_expert_parallel(m, 4, mesh=_mesh(4, 0))
     with pytest.raises(ValueError, match=r"^model.parallel.ep_size=2 but the model has no MoE layer to shard$"):
         enable_expert_parallel(nn.Linear(2, 2), 2, mesh=_mesh(2, 0))
     with pytest.raises(ValueError, match=r"^moe: num_experts=4 is not divisible by model.parallel.ep_size=3$"):
-        enable_expert_parallel(_Connector(), 3, mesh=_mesh(3, 0))
+        enable_expert_parallel(Connector(), 3, mesh=_mesh(3, 0))
 
-    m = _Connector()
+    m = Connector()
     m.moe.cfg = MoEConfig(num_experts=8, top_k=2)
     with pytest.raises(ValueError, match=r"^moe: config has 8 experts but its GroupedLinear 4$"):
         enable_expert_parallel(m, 2, mesh=_mesh(2, 0))
-    m = _Connector()
+    m = Connector()
     m.moe.experts.w_out = GroupedLinear(2, 10, 5)
     with pytest.raises(ValueError, match=r"^moe: GroupedLinears with different expert counts \(2 vs 4\)$"):
         enable_expert_parallel(m, 2, mesh=_mesh(2, 0))
-    m = _Connector()
+    m = Connector()
     m.moe.experts = nn.Identity()
     with pytest.raises(ValueError, match=r"^moe: MoE module without GroupedLinear experts cannot be expert-parallel$"):
         enable_expert_parallel(m, 2, mesh=_mesh(2, 0))
@@ -269,7 +188,7 @@ def test_wrap_ddp_excludes_the_expert_shards_and_marks_who_reduces_them(monkeypa
     import mmoe.parallel.expert_parallel as ep_module
 
     monkeypatch.setattr(nn.parallel, "DistributedDataParallel", _RecordingDDP)
-    root = nn.Sequential(_Connector())
+    root = nn.Sequential(Connector())
     root._ddp_params_and_buffers_to_ignore = ["already.ignored"]
     state = enable_expert_parallel(root, 2, mesh=_mesh(2, 0))
     ddp = ep_module.wrap_ddp(root, find_unused_parameters=True)
@@ -281,13 +200,13 @@ def test_wrap_ddp_excludes_the_expert_shards_and_marks_who_reduces_them(monkeypa
     state.grad_sync = "strategy"
     assert ep_module.set_ddp_ignore(root) == ignored and ep_module.wrap_ddp(root) is not None
     assert state.grad_sync == "strategy"  # a sync already arranged is kept
-    plain = nn.Sequential(_Connector())  # no EP: nothing to ignore, no state to mark
+    plain = nn.Sequential(Connector())  # no EP: nothing to ignore, no state to mark
     assert ep_module.wrap_ddp(plain).wrapped is plain
     assert plain._ddp_params_and_buffers_to_ignore == ["0.moe.router.load_accum"]
 
 
 def test_a_vlm_keeps_encoding_images_under_expert_parallel():
-    m = _Connector()
+    m = Connector()
     m.always_encode_images = False  # the MMoEVLM attribute: text-only batches must still join the all-to-alls
     enable_expert_parallel(m, 2, mesh=_mesh(2, 0))
     assert m.always_encode_images is True
@@ -296,31 +215,12 @@ def test_a_vlm_keeps_encoding_images_under_expert_parallel():
 # --------------------------------------------------------------------------- gradients, clipping, metrics
 
 
-def _ddp_average(ref: nn.Module, ranks: list[nn.Module]) -> None:
-    """What DDP does to the replicated parameters: every rank's gradient := the mean over the ranks."""
-    expert = {id(p) for m in ranks for p in expert_parameters(m)}
-    for name, _ in ref.named_parameters():
-        ps = [dict(m.named_parameters())[name] for m in ranks]
-        if id(ps[0]) not in expert:
-            mean = torch.stack([p.grad for p in ps]).mean(0)
-            for p in ps:
-                p.grad = mean.clone()
-
-
-def _assert_grads_equal_reference(ref: nn.Module, m: nn.Module, ep_rank: int, ep: int, rtol: float) -> None:
-    """Expert shards hold their rows of the reference's weights and gradients, every other parameter its grad."""
-    sharded = _assert_shards_equal_reference(ref, m, ep_rank, ep, rtol)
-    for name, q in ref.named_parameters():
-        if name not in sharded:
-            torch.testing.assert_close(dict(m.named_parameters())[name].grad, q.grad, rtol=rtol, atol=TOL, msg=name)
-
-
 def test_threaded_edp2_ep2_replicas_agree_and_expert_grads_are_summed_over_edp_over_world(monkeypatch):
     """4 ranks as (edp 2) x (ep 2): the EDP replicas of a shard are re-broadcast from the first one at enable
     time, and after finalize_expert_grads every expert gradient is the reference gradient of the data-parallel
     loss (1/W) sum_r L_r (SUM over the EDP group / W); DDP-averaged replicated grads match it too."""
     tw = ThreadWorld(4).patch(monkeypatch)
-    ref = _decoder()
+    ref = decoder()
     ranks = [copy.deepcopy(ref) for _ in range(4)]
     with torch.no_grad():
         for gl in ranks[2].modules():
@@ -329,16 +229,16 @@ def test_threaded_edp2_ep2_replicas_agree_and_expert_grads_are_summed_over_edp_o
     tw.run(lambda r: setattr(enable_expert_parallel(ranks[r], 2, mesh=tw.mesh(r, 2)), "grad_sync", "manual"))
     assert tw.calls["broadcast"] > 0
     for full in tw.run(lambda r: full_state_dict(ranks[r])):  # gathered over the EP group, not the world
-        _assert_same_state(full, ref.state_dict())
+        assert_same_state(full, ref.state_dict())
     ids = [torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(20 + r)) for r in range(4)]
-    _forward_backward(tw, ref, ranks, ids)  # each rank backpropagates its L_r; the reference sum_r L_r
+    forward_backward(tw, ref, ranks, ids)  # each rank backpropagates its L_r; the reference sum_r L_r
     for q in ref.parameters():
         q.grad /= 4  # reference: grad of (1/W) sum_r L_r
     tw.run(lambda r: finalize_expert_grads(ranks[r]))
-    _ddp_average(ref, ranks)
+    ddp_average(ref, ranks)
     for r, m in enumerate(ranks):
         assert find_state(m).mesh.edp_group == (r % 2, r % 2 + 2)
-        _assert_grads_equal_reference(ref, m, r % 2, 2, rtol=0)
+        assert_grads_equal_reference(ref, m, r % 2, 2, rtol=0)
 
 
 @pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf])
@@ -346,14 +246,14 @@ def test_threaded_global_norm_and_clipping_equal_one_process(monkeypatch, norm_t
     """Every rank computes the one global norm (replicated grads once, expert shards over the EP group) and
     clips by the same coefficient: the shards then hold the rows of torch's clip on the reference."""
     tw = ThreadWorld(2).patch(monkeypatch)
-    ref = _decoder()
-    ranks = _ep_ranks(tw, ref, 2)
-    _forward_backward(tw, ref, ranks, [torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(r))
+    ref = decoder()
+    ranks = ep_ranks(tw, ref, 2)
+    forward_backward(tw, ref, ranks, [torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(r))
                                        for r in range(2)])
     for q in ref.parameters():
         q.grad /= 2  # reference: grad of (1/W) sum_r L_r
     tw.run(lambda r: finalize_expert_grads(ranks[r]))
-    _ddp_average(ref, ranks)
+    ddp_average(ref, ranks)
     want = torch.linalg.vector_norm(torch.cat([q.grad.flatten() for q in ref.parameters()]), norm_type)
     norms = tw.run(lambda r: grad_norm(ranks[r].parameters(), norm_type, module=ranks[r]))
     for n in norms:
@@ -366,11 +266,11 @@ def test_threaded_global_norm_and_clipping_equal_one_process(monkeypatch, norm_t
     torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm, norm_type)
     for r, m in enumerate(ranks):
         torch.testing.assert_close(totals[r], want.to(totals[r].dtype), rtol=1e-12, atol=0)
-        _assert_grads_equal_reference(ref, m, r, 2, rtol=1e-9)
+        assert_grads_equal_reference(ref, m, r, 2, rtol=1e-9)
 
 
 def _connector_ranks_with_unit_grads(tw: ThreadWorld) -> list[nn.Module]:
-    ranks = _ep_ranks(tw, _Connector(), tw.world)
+    ranks = ep_ranks(tw, Connector(), tw.world)
     for m in ranks:
         for p in m.parameters():
             p.grad = torch.ones_like(p)
@@ -395,13 +295,13 @@ def test_threaded_overflow_on_one_rank_is_seen_by_every_rank(monkeypatch):
     for m in ranks:  # every rank's expert grads are inf (so every GradScaler skips); replicated ones untouched
         assert all(bool(torch.isinf(p.grad).all()) for p in expert_parameters(m))
         assert bool(torch.isfinite(m.moe.router.gate.weight.grad).all())
-    assert sync_nonfinite_expert_grads(_Connector()) is False  # not expert-parallel: nothing to sync
+    assert sync_nonfinite_expert_grads(Connector()) is False  # not expert-parallel: nothing to sync
 
 
 def test_threaded_load_metrics_report_every_ranks_received_tokens(monkeypatch):
     tw = ThreadWorld(2).patch(monkeypatch)
-    ref = _decoder()
-    ranks = _ep_ranks(tw, ref, 2)
+    ref = decoder()
+    ranks = ep_ranks(tw, ref, 2)
     ids = [torch.randint(0, 40, (3, 5), generator=torch.Generator().manual_seed(30 + r)) for r in range(2)]
     assert ep_load_metrics(ranks[0]) == {}  # before the first step: nothing routed yet, no collective
     with torch.no_grad():
@@ -420,34 +320,27 @@ def test_threaded_load_metrics_report_every_ranks_received_tokens(monkeypatch):
         want["ep/a2a_sent_bytes_remote"] = float(sum(ranks[r].get_submodule(path).dispatcher.stats[
             "sent_bytes_remote"] for path in sites.values()))
         assert got == pytest.approx(want, rel=1e-12)
-    assert ep_load_metrics(_decoder()) == {}  # not expert-parallel
+    assert ep_load_metrics(decoder()) == {}  # not expert-parallel
 
 
 # --------------------------------------------------------------------------- checkpoints and export
 
 
-def _assert_same_state(got: dict, want: dict) -> None:
-    assert list(got) == list(want)
-    for k, v in want.items():
-        assert got[k].shape == v.shape, k
-        torch.testing.assert_close(got[k], v, rtol=0, atol=0, msg=k)
-
-
-@pytest.mark.parametrize("build", [_decoder, _Connector], ids=["decoder", "connector"])
+@pytest.mark.parametrize("build", [decoder, Connector], ids=["decoder", "connector"])
 def test_threaded_full_state_dict_and_shard_round_trip(monkeypatch, build):
     """The gathered state dict is the one-process one (keys, order, shapes, values); slicing it gives each rank
     its own block back, a local-shaped dict passes through, and any other shape is refused by name."""
     world = 2
     tw = ThreadWorld(world).patch(monkeypatch)
     ref = build()
-    ranks = _ep_ranks(tw, ref, world)
+    ranks = ep_ranks(tw, ref, world)
     want = ref.state_dict()
     fulls = tw.run(lambda r: full_state_dict(ranks[r]))
     for r, m in enumerate(ranks):
-        _assert_same_state(fulls[r], want)
+        assert_same_state(fulls[r], want)
         local = m.state_dict()
-        _assert_same_state(shard_state_dict(m, fulls[r]), local)
-        _assert_same_state(shard_state_dict(m, local), local)
+        assert_same_state(shard_state_dict(m, fulls[r]), local)
+        assert_same_state(shard_state_dict(m, local), local)
     m = ranks[1]
     key = next(k for k in want if k.endswith("w_out.weight"))
     bad = {**want, key: want[key][:3]}
@@ -458,20 +351,20 @@ def test_threaded_full_state_dict_and_shard_round_trip(monkeypatch, build):
         shard_state_dict(m, bad)
     plain = build()  # not expert-parallel: every function is the identity
     assert shard_state_dict(plain, want) == want
-    _assert_same_state(full_state_dict(plain), want)
+    assert_same_state(full_state_dict(plain), want)
 
 
 def test_threaded_consolidated_model_cache_and_local_gather(monkeypatch):
     world = 2
     tw = ThreadWorld(world).patch(monkeypatch)
-    ref = _Connector()
-    ranks = _ep_ranks(tw, ref, world)
+    ref = Connector()
+    ranks = ep_ranks(tw, ref, world)
     x = torch.randn(2, 4, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
     want_out = ref(x)
 
     cons = tw.run(lambda r: consolidated_model(ranks[r]))
     for r, c in enumerate(cons):
-        _assert_same_state(c.state_dict(), ref.state_dict())
+        assert_same_state(c.state_dict(), ref.state_dict())
         assert find_state(c) is None and type(c.moe.dispatcher) is LocalDispatcher
         assert c.moe.experts.w_in.num_experts == 4 and not hasattr(c.moe.experts.w_in, SHARD_ATTR)
         torch.testing.assert_close(c(x), want_out, rtol=0, atol=TOL)
@@ -481,7 +374,7 @@ def test_threaded_consolidated_model_cache_and_local_gather(monkeypatch):
     calls = tw.calls["all_gather"]
     c1 = consolidated_model(ranks[1])  # one rank alone: served from the cache, no collective
     assert tw.calls["all_gather"] == calls
-    _assert_same_state(c1.state_dict(), ref.state_dict())
+    assert_same_state(c1.state_dict(), ref.state_dict())
     drop_consolidated(ranks[1])
     assert find_state(ranks[1])._cache is None
 
@@ -500,9 +393,9 @@ def test_threaded_optimizer_state_gathers_and_slices_expert_moments(monkeypatch)
     expert gradients agree with it exactly); slicing them back gives each rank its own moments."""
     world = 2
     tw = ThreadWorld(world).patch(monkeypatch)
-    ref = _Connector()
-    ranks = _ep_ranks(tw, ref, world)
-    xs = _connector_inputs(world)
+    ref = Connector()
+    ranks = ep_ranks(tw, ref, world)
+    xs = connector_inputs(world)
     outs = tw.run(lambda r: ranks[r](xs[r]))
     sum(o.square().sum() for o in outs).backward()
     sum(ref(x).square().sum() for x in xs).backward()
@@ -531,7 +424,7 @@ def test_threaded_optimizer_state_gathers_and_slices_expert_moments(monkeypatch)
             torch.testing.assert_close(back[i]["exp_avg"], own[i]["exp_avg"], rtol=0, atol=0)
             assert back[i]["exp_avg"].data_ptr() != fulls[r]["state"][i]["exp_avg"].data_ptr()  # a copy
         opts[r].load_state_dict({**fulls[r], "state": back})
-    plain = _Connector()
+    plain = Connector()
     plain_opt = torch.optim.AdamW(plain.parameters())
     assert full_optimizer_state_dict(plain_opt, plain) == plain_opt.state_dict()
     assert shard_optimizer_state_dict(plain_opt, plain, want) is want
