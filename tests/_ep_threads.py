@@ -111,6 +111,9 @@ class ThreadWorld:
         assert len({s for s, _ in got}) == 1, f"broadcast over {self.members(group)} with different sources {got}"
         tensor.copy_(got[self.members(group).index(src)][1])
 
+    def barrier(self, group=None) -> None:
+        self._exchange("barrier", group, None)
+
     def patch(self, monkeypatch) -> ThreadWorld:
         monkeypatch.setattr(dispatcher_module, "_a2a", self.all_to_all)
         for name in ("all_gather", "all_reduce", "broadcast"):
