@@ -175,19 +175,22 @@ class FSDPExpertParallelStrategy(ModelParallelStrategy):
 def cache_consolidated_fsdp(module) -> None:
     """Gather the one-process model now (collective) so rank 0 alone exports after fit: a fresh MMoEVLM
     built on the meta device and filled with the full tensors (kept on rank 0 only)."""
+    from torch.distributed.fsdp import FSDPModule
+
     from .fsdp import find_fsdp
     from .fsdp_checkpoint import full_state_dict
     inner = getattr(module, "model", None)
     info = find_fsdp(inner) if inner is not None else None
     if info is None:
         return
+    if not hasattr(inner, "cfg"):  # on every rank, before the collective
+        own_class = next(c for c in type(inner).__mro__ if not issubclass(c, FSDPModule))  # not FSDP's subclass
+        raise TypeError(f"cannot rebuild {own_class.__name__} for export (no .cfg)")
     full = full_state_dict(inner, rank0_only=True)
     info.consolidated_elsewhere = not full
     if full:
         with torch.device("meta"):
-            copy = type(inner)(inner.cfg) if hasattr(inner, "cfg") else None
-        if copy is None:
-            raise TypeError(f"cannot rebuild {type(inner).__name__} for export (no .cfg)")
+            copy = type(inner)(inner.cfg)  # FSDPModule.__new__ builds the module's own class
         copy.load_state_dict(full, assign=True, strict=True)
         for m in copy.modules():  # non-persistent buffers (router load counters) are not in the state dict
             for name, b in m._buffers.items():
