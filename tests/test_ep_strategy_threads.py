@@ -80,7 +80,7 @@ def _connector_modules(tw: ThreadWorld):
 
 
 # ---------------------------------------------------------------------------------------------- wrapping
-def test_strategy_wraps_ddp_with_the_expert_shards_and_load_buffers_ignored(monkeypatch):
+def test_strategy_wraps_ddp_with_the_expert_shards_and_load_buffers_ignored(monkeypatch, caplog):
     tw = ThreadWorld(2)
     module = _Module(ep_ranks(tw, Connector(), 2)[1])
     wrapped = []
@@ -91,8 +91,11 @@ def test_strategy_wraps_ddp_with_the_expert_shards_and_load_buffers_ignored(monk
 
     monkeypatch.setattr("lightning.pytorch.strategies.ddp.DistributedDataParallel", recording_ddp)
     s = _strategy(module, find_unused_parameters=True)
-    assert s._setup_model(module) == "ddp"
+    with caplog.at_level("INFO", logger="mmoe.parallel.strategy"):
+        assert s._setup_model(module) == "ddp"
     names = ddp_ignore_names(module)
+    assert caplog.messages == [f"expert parallel: {find_state(module).mesh}; DDP ignores {len(names)} expert "
+                               "params/buffers"]
     assert {n for n in names if n.endswith("load_accum")} and len(names) > 4
     assert wrapped == [(module, None, sorted(names), {"find_unused_parameters": True})]
     assert find_state(module).grad_sync == "strategy"  # the strategy reduces the experts, not DDP or the user
@@ -181,14 +184,17 @@ def test_strategy_an_overflow_on_one_rank_skips_every_ranks_step_only_under_a_sc
 
 
 def test_strategy_without_expert_parallelism_steps_like_ddp():
-    module = _Module(Connector())
+    module, other = _Module(Connector()), _Module(Connector())
     plugin = _ClosurePrecision(scaler="grad_scaler")
 
     def closure():
         return "loss"
 
-    assert _strategy(module, plugin).optimizer_step("opt", closure) == "loss"
-    assert plugin.calls == [("opt", module, closure, {})]  # the closure itself, not a wrapper
+    s = _strategy(module, plugin)
+    assert s.optimizer_step("opt", closure) == "loss"
+    assert s.optimizer_step("opt", closure, other, foo=1) == "loss"
+    # the closure itself (not a wrapper), the model and step arguments as given
+    assert plugin.calls == [("opt", module, closure, {}), ("opt", other, closure, {"foo": 1})]
 
 
 @pytest.mark.parametrize("norm_type", [None, 1.0])
@@ -329,6 +335,8 @@ def test_strategy_names_register_popen_and_spawn_once():
                                                        "sharded, excluded from DDP")
     assert {"ddp_ep", "ddp_ep_spawn", "fsdp_ep"} <= set(StrategyRegistry)
     assert ExpertParallelStrategy(parallel_devices=[torch.device("cpu")]).gather_experts_for_eval is True
+    positional = ExpertParallelStrategy(None, [torch.device("cpu")] * 2)  # DDPStrategy's (accelerator, devices)
+    assert positional.parallel_devices == [torch.device("cpu")] * 2
 
 
 def test_expert_parallel_needs_one_of_the_two_strategies():

@@ -381,3 +381,31 @@ def test_fsdp_strategy_registers_its_name_once():
     FSDPExpertParallelStrategy.register_strategies(registry)
     assert {n: (e["strategy"], e["init_params"], e["description"]) for n, e in registry.items()} == {
         "fsdp_ep": (FSDPExpertParallelStrategy, {}, "FSDP2 over all ranks + expert parallelism")}
+
+
+# ---------------------------------------------------------------------------------------------- sharded init
+def test_fsdp_sharded_init_streams_an_hf_decoder_and_an_upcycled_vit_in_one_process(one_rank, tmp_path):
+    """`model.parallel.sharded_init` at one rank: the model built on meta, sharded, filled by replaying its
+    initialisation and streaming the tiny Llama and timm ViT into the shards (dense FFNs / MLPs upcycled
+    into every expert), equals the ordinary unsharded load with the same seed, exactly."""
+    from mmoe.parallel.fsdp_checkpoint import full_state_dict
+    from mmoe.parallel.sharded_load import fill_sharded_module
+    from mmoe.training.config import ParallelConfig, StageConfig
+    from mmoe.training.module import MMoEModule
+    from test_fsdp_ep import _stream_arch, _write_dense_checkpoints
+    llama, vit = _write_dense_checkpoints(tmp_path)
+    torch.manual_seed(0)
+    want = MMoEModule(arch=_stream_arch(vit), stage=StageConfig(hf_decoder=llama)).model.state_dict()
+    torch.manual_seed(0)
+    module = MMoEModule(arch=_stream_arch(vit), stage=StageConfig(hf_decoder=llama),
+                        parallel=ParallelConfig(sharded_init=True))
+    assert all(p.is_meta for p in module.model.parameters())
+    module.configure_model()
+    apply_fsdp_ep(module.model, one_rank)
+    stats = fill_sharded_module(module, "cpu")
+    assert stats["loaded"]["decoder"]["upcycled"] == 6 and stats["loaded"]["vision"]["upcycled"] == 4
+    assert fill_sharded_module(module, "cpu") is None  # filled once
+    full = full_state_dict(module.model)
+    assert list(full) == list(want)
+    bad = [k for k, v in want.items() if not torch.equal(full[k], v)]
+    assert not bad, bad[:5]
