@@ -153,8 +153,9 @@ def test_strategy_optimizer_step_reduces_expert_grads_inside_the_closure(monkeyp
     tw.run(lambda r: cache_consolidated(modules[r]))
     assert all(find_state(m)._cache is not None for m in modules)
 
+    others = [_Module(Connector()) for _ in range(world)]  # a model given to optimizer_step is passed on
     losses = tw.run(lambda r: strategies[r].optimizer_step(opts[r], _loss_closure(tw, modules[r], xs[r], gys[r]),
-                                                           foo=1))
+                                                           others[r], foo=1))
     sum((ref(x) * gy).sum() for x, gy in zip(xs, gys, strict=True)).backward()
     for q in ref.parameters():
         q.grad /= world
@@ -164,7 +165,7 @@ def test_strategy_optimizer_step_reduces_expert_grads_inside_the_closure(monkeyp
         assert_grads_equal_reference(ref, m.model, r, world, rtol=1e-12)
         assert find_state(m)._cache is None  # weights are about to change: the gathered copy is stale
         (opt, model, _, kwargs), = plugins[r].calls
-        assert opt is opts[r] and model is m and kwargs == {"foo": 1}
+        assert opt is opts[r] and model is others[r] and kwargs == {"foo": 1}
 
 
 @pytest.mark.parametrize("scaler", [None, "grad_scaler"])
@@ -261,10 +262,12 @@ def test_strategy_optimizer_state_holds_every_experts_moments_and_loads_back_eac
         o.step()
     strategies = [_strategy(m) for m in modules]
     fulls = tw.run(lambda r: strategies[r].optimizer_state(LightningOptimizer(opts[r])))
+    plain_calls = tw.run(lambda r: strategies[r].optimizer_state(opts[r]))  # Lightning's wrapper or not
     want = ref_opt.state_dict()["state"]
     expert = [i for i, (n, _) in enumerate(ref.named_parameters()) if ".experts." in n]
     assert len(expert) == 4
     for r in range(world):
+        assert plain_calls[r]["state"].keys() == fulls[r]["state"].keys()
         own = {i: {k: v.clone() for k, v in s.items()} for i, s in opts[r].state_dict()["state"].items()}
         for i in expert:
             torch.testing.assert_close(fulls[r]["state"][i]["exp_avg_sq"], want[i]["exp_avg_sq"], rtol=0, atol=TOL)
