@@ -125,6 +125,25 @@ def test_fsdp_activation_checkpointing_wraps_every_block_once_and_keeps_the_grad
     assert not any(hasattr(b, "_checkpoint_wrapped_module") for b in unwrapped.decoder.layers)
 
 
+def test_fsdp_block_containers_are_the_layers_and_blocks_lists_only():
+    """Activation checkpointing and the per-block units take the entries of ModuleLists / Sequentials named
+    `layers` or `blocks`; another list (a connector's projector) or a single module called `layers` is not one."""
+    class Stack(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)])
+            self.tower = torch.nn.Module()
+            self.tower.blocks = torch.nn.Sequential(torch.nn.Linear(2, 2))
+            self.proj = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.GELU())
+            self.head = torch.nn.Module()
+            self.head.layers = torch.nn.Linear(2, 2)  # named like a list, is not one
+
+    m = Stack()
+    assert checkpoint_blocks(m) == 3
+    wrapped = [n for n, b in m.named_modules() if hasattr(b, "_checkpoint_wrapped_module")]
+    assert wrapped == ["layers.0", "layers.1", "tower.blocks.0"]
+
+
 def test_fsdp_refuses_a_mesh_that_is_not_the_world_or_not_the_expert_parallel_one(one_rank):
     with pytest.raises(ValueError) as err:
         apply_fsdp_ep(_model(), init_device_mesh("cpu", (1, 1)))
