@@ -239,6 +239,65 @@ def test_fsdp_checkpoint_saved_at_4_resumes_at_2(fsdp_four):
         assert abs(r["next_loss"] - res[0]["next_loss"]) < 1e-9, (r, res[0]["next_loss"])
 
 
+def _job_expert_banks(rank: int, world: int, reshard: bool) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    from _ep_models import decoder
+    from mmoe.parallel.expert_parallel import SHARD_ATTR, enable_expert_parallel
+    from mmoe.parallel.fsdp import apply_fsdp_ep, expert_units, mixed_precision
+    from mmoe.parallel.fsdp_checkpoint import clean_name
+    model = decoder()
+    st = enable_expert_parallel(model, world)
+    mp = mixed_precision(None, torch.float64)
+    info = apply_fsdp_ep(model, init_device_mesh("cpu", (world,)), mp, reshard_after_forward=reshard)
+    banks = expert_units(model)
+    ids = torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(rank))
+    logits = model(ids).logits
+    after_forward = {type(p).__name__ for b in banks for p in b.parameters()}
+    gy = torch.randn(logits.shape, dtype=logits.dtype, generator=torch.Generator().manual_seed(50 + rank))
+    (logits * gy).sum().backward()
+    shards = {clean_name(n): getattr(m, SHARD_ATTR) for n, m in model.named_modules() if hasattr(m, SHARD_ATTR)}
+    grads = {}
+    for n, p in model.named_parameters():
+        n = clean_name(n)
+        owner = n.rsplit(".", 1)[0]
+        full = p.grad.full_tensor()  # expert banks: full over EDP, i.e. this rank's experts
+        grads[n] = (full, (shards[owner].lo, shards[owner].hi) if owner in shards else None)
+    return {"units": info.units, "expert_units": info.expert_units, "grad_sync": st.grad_sync, "ep": info.ep is st,
+            "policies": [b._get_fsdp_state()._fsdp_param_group.mp_policy == mp for b in banks],
+            "placements": {str(p.placements) for b in banks for p in b.parameters() if isinstance(p, DTensor)},
+            "after_forward": after_forward, "grads": grads}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("reshard", [True, False], ids=["reshard", "keep"])
+def test_fsdp_expert_banks_two_processes_are_units_on_their_edp_group_with_data_parallel_mean_grads(reshard):
+    """A decoder with MoA and MoE FFNs at ep 2 on 2 gloo processes (edp 1): each expert bank (FFN experts, lone
+    MoA projections) is its own FSDP unit with the given policy, sharded on dim 1, resharded after forward as
+    asked; every gradient is the one-process gradient of the data-parallel loss (1/W) sum_r L_r (expert banks:
+    FSDP's sum over the one-rank EDP group times 1/ep, their rows of it)."""
+    from _ep_models import decoder
+    res = run_distributed(_job_expert_banks, 2, reshard, timeout=120)
+    ref = decoder()
+    loss = 0.0
+    for rank in range(2):
+        ids = torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(rank))
+        logits = ref(ids).logits
+        gy = torch.randn(logits.shape, dtype=logits.dtype, generator=torch.Generator().manual_seed(50 + rank))
+        loss = loss + (logits * gy).sum() / 2
+    loss.backward()
+    want = dict(ref.named_parameters())
+    for r in res:
+        assert (r["units"], r["expert_units"], r["grad_sync"], r["ep"]) == (7, 4, "fsdp", True)
+        assert r["policies"] == [True] * 4 and r["placements"] == {"(Shard(dim=1),)"}
+        assert r["after_forward"] == ({"DTensor"} if reshard else {"Parameter"})
+        assert set(r["grads"]) == set(want)
+        for n, (g, rows) in r["grads"].items():
+            expect = want[n].grad if rows is None else want[n].grad[rows[0]:rows[1]]
+            torch.testing.assert_close(g, expect, rtol=1e-10, atol=TOL, msg=n)
+
+
 def test_fsdp_checkpoint_incompatible_model_refused(tmp_path):
     """The DCP layout (one process, no process group): a checkpoint of another model is refused naming the
     tensor; the same model round-trips."""

@@ -115,6 +115,7 @@ def test_fsdp_activation_checkpointing_wraps_every_block_once_and_keeps_the_grad
     assert _policy(_units(model)[""]) == MixedPrecisionPolicy()  # no policy given: the parameters' own dtype
     batch = _batch(1, 0)
     loss = _loss(model, batch)
+    assert all(isinstance(p, DTensor) for p in model.decoder.layers[0].parameters())  # resharded by default
     loss.backward()
     want_loss, want = _reference_grads([batch])
     assert math.isclose(float(loss), want_loss, rel_tol=0, abs_tol=TOL)
