@@ -298,6 +298,62 @@ def test_fsdp_expert_banks_two_processes_are_units_on_their_edp_group_with_data_
             torch.testing.assert_close(g, expect, rtol=1e-10, atol=TOL, msg=n)
 
 
+def _decoder_loss(model, rank: int):
+    ids = torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(rank))
+    return model(ids).logits.square().mean()
+
+
+def _job_expert_checkpoint(rank: int, world: int, path: str) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from _ep_models import decoder
+    from mmoe.parallel import fsdp_checkpoint as fc
+    from mmoe.parallel.expert_parallel import enable_expert_parallel
+    from mmoe.parallel.fsdp import apply_fsdp_ep, find_fsdp
+    from mmoe.parallel.fsdp_strategy import cache_consolidated_fsdp
+    model = decoder()
+    enable_expert_parallel(model, world)
+    apply_fsdp_ep(model, init_device_mesh("cpu", (world,)))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    _decoder_loss(model, rank).backward()
+    opt.step()
+    fc.save(model, [opt], path)
+    holder = SimpleNamespace(model=model)
+    cache_consolidated_fsdp(holder)
+    info = find_fsdp(model)
+    copy = info.consolidated
+    return {"full": fc.full_state_dict(model), "everywhere": fc.full_state_dict(model, rank0_only=False),
+            "elsewhere": info.consolidated_elsewhere,
+            "copy": None if copy is None else {k: v.clone() for k, v in copy.state_dict().items()}}
+
+
+@pytest.mark.distributed
+def test_fsdp_expert_parallel_checkpoint_written_by_2_processes_loads_into_one_plain_model(tmp_path):
+    """ep 2 on 2 gloo processes, one AdamW step on the data-parallel loss: the DCP checkpoint (experts as global
+    tensors) loads into a plain one-process decoder and its AdamW with the weights and moments of the one-process
+    reference step; the gathered state dict (rank 0 only, or every rank) and the export copy (rank 0) equal it."""
+    from _ep_models import decoder
+    from mmoe.parallel import fsdp_checkpoint as fc
+    res = run_distributed(_job_expert_checkpoint, 2, str(tmp_path / "ck"), timeout=120)
+    ref = decoder()
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=0.05)
+    (sum(_decoder_loss(ref, r) for r in range(2)) / 2).backward()
+    ref_opt.step()
+    want = ref.state_dict()
+    fresh = decoder()
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.05)
+    fc.load_into(fresh, [fresh_opt], tmp_path / "ck")
+    for (n, p), q in zip(ref.named_parameters(), fresh.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-10, atol=TOL, msg=n)
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(fresh_opt.state[q][k], ref_opt.state[p][k], rtol=1e-10, atol=TOL, msg=n)
+    assert res[1]["full"] == {} and res[1]["copy"] is None and res[1]["elsewhere"] and not res[0]["elsewhere"]
+    for got in (res[0]["full"], res[0]["everywhere"], res[1]["everywhere"], res[0]["copy"]):
+        assert list(got) == list(want)
+        for k, v in want.items():
+            torch.testing.assert_close(got[k], v, rtol=1e-10, atol=TOL, msg=k)
+
+
 def test_fsdp_checkpoint_incompatible_model_refused(tmp_path):
     """The DCP layout (one process, no process group): a checkpoint of another model is refused naming the
     tensor; the same model round-trips."""
