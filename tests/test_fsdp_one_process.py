@@ -126,6 +126,26 @@ def test_fsdp_activation_checkpointing_wraps_every_block_once_and_keeps_the_grad
     assert not any(hasattr(b, "_checkpoint_wrapped_module") for b in unwrapped.decoder.layers)
 
 
+def test_fsdp_activation_checkpointing_counts_the_aux_free_loads_once(one_rank):
+    """The recompute in backward routes again; the routers' aux-free load counters must count the forward only."""
+    from mmoe.model.vlm import MMoEVLM
+    from test_fsdp_ep import _arch
+
+    def build():
+        torch.manual_seed(0)
+        return MMoEVLM(_arch(aux_free=True)).double().train()
+
+    model, ref = build(), build()
+    apply_fsdp_ep(model, one_rank, activation_checkpointing=True)
+    for m in (model, ref):
+        _loss(m, _batch(4, 0)).backward()
+    loads = {clean_name(n): b for n, b in model.named_buffers() if n.endswith("load_accum")}
+    want = {n: b for n, b in ref.named_buffers() if n.endswith("load_accum")}
+    assert set(loads) == set(want) and len(want) == 6 and all(float(b.sum()) > 0 for b in want.values())
+    for n, b in want.items():
+        torch.testing.assert_close(loads[n], b, rtol=0, atol=0, msg=n)
+
+
 def test_fsdp_block_containers_are_the_layers_and_blocks_lists_only():
     """Activation checkpointing and the per-block units take the entries of ModuleLists / Sequentials named
     `layers` or `blocks`; another list (a connector's projector) or a single module called `layers` is not one."""
