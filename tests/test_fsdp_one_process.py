@@ -12,6 +12,7 @@ mutant of the wrapping and the strategy can be run against them (docs/mutation.m
 from __future__ import annotations
 
 import math
+import re
 
 import lightning.pytorch as pl
 import pytest
@@ -257,10 +258,11 @@ def test_fsdp_global_norm_at_two_ranks_counts_shards_once_and_replicated_grads_o
 
 # ---------------------------------------------------------------------------------------------- the fsdp_ep strategy
 class _Module(pl.LightningModule):
-    def __init__(self, model, activation_checkpointing: bool = False):
+    def __init__(self, model, activation_checkpointing: bool | None = False):
         super().__init__()
         self.model = model
-        self.activation_checkpointing = activation_checkpointing
+        if activation_checkpointing is not None:  # None: a module without the attribute
+            self.activation_checkpointing = activation_checkpointing
 
 
 def _fsdp_strategy(module, mesh=None, **kwargs) -> FSDPExpertParallelStrategy:
@@ -302,21 +304,25 @@ def test_fsdp_strategy_data_parallel_size_spans_every_process_of_every_node(monk
         assert seen[-1] == want
 
 
-@pytest.mark.parametrize("checkpointing, reshard, dtype", [(False, True, None), (True, False, "float64")])
-def test_fsdp_strategy_setup_shards_the_model_with_its_policy_and_routes_clipping(one_rank, monkeypatch,
+@pytest.mark.parametrize("checkpointing, reshard, dtype", [(False, True, None), (True, False, "float64"),
+                                                          (None, True, None)])
+def test_fsdp_strategy_setup_shards_the_model_with_its_policy_and_routes_clipping(one_rank, monkeypatch, caplog,
                                                                                  checkpointing, reshard, dtype):
     seen = []
     monkeypatch.setattr(ModelParallelStrategy, "setup", lambda self, trainer: seen.append(trainer))
     module = _Module(_model(), activation_checkpointing=checkpointing)
     mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
     s = _fsdp_strategy(module, mesh, param_dtype=dtype, reduce_dtype="float64", reshard_after_forward=reshard)
-    s.setup("trainer")
+    with caplog.at_level("INFO", logger="mmoe.parallel.fsdp_strategy"):
+        s.setup("trainer")
     info = find_fsdp(module.model)
     assert seen == ["trainer"] and info is not None and info.world_mesh == mesh["data_parallel"]
+    assert [r.getMessage() for r in caplog.records if r.name == "mmoe.parallel.fsdp_strategy"] == [
+        "fsdp_ep: 6 FSDP units (0 expert banks), EP off"]
     units = _units(module.model)
     assert all(_policy(u) == MixedPrecisionPolicy(param_dtype=None if dtype is None else torch.float64,
                                                   reduce_dtype=torch.float64) for u in units.values())
-    assert all(hasattr(b, "_checkpoint_wrapped_module") == checkpointing for b in module.model.decoder.layers)
+    assert all(hasattr(b, "_checkpoint_wrapped_module") == bool(checkpointing) for b in module.model.decoder.layers)
     loss = _loss(module.model, _batch(0, 0))
     assert all(isinstance(p, DTensor) == reshard for p in module.model.decoder.layers[0].parameters())
     loss.backward()
@@ -424,10 +430,12 @@ def test_fsdp_strategy_registers_its_name_once():
 
 
 # ---------------------------------------------------------------------------------------------- sharded init
-def test_fsdp_sharded_init_streams_an_hf_decoder_and_an_upcycled_vit_in_one_process(one_rank, tmp_path):
-    """`model.parallel.sharded_init` at one rank: the model built on meta, sharded, filled by replaying its
-    initialisation and streaming the tiny Llama and timm ViT into the shards (dense FFNs / MLPs upcycled
-    into every expert), equals the ordinary unsharded load with the same seed, exactly."""
+def test_fsdp_sharded_init_streams_an_hf_decoder_and_an_upcycled_vit_in_one_process(one_rank, tmp_path,
+                                                                                    monkeypatch, caplog):
+    """`model.parallel.sharded_init` at one rank through the strategy's `setup`: the model built on meta,
+    sharded, filled by replaying its initialisation and streaming the tiny Llama and timm ViT into the shards
+    (dense FFNs / MLPs upcycled into every expert), equals the ordinary unsharded load with the same seed,
+    exactly."""
     from mmoe.parallel.fsdp_checkpoint import full_state_dict
     from mmoe.parallel.sharded_load import fill_sharded_module
     from mmoe.training.config import ParallelConfig, StageConfig
@@ -441,9 +449,15 @@ def test_fsdp_sharded_init_streams_an_hf_decoder_and_an_upcycled_vit_in_one_proc
                         parallel=ParallelConfig(sharded_init=True))
     assert all(p.is_meta for p in module.model.parameters())
     module.configure_model()
-    apply_fsdp_ep(module.model, one_rank)
-    stats = fill_sharded_module(module, "cpu")
-    assert stats["loaded"]["decoder"]["upcycled"] == 6 and stats["loaded"]["vision"]["upcycled"] == 4
+    monkeypatch.setattr(ModelParallelStrategy, "setup", lambda self, trainer: None)
+    mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
+    with caplog.at_level("INFO", logger="mmoe.parallel.fsdp_strategy"):
+        _fsdp_strategy(module, mesh).setup(None)
+    logged = [r.getMessage() for r in caplog.records if r.name == "mmoe.parallel.fsdp_strategy"]
+    assert len(logged) == 2 and logged[0].startswith("fsdp_ep: 6 FSDP units"), logged
+    assert re.fullmatch(r"fsdp_ep: sharded init filled \d+ tensors \(replay peak \d+\.\d MiB\), streamed "
+                        r"\{'vision': \{'copied': 20, 'upcycled': 4\}, 'decoder': \{'copied': 15, 'upcycled': 6\}\}",
+                        logged[1]), logged[1]
     assert fill_sharded_module(module, "cpu") is None  # filled once
     full = full_state_dict(module.model)
     assert list(full) == list(want)
