@@ -337,6 +337,10 @@ def test_fsdp_strategy_setup_shards_the_model_with_its_policy_and_routes_clippin
     clip(opt, float(total) / 5)  # Lightning's call: optimizer, value; the 2-norm by default
     for n, g in _grads(module.model).items():
         torch.testing.assert_close(g, want[n] / 5, rtol=1e-5, atol=TOL, msg=n)
+    total_1 = torch.linalg.vector_norm(torch.cat([g.flatten() for g in want.values()]), 1.0)
+    clip(opt, float(total_1) / 10, norm_type=1.0)  # now at a fifth of the 1-norm: halved
+    for n, g in _grads(module.model).items():
+        torch.testing.assert_close(g, want[n] / 10, rtol=1e-5, atol=TOL, msg=n)
     s.setup("again")  # already sharded: not sharded twice
     assert find_fsdp(module.model) is info
 
@@ -374,6 +378,8 @@ def test_fsdp_strategy_checkpoint_round_trips_weights_and_moments_through_dcp(on
                                        opt.state[p][k].full_tensor() if k != "step" else opt.state[p][k],
                                        rtol=0, atol=0, msg=f"{n} {k}")
 
+    with pytest.raises(TypeError, match="does not support storage_options|is not supported"):
+        s.save_checkpoint({"state_dict": {}}, tmp_path / "other", storage_options={"bucket": "x"})
     one_file = _fsdp_strategy(_Module(_model()), mesh, save_distributed_checkpoint=False)
     with pytest.raises(ValueError) as err:
         one_file.save_checkpoint({}, tmp_path / "x.ckpt")
