@@ -365,11 +365,13 @@ def test_fsdp_strategy_checkpoint_round_trips_weights_and_moments_through_dcp(on
         opt.zero_grad()
         _loss(module.model, _batch(step, 0)).backward()
         opt.step()
-    ckpt = {"state_dict": s.lightning_module_state_dict(), "optimizer_states": [s.optimizer_state(opt)], "epoch": 3}
+    arch = module.model.cfg  # Lightning's metadata holds arbitrary objects (hyper-parameters: config dataclasses)
+    ckpt = {"state_dict": s.lightning_module_state_dict(), "optimizer_states": [s.optimizer_state(opt)], "epoch": 3,
+            "hyper_parameters": {"arch": arch}}
     s.save_checkpoint(ckpt, tmp_path / "ck")
     fresh, s2, opt2 = build()
     meta = s2.load_checkpoint(tmp_path / "ck")
-    assert meta["epoch"] == 3 and "state_dict" not in meta
+    assert meta["epoch"] == 3 and meta["hyper_parameters"]["arch"] == arch and "state_dict" not in meta
     s2.load_model_state_dict({"state_dict": {}})  # load_checkpoint restored the shards already: nothing to do
     for (n, p), q in zip(module.named_parameters(), fresh.parameters(), strict=True):
         torch.testing.assert_close(q.full_tensor(), p.full_tensor(), rtol=0, atol=0, msg=n)
