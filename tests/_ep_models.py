@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 
+import lightning.pytorch as pl
 import torch
 from torch import nn
 
@@ -132,3 +133,17 @@ def assert_same_state(got: dict, want: dict) -> None:
     for k, v in want.items():
         assert got[k].shape == v.shape, k
         torch.testing.assert_close(got[k], v, rtol=0, atol=0, msg=k)
+
+
+class Holder(pl.LightningModule):
+    """The LightningModule a strategy sees: the model as `.model`, and `activation_checkpointing` when given
+    (None: a module without the attribute)."""
+
+    def __init__(self, model: nn.Module, activation_checkpointing: bool | None = None):
+        super().__init__()
+        self.model = model
+        if activation_checkpointing is not None:
+            self.activation_checkpointing = activation_checkpointing
+
+    def forward(self, x):
+        return self.model(x)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import types
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.fabric.strategies.registry import _StrategyRegistry
@@ -26,6 +25,7 @@ import mmoe.parallel.strategy as strategy_module
 from _ep_models import (
     TOL,
     Connector,
+    Holder,
     assert_grads_equal_reference,
     assert_same_state,
     connector_inputs,
@@ -39,17 +39,6 @@ from mmoe.parallel.checkpoint import cache_consolidated, consolidated_model
 from mmoe.parallel.expert_parallel import ddp_ignore_names, expert_parameters, find_state
 from mmoe.parallel.fsdp_strategy import FSDPExpertParallelStrategy
 from mmoe.parallel.strategy import ExpertParallelStrategy, require_expert_parallel_strategy
-
-
-class _Module(pl.LightningModule):
-    """The LightningModule a strategy sees: the (expert-parallel) model as `.model`."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        return self.model(x)
 
 
 class _ClosurePrecision(Precision):
@@ -76,13 +65,13 @@ def _strategy(module: nn.Module, plugin: Precision | None = None, **kwargs) -> E
 
 def _connector_modules(tw: ThreadWorld):
     ref = Connector()
-    return ref, [_Module(m) for m in ep_ranks(tw, ref, tw.world)]
+    return ref, [Holder(m) for m in ep_ranks(tw, ref, tw.world)]
 
 
 # ---------------------------------------------------------------------------------------------- wrapping
 def test_strategy_wraps_ddp_with_the_expert_shards_and_load_buffers_ignored(monkeypatch, caplog):
     tw = ThreadWorld(2)
-    module = _Module(ep_ranks(tw, Connector(), 2)[1])
+    module = Holder(ep_ranks(tw, Connector(), 2)[1])
     wrapped = []
 
     def recording_ddp(module, device_ids, **kwargs):
@@ -100,7 +89,7 @@ def test_strategy_wraps_ddp_with_the_expert_shards_and_load_buffers_ignored(monk
     assert wrapped == [(module, None, sorted(names), {"find_unused_parameters": True})]
     assert find_state(module).grad_sync == "strategy"  # the strategy reduces the experts, not DDP or the user
 
-    plain = _Module(Connector())  # no expert parallelism: plain DDPStrategy wrapping
+    plain = Holder(Connector())  # no expert parallelism: plain DDPStrategy wrapping
     _strategy(plain)._setup_model(plain)
     assert not hasattr(plain, "_ddp_params_and_buffers_to_ignore") and wrapped[-1][0] is plain
 
@@ -111,14 +100,14 @@ def test_strategy_setup_sets_the_ignore_list_before_ddp_setup_and_routes_clippin
     seen = []
     monkeypatch.setattr(DDPStrategy, "setup", lambda self, trainer: seen.append(
         (trainer, list(getattr(self.model, "_ddp_params_and_buffers_to_ignore", [])))))
-    module = _Module(ep_ranks(ThreadWorld(2), Connector(), 2)[0])
+    module = Holder(ep_ranks(ThreadWorld(2), Connector(), 2)[0])
     plugin = Precision()
     s = _strategy(module, plugin)
     s.setup("trainer")
     assert seen == [("trainer", sorted(ddp_ignore_names(module)))]
     assert plugin._mmoe_ep_clip and plugin.clip_grad_by_norm is not Precision.clip_grad_by_norm
 
-    plain, plain_plugin = _Module(Connector()), Precision()
+    plain, plain_plugin = Holder(Connector()), Precision()
     _strategy(plain, plain_plugin).setup("trainer")
     assert seen[-1] == ("trainer", []) and not hasattr(plain_plugin, "_mmoe_ep_clip")
 
@@ -153,7 +142,7 @@ def test_strategy_optimizer_step_reduces_expert_grads_inside_the_closure(monkeyp
     tw.run(lambda r: cache_consolidated(modules[r]))
     assert all(find_state(m)._cache is not None for m in modules)
 
-    others = [_Module(Connector()) for _ in range(world)]  # a model given to optimizer_step is passed on
+    others = [Holder(Connector()) for _ in range(world)]  # a model given to optimizer_step is passed on
     losses = tw.run(lambda r: strategies[r].optimizer_step(opts[r], _loss_closure(tw, modules[r], xs[r], gys[r]),
                                                            others[r], foo=1))
     sum((ref(x) * gy).sum() for x, gy in zip(xs, gys, strict=True)).backward()
@@ -185,7 +174,7 @@ def test_strategy_an_overflow_on_one_rank_skips_every_ranks_step_only_under_a_sc
 
 
 def test_strategy_without_expert_parallelism_steps_like_ddp():
-    module, other = _Module(Connector()), _Module(Connector())
+    module, other = Holder(Connector()), Holder(Connector())
     plugin = _ClosurePrecision(scaler="grad_scaler")
 
     def closure():
@@ -233,7 +222,7 @@ def test_strategy_checkpoint_holds_every_expert_and_loads_back_each_ranks_own(mo
     tw = ThreadWorld(world).patch(monkeypatch)
     ref, modules = _connector_modules(tw)
     strategies = [_strategy(m) for m in modules]
-    want = _Module(ref).state_dict()
+    want = Holder(ref).state_dict()
     fulls = tw.run(lambda r: strategies[r].lightning_module_state_dict())
     own = [{k: v.clone() for k, v in m.state_dict().items()} for m in modules]
     for r, m in enumerate(modules):
@@ -278,7 +267,7 @@ def test_strategy_optimizer_state_holds_every_experts_moments_and_loads_back_eac
         strategies[r].load_optimizer_state_dict({"optimizer_states": [saved]})
         for i, s in opts[r].state_dict()["state"].items():
             torch.testing.assert_close(s["exp_avg"], own[i]["exp_avg"], rtol=0, atol=0)
-    plain = _Module(Connector())
+    plain = Holder(Connector())
     plain_opt = torch.optim.AdamW(plain.parameters())
     assert _strategy(plain).optimizer_state(LightningOptimizer(plain_opt)) == plain_opt.state_dict()
 
@@ -308,7 +297,7 @@ def test_strategy_evaluation_holds_every_expert_locally_and_restores_the_shards(
     kept = [_strategy(m, gather_experts_for_eval=False) for m in modules]
     tw.run(lambda r: getattr(kept[r], f"on_{stage}_start")())
     assert tw.calls["all_gather"] == gathers and modules[0].model.moe.experts.w_in.num_experts == 2
-    plain = _Module(Connector())
+    plain = Holder(Connector())
     _strategy(plain).on_validation_start()
     assert plain.model.moe.experts.w_in.num_experts == 4
 
@@ -322,8 +311,8 @@ def test_strategy_gathers_the_export_copy_at_the_end_of_fit(monkeypatch):
     gathers = tw.calls["all_gather"]
     copy = consolidated_model(modules[1])  # rank 1 alone: no collective left to run
     assert tw.calls["all_gather"] == gathers
-    assert_same_state(copy.state_dict(), _Module(ref).state_dict())
-    _strategy(_Module(Connector())).on_train_end()  # not expert-parallel: nothing to gather
+    assert_same_state(copy.state_dict(), Holder(ref).state_dict())
+    _strategy(Holder(Connector())).on_train_end()  # not expert-parallel: nothing to gather
 
 
 # ---------------------------------------------------------------------------------------------- names

@@ -25,7 +25,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor, Shard
 
-from _ep_models import Connector, decoder
+from _ep_models import Connector, Holder, decoder
 from _ep_threads import ThreadWorld
 from mmoe.model.vlm import MMoEVLM
 from mmoe.parallel.expert_parallel import enable_expert_parallel
@@ -67,6 +67,11 @@ def _policy(unit: FSDPModule) -> MixedPrecisionPolicy:
 def _grads(model) -> dict[str, torch.Tensor]:
     return {clean_name(n): (p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad)
             for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _total_norm(grads: dict[str, torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
+    """torch's norm of all the gradients as one vector (the reference for the global norm)."""
+    return torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads.values()]), norm_type)
 
 
 def _reference_grads(batches) -> tuple[float, dict[str, torch.Tensor]]:
@@ -198,7 +203,7 @@ def test_fsdp_global_norm_and_clipping_equal_torch_on_the_unsharded_grads(one_ra
     apply_fsdp_ep(model, one_rank)
     _loss(model, _batch(2, 0)).backward()
     _, want = _reference_grads([_batch(2, 0)])
-    total = torch.linalg.vector_norm(torch.cat([g.flatten() for g in want.values()]), norm_type)
+    total = _total_norm(want, norm_type)
     torch.testing.assert_close(fsdp_grad_norm(model.parameters(), norm_type), total, rtol=1e-12, atol=0)
     got = clip_grad_norm_fsdp_(model.parameters(), float(total) / 4, norm_type)
     torch.testing.assert_close(got, total, rtol=1e-12, atol=0)
@@ -216,7 +221,7 @@ def test_fsdp_clipping_defaults_to_the_2_norm_and_refuses_a_nonfinite_norm_when_
     apply_fsdp_ep(model, one_rank)
     _loss(model, _batch(3, 0)).backward()
     _, want = _reference_grads([_batch(3, 0)])
-    total = torch.linalg.vector_norm(torch.cat([g.flatten() for g in want.values()]))
+    total = _total_norm(want)
     torch.testing.assert_close(clip_grad_norm_fsdp_(model.parameters(), 1e9), total, rtol=1e-12, atol=0)
     torch.testing.assert_close(fsdp_grad_norm(model.parameters()), total, rtol=1e-12, atol=0)
     for n, g in _grads(model).items():  # far above the norm: nothing clipped
@@ -257,14 +262,6 @@ def test_fsdp_global_norm_at_two_ranks_counts_shards_once_and_replicated_grads_o
 
 
 # ---------------------------------------------------------------------------------------------- the fsdp_ep strategy
-class _Module(pl.LightningModule):
-    def __init__(self, model, activation_checkpointing: bool | None = False):
-        super().__init__()
-        self.model = model
-        if activation_checkpointing is not None:  # None: a module without the attribute
-            self.activation_checkpointing = activation_checkpointing
-
-
 def _fsdp_strategy(module, mesh=None, **kwargs) -> FSDPExpertParallelStrategy:
     s = FSDPExpertParallelStrategy(**kwargs)
     s.parallel_devices = [torch.device("cpu")]
@@ -310,7 +307,7 @@ def test_fsdp_strategy_setup_shards_the_model_with_its_policy_and_routes_clippin
                                                                                  checkpointing, reshard, dtype):
     seen = []
     monkeypatch.setattr(ModelParallelStrategy, "setup", lambda self, trainer: seen.append(trainer))
-    module = _Module(_model(), activation_checkpointing=checkpointing)
+    module = Holder(_model(), activation_checkpointing=checkpointing)
     mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
     s = _fsdp_strategy(module, mesh, param_dtype=dtype, reduce_dtype="float64", reshard_after_forward=reshard)
     with caplog.at_level("INFO", logger="mmoe.parallel.fsdp_strategy"):
@@ -332,12 +329,12 @@ def test_fsdp_strategy_setup_shards_the_model_with_its_policy_and_routes_clippin
     s._patch_clipping()
     assert plugin.clip_grad_by_norm is clip  # not wrapped twice
     _, want = _reference_grads([_batch(0, 0)])
-    total = torch.linalg.vector_norm(torch.cat([g.flatten() for g in want.values()]))
+    total = _total_norm(want)
     opt = torch.optim.SGD(module.parameters(), lr=0.1)
     clip(opt, float(total) / 5)  # Lightning's call: optimizer, value; the 2-norm by default
     for n, g in _grads(module.model).items():
         torch.testing.assert_close(g, want[n] / 5, rtol=1e-5, atol=TOL, msg=n)
-    total_1 = torch.linalg.vector_norm(torch.cat([g.flatten() for g in want.values()]), 1.0)
+    total_1 = _total_norm(want, 1.0)
     clip(opt, float(total_1) / 10, norm_type=1.0)  # now at a fifth of the 1-norm: halved
     for n, g in _grads(module.model).items():
         torch.testing.assert_close(g, want[n] / 10, rtol=1e-5, atol=TOL, msg=n)
@@ -353,7 +350,7 @@ def test_fsdp_strategy_checkpoint_round_trips_weights_and_moments_through_dcp(on
     mesh = init_device_mesh("cpu", (1, 1), mesh_dim_names=("data_parallel", "tensor_parallel"))
 
     def build():
-        module = _Module(_model())
+        module = Holder(_model())
         s = _fsdp_strategy(module, mesh)
         s.setup(None)
         opt = torch.optim.AdamW(module.parameters(), lr=1e-2)
@@ -382,7 +379,7 @@ def test_fsdp_strategy_checkpoint_round_trips_weights_and_moments_through_dcp(on
 
     with pytest.raises(TypeError, match="does not support storage_options|is not supported"):
         s.save_checkpoint({"state_dict": {}}, tmp_path / "other", storage_options={"bucket": "x"})
-    one_file = _fsdp_strategy(_Module(_model()), mesh, save_distributed_checkpoint=False)
+    one_file = _fsdp_strategy(Holder(_model()), mesh, save_distributed_checkpoint=False)
     with pytest.raises(ValueError) as err:
         one_file.save_checkpoint({}, tmp_path / "x.ckpt")
     assert str(err.value) == ("fsdp_ep writes sharded (DCP) checkpoints only; the one-process export comes from "
@@ -406,7 +403,7 @@ def test_fsdp_strategy_refuses_generation_naming_the_stage(stage):
 def test_fsdp_strategy_gathers_a_one_process_export_copy_at_the_end_of_fit(one_rank):
     model = _model()
     apply_fsdp_ep(model, one_rank)
-    module = _Module(model)
+    module = Holder(model)
     _fsdp_strategy(module).on_train_end()
     info = find_fsdp(model)
     copy = info.consolidated
@@ -421,12 +418,12 @@ def test_fsdp_strategy_gathers_a_one_process_export_copy_at_the_end_of_fit(one_r
     ids, mask, labels, pix = _batch(0, 0)
     torch.testing.assert_close(copy(ids, mask, pix).logits, _model().eval()(ids, mask, pix).logits, rtol=0, atol=0)
 
-    cache_consolidated_fsdp(_Module(_model()))  # not sharded: nothing to gather
+    cache_consolidated_fsdp(Holder(_model()))  # not sharded: nothing to gather
     cache_consolidated_fsdp(pl.LightningModule())  # no `model` at all
     bare = Connector()  # sharded, but no .cfg to rebuild it from
     apply_fsdp_ep(bare, one_rank)
     with pytest.raises(TypeError, match="^cannot rebuild Connector for export \\(no .cfg\\)$"):
-        cache_consolidated_fsdp(_Module(bare))
+        cache_consolidated_fsdp(Holder(bare))
 
 
 def test_fsdp_strategy_registers_its_name_once():
