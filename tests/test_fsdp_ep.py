@@ -239,6 +239,14 @@ def test_fsdp_checkpoint_saved_at_4_resumes_at_2(fsdp_four):
         assert abs(r["next_loss"] - res[0]["next_loss"]) < 1e-9, (r, res[0]["next_loss"])
 
 
+def _projected_logits(model, rank: int):
+    """Rank `rank`'s loss <logits, gy> on its own token ids and a fixed random direction gy."""
+    ids = torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(rank))
+    logits = model(ids).logits
+    gy = torch.randn(logits.shape, dtype=logits.dtype, generator=torch.Generator().manual_seed(50 + rank))
+    return (logits * gy).sum()
+
+
 def _job_expert_banks(rank: int, world: int, reshard: bool) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
@@ -252,11 +260,9 @@ def _job_expert_banks(rank: int, world: int, reshard: bool) -> dict:
     mp = mixed_precision(None, torch.float64)
     info = apply_fsdp_ep(model, init_device_mesh("cpu", (world,)), mp, reshard_after_forward=reshard)
     banks = expert_units(model)
-    ids = torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(rank))
-    logits = model(ids).logits
+    loss = _projected_logits(model, rank)
     after_forward = {type(p).__name__ for b in banks for p in b.parameters()}
-    gy = torch.randn(logits.shape, dtype=logits.dtype, generator=torch.Generator().manual_seed(50 + rank))
-    (logits * gy).sum().backward()
+    loss.backward()
     shards = {clean_name(n): getattr(m, SHARD_ATTR) for n, m in model.named_modules() if hasattr(m, SHARD_ATTR)}
     grads = {}
     for n, p in model.named_parameters():
@@ -280,13 +286,7 @@ def test_fsdp_expert_banks_two_processes_are_units_on_their_edp_group_with_data_
     from _ep_models import decoder
     res = run_distributed(_job_expert_banks, 2, reshard, timeout=120)
     ref = decoder()
-    loss = 0.0
-    for rank in range(2):
-        ids = torch.randint(0, 40, (2, 7), generator=torch.Generator().manual_seed(rank))
-        logits = ref(ids).logits
-        gy = torch.randn(logits.shape, dtype=logits.dtype, generator=torch.Generator().manual_seed(50 + rank))
-        loss = loss + (logits * gy).sum() / 2
-    loss.backward()
+    (sum(_projected_logits(ref, rank) for rank in range(2)) / 2).backward()
     want = dict(ref.named_parameters())
     for r in res:
         assert (r["units"], r["expert_units"], r["grad_sync"], r["ep"]) == (7, 4, "fsdp", True)
