@@ -303,21 +303,34 @@ def _decoder_loss(model, rank: int):
     return model(ids).logits.square().mean()
 
 
-def _job_expert_checkpoint(rank: int, world: int, path: str) -> dict:
+def _connector_loss(model, rank: int):
+    x = torch.randn(2, 5, 6, generator=torch.Generator().manual_seed(rank), dtype=torch.float64)
+    return model(x).square().mean()
+
+
+def _expert_parallel_step(model, rank: int, world: int, loss_fn, path: str):
+    """ep = world on a 1-D FSDP mesh, one AdamW step on this rank's loss, DCP-saved to `path`."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    from _ep_models import decoder
     from mmoe.parallel import fsdp_checkpoint as fc
     from mmoe.parallel.expert_parallel import enable_expert_parallel
-    from mmoe.parallel.fsdp import apply_fsdp_ep, find_fsdp
-    from mmoe.parallel.fsdp_strategy import cache_consolidated_fsdp
-    model = decoder()
+    from mmoe.parallel.fsdp import apply_fsdp_ep
     enable_expert_parallel(model, world)
     apply_fsdp_ep(model, init_device_mesh("cpu", (world,)))
     opt = torch.optim.AdamW(model.parameters(), lr=0.05)
-    _decoder_loss(model, rank).backward()
+    loss_fn(model, rank).backward()
     opt.step()
     fc.save(model, [opt], path)
+    return model
+
+
+def _job_expert_checkpoint(rank: int, world: int, path: str) -> dict:
+    from _ep_models import Connector, decoder
+    from mmoe.parallel import fsdp_checkpoint as fc
+    from mmoe.parallel.fsdp import find_fsdp
+    from mmoe.parallel.fsdp_strategy import cache_consolidated_fsdp
+    _expert_parallel_step(Connector(), rank, world, _connector_loss, path + "_connector")  # experts with biases
+    model = _expert_parallel_step(decoder(), rank, world, _decoder_loss, path)
     holder = SimpleNamespace(model=model)
     cache_consolidated_fsdp(holder)
     info = find_fsdp(model)
@@ -327,26 +340,34 @@ def _job_expert_checkpoint(rank: int, world: int, path: str) -> dict:
             "copy": None if copy is None else {k: v.clone() for k, v in copy.state_dict().items()}}
 
 
-@pytest.mark.distributed
-def test_fsdp_expert_parallel_checkpoint_written_by_2_processes_loads_into_one_plain_model(tmp_path):
-    """ep 2 on 2 gloo processes, one AdamW step on the data-parallel loss: the DCP checkpoint (experts as global
-    tensors) loads into a plain one-process decoder and its AdamW with the weights and moments of the one-process
-    reference step; the gathered state dict (rank 0 only, or every rank) and the export copy (rank 0) equal it."""
-    from _ep_models import decoder
+def _loads_the_reference_step(make, loss_fn, path) -> nn.Module:
+    """`make()` loaded from the DCP checkpoint at `path` equals, weights and AdamW moments, `make()` after one
+    AdamW step on the one-process data-parallel loss of ranks 0 and 1; returns that reference."""
     from mmoe.parallel import fsdp_checkpoint as fc
-    res = run_distributed(_job_expert_checkpoint, 2, str(tmp_path / "ck"), timeout=120)
-    ref = decoder()
+    ref = make()
     ref_opt = torch.optim.AdamW(ref.parameters(), lr=0.05)
-    (sum(_decoder_loss(ref, r) for r in range(2)) / 2).backward()
+    (sum(loss_fn(ref, r) for r in range(2)) / 2).backward()
     ref_opt.step()
-    want = ref.state_dict()
-    fresh = decoder()
+    fresh = make()
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.05)
-    fc.load_into(fresh, [fresh_opt], tmp_path / "ck")
+    fc.load_into(fresh, [fresh_opt], path)
     for (n, p), q in zip(ref.named_parameters(), fresh.parameters(), strict=True):
         torch.testing.assert_close(q, p, rtol=1e-10, atol=TOL, msg=n)
         for k in ("exp_avg", "exp_avg_sq", "step"):
             torch.testing.assert_close(fresh_opt.state[q][k], ref_opt.state[p][k], rtol=1e-10, atol=TOL, msg=n)
+    return ref
+
+
+@pytest.mark.distributed
+def test_fsdp_expert_parallel_checkpoint_written_by_2_processes_loads_into_one_plain_model(tmp_path):
+    """ep 2 on 2 gloo processes, one AdamW step on the data-parallel loss: the DCP checkpoint (experts as global
+    tensors) loads into a plain one-process decoder and its AdamW with the weights and moments of the one-process
+    reference step (also a connector-like site whose experts have 2-D biases); the gathered state dict (rank 0
+    only, or every rank) and the export copy (rank 0) equal it."""
+    from _ep_models import Connector, decoder
+    res = run_distributed(_job_expert_checkpoint, 2, str(tmp_path / "ck"), timeout=120)
+    _loads_the_reference_step(Connector, _connector_loss, tmp_path / "ck_connector")
+    want = _loads_the_reference_step(decoder, _decoder_loss, tmp_path / "ck").state_dict()
     assert res[1]["full"] == {} and res[1]["copy"] is None and res[1]["elsewhere"] and not res[0]["elsewhere"]
     for got in (res[0]["full"], res[0]["everywhere"], res[1]["everywhere"], res[0]["copy"]):
         assert list(got) == list(want)
@@ -399,15 +420,19 @@ def test_fsdp_checkpoint_round_trips_adamw_state_in_one_process(tmp_path):
 
 def test_fsdp_checkpoint_names_and_strides_match_torch():
     """The DCP layout's helpers against torch: names lose the activation-checkpoint wrapper (what
-    `checkpoint_wrapper` inserts), and a global expert tensor gets the stride of a contiguous torch tensor."""
+    `checkpoint_wrapper` inserts), a global expert tensor gets the stride of a contiguous torch tensor, and an
+    expert tensor without an expert axis is refused by shape."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    from mmoe.parallel.fsdp_checkpoint import _contiguous_stride, clean_name
+    from mmoe.parallel.fsdp_checkpoint import _contiguous_stride, _expert_global, clean_name
     wrapped = nn.Sequential(checkpoint_wrapper(nn.Sequential(nn.Linear(2, 2))))
     assert [clean_name(n) for n, _ in wrapped.named_parameters()] == ["0.0.weight", "0.0.bias"]
     assert [n for n, _ in wrapped.named_parameters()] != ["0.0.weight", "0.0.bias"]  # the wrapper is in the name
     for shape in [(4, 16, 32), (3,), (2, 1, 5, 7), ()]:
         assert _contiguous_stride(shape) == torch.empty(shape).stride(), shape
+    with pytest.raises(ValueError) as err:
+        _expert_global(torch.zeros(4), 4, mesh=None)
+    assert str(err.value) == "expert tensor of shape (4,): expected (experts, ...) with >= 2 dims"
 
 
 # =========================================================================== train.py's CLI
