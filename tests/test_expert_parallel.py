@@ -42,7 +42,7 @@ def test_rank_major_to_expert_major_permutation():
 
 
 def test_parallel_dims_layout():
-    from mmoe.parallel.mesh import ParallelDims
+    from mmoe.parallel.mesh import ExpertParallelMesh, ParallelDims
 
     d = ParallelDims(8, 2)
     assert d.edp_size == 4 and d.dp_size == 8
@@ -59,6 +59,9 @@ def test_parallel_dims_layout():
     with pytest.raises(ValueError) as err:
         ParallelDims(8, 0)
     assert str(err.value) == "model.parallel.ep_size must be >= 1, got 0"
+    mesh = ExpertParallelMesh(d, 5, None, None)  # what the strategy logs: the layout of this rank
+    assert (mesh.ep_size, mesh.ep_rank, mesh.edp_size, mesh.dp_size) == (2, 1, 4, 8)
+    assert repr(mesh) == "ExpertParallelMesh(world=8, ep=2, edp=4, rank=5, ep_ranks=[4, 5], edp_ranks=[1, 3, 5, 7])"
 
 
 def test_ddp_ignore_list_names_marked_shards_under_every_path_and_refuses_a_shard_on_the_root():

@@ -468,3 +468,28 @@ def test_fsdp_sharded_init_streams_an_hf_decoder_and_an_upcycled_vit_in_one_proc
     assert list(full) == list(want)
     bad = [k for k, v in want.items() if not torch.equal(full[k], v)]
     assert not bad, bad[:5]
+
+
+def test_fsdp_sharded_init_streams_an_open_clip_tower_in_one_process(one_rank, tmp_path):
+    """An open_clip .safetensors (OpenAI-CLIP layout, text tower ignored) streamed into the sharded model at one
+    rank: its MLPs upcycled into every expert, equal to the ordinary upcycled load exactly."""
+    pytest.importorskip("open_clip")
+    from mmoe.parallel.fsdp_checkpoint import full_state_dict
+    from mmoe.parallel.sharded_load import fill_sharded_module
+    from mmoe.training.config import ParallelConfig
+    from mmoe.training.module import MMoEModule
+    from test_fsdp_ep import _open_clip_arch, _write_open_clip
+    path = _write_open_clip(tmp_path)
+    torch.manual_seed(0)
+    want = MMoEModule(arch=_open_clip_arch(path)).model.state_dict()
+    torch.manual_seed(0)
+    module = MMoEModule(arch=_open_clip_arch(path), parallel=ParallelConfig(sharded_init=True))
+    module.configure_model()
+    apply_fsdp_ep(module.model, one_rank)
+    stats = fill_sharded_module(module, "cpu")
+    tower = [k for k in want if k.startswith("vision.") and ".moe." not in k]  # each copied once
+    assert stats["loaded"] == {"vision": {"copied": len(tower), "upcycled": 6}}  # 3 blocks x c_fc, c_proj
+    full = full_state_dict(module.model)
+    assert list(full) == list(want)
+    bad = [k for k, v in want.items() if not torch.equal(full[k], v)]
+    assert not bad, bad[:5]
