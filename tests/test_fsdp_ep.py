@@ -397,6 +397,33 @@ def test_fsdp_checkpoint_incompatible_model_refused(tmp_path):
     assert all(torch.equal(v, ref[k]) for k, v in same.state_dict().items())
 
 
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_fsdp_checkpoint_optimizer_template_steps_like_a_fresh_adam(amsgrad):
+    """The state `ensure_optimizer_state` gives a parameter with none yet (what a checkpoint holds for a parameter
+    that never had a gradient) is a fresh Adam(W)'s: stepping from it equals torch's own first step, weights and
+    state; a parameter frozen by requires_grad gets none; other optimizers are refused naming the type."""
+    from mmoe.parallel.fsdp_checkpoint import ensure_optimizer_state
+    grads = [torch.randn(3, 2, generator=torch.Generator().manual_seed(i), dtype=torch.float64) for i in range(2)]
+    runs = []
+    for template in (True, False):
+        w = nn.Parameter(torch.ones(3, 2, dtype=torch.float64))
+        frozen = nn.Parameter(torch.ones(2, dtype=torch.float64), requires_grad=False)
+        opt = torch.optim.AdamW([w, frozen], lr=0.1, amsgrad=amsgrad)
+        if template:
+            ensure_optimizer_state(opt)
+            assert frozen not in opt.state and float(opt.state[w]["step"]) == 0.0
+        for g in grads:
+            w.grad = g.clone()
+            opt.step()
+        runs.append((w.detach().clone(), opt.state[w]))
+    (w_t, st_t), (w_ref, st_ref) = runs
+    assert torch.equal(w_t, w_ref) and set(st_t) == set(st_ref)
+    assert all(torch.equal(st_t[k], st_ref[k]) for k in st_ref)
+    with pytest.raises(TypeError) as err:
+        ensure_optimizer_state(torch.optim.SGD([nn.Parameter(torch.ones(2))], lr=0.1))
+    assert str(err.value) == "sharded optimizer checkpoints support Adam/AdamW, got SGD"
+
+
 def test_fsdp_checkpoint_round_trips_adamw_state_in_one_process(tmp_path):
     """The DCP layout with an optimizer (one process, no process group): after two AdamW steps, a fresh model and
     optimizer loaded from the checkpoint hold the same weights, moments and step counts."""
