@@ -401,7 +401,8 @@ def test_fsdp_checkpoint_incompatible_model_refused(tmp_path):
 def test_fsdp_checkpoint_optimizer_template_steps_like_a_fresh_adam(amsgrad):
     """The state `ensure_optimizer_state` gives a parameter with none yet (what a checkpoint holds for a parameter
     that never had a gradient) is a fresh Adam(W)'s: stepping from it equals torch's own first step, weights and
-    state; a parameter frozen by requires_grad gets none; other optimizers are refused naming the type."""
+    state; a parameter frozen by requires_grad gets none; other optimizers, and an optimizer holding a parameter
+    the module lacks, are refused."""
     from mmoe.parallel.fsdp_checkpoint import ensure_optimizer_state
     grads = [torch.randn(3, 2, generator=torch.Generator().manual_seed(i), dtype=torch.float64) for i in range(2)]
     runs = []
@@ -422,6 +423,10 @@ def test_fsdp_checkpoint_optimizer_template_steps_like_a_fresh_adam(amsgrad):
     with pytest.raises(TypeError) as err:
         ensure_optimizer_state(torch.optim.SGD([nn.Parameter(torch.ones(2))], lr=0.1))
     assert str(err.value) == "sharded optimizer checkpoints support Adam/AdamW, got SGD"
+    from mmoe.parallel.fsdp_checkpoint import sharded_optimizer_state
+    with pytest.raises(ValueError) as err:
+        sharded_optimizer_state(nn.Linear(2, 2), torch.optim.AdamW([nn.Parameter(torch.ones(2))]))
+    assert str(err.value) == "optimizer holds a parameter that is not in the module"
 
 
 def test_fsdp_checkpoint_round_trips_adamw_state_in_one_process(tmp_path):
