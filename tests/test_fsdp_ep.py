@@ -427,6 +427,10 @@ def test_fsdp_checkpoint_optimizer_template_steps_like_a_fresh_adam(amsgrad):
     with pytest.raises(ValueError) as err:
         sharded_optimizer_state(nn.Linear(2, 2), torch.optim.AdamW([nn.Parameter(torch.ones(2))]))
     assert str(err.value) == "optimizer holds a parameter that is not in the module"
+    frozen_bias = nn.Linear(2, 2)
+    frozen_bias.bias.requires_grad_(False)  # in the optimizer, never stepped: saved with no state
+    state = sharded_optimizer_state(frozen_bias, torch.optim.AdamW(frozen_bias.parameters()))
+    assert state["bias"] == {} and set(state["weight"]) == {"step", "exp_avg", "exp_avg_sq"}
 
 
 def test_fsdp_checkpoint_round_trips_adamw_state_in_one_process(tmp_path):
