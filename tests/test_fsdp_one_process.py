@@ -391,6 +391,20 @@ def test_fsdp_strategy_checkpoint_round_trips_weights_and_moments_through_dcp(on
         assert str(err.value) == f"{path} is not a fsdp_ep (sharded DCP) checkpoint directory"
 
 
+def test_fsdp_checkpoint_copy_back_writes_what_dcp_did_not_load_in_place(one_rank):
+    """`load_into` copies each loaded tensor into the live one (plain or DTensor shard) unless DCP loaded it in
+    place (same storage, same shape): a tensor DCP handed back as a new one must land in the model."""
+    from mmoe.parallel.fsdp_checkpoint import _copy_back
+    live, loaded = torch.zeros(2, 3), torch.arange(6.0).view(2, 3)
+    _copy_back(live, loaded)
+    assert torch.equal(live, loaded) and live.data_ptr() != loaded.data_ptr()
+    _copy_back(live.view(6), torch.full((6,), 7.0))  # the same storage seen with another shape: still copied
+    assert torch.equal(live, torch.full((2, 3), 7.0))
+    shard = DTensor.from_local(torch.zeros(2, 3), one_rank, [Shard(0)])
+    _copy_back(shard, DTensor.from_local(torch.ones(2, 3), one_rank, [Shard(0)]))
+    assert torch.equal(shard.to_local(), torch.ones(2, 3))
+
+
 @pytest.mark.parametrize("stage", ["validation", "test", "predict"])
 def test_fsdp_strategy_refuses_generation_naming_the_stage(stage):
     with pytest.raises(RuntimeError) as err:
