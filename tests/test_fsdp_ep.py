@@ -1022,6 +1022,17 @@ def test_fsdp_streamed_box_write_into_a_plain_tensor_equals_indexing(box):
     assert (t == -1).any()
 
 
+def test_fsdp_streamed_write_to_a_tensor_the_model_lacks_is_refused_naming_it():
+    from mmoe.interop.checkpoint import CheckpointError
+    from mmoe.parallel.sharded_load import _Targets
+    targets = _Targets(nn.Linear(2, 3))
+    targets.write("bias", torch.tensor(5.0))
+    assert torch.equal(targets.sd["bias"], torch.full((3,), 5.0))
+    with pytest.raises(CheckpointError) as err:
+        targets.write("fc1.weight", torch.zeros(3, 2))
+    assert str(err.value) == "streaming load: the model has no tensor fc1.weight"
+
+
 def test_fsdp_streamed_box_writes_land_where_a_full_tensor_assignment_puts_them():
     """sharded_load.write_local: a rank holding `region` of a global tensor, written a broadcast value into
     `box`, ends up with exactly region of (full tensor after full[box] = value) - for random regions and boxes,
