@@ -11,6 +11,7 @@ mutant of the wrapping and the strategy can be run against them (docs/mutation.m
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
@@ -486,7 +487,8 @@ def test_fsdp_sharded_init_streams_an_hf_decoder_and_an_upcycled_vit_in_one_proc
 
 def test_fsdp_sharded_init_streams_an_open_clip_tower_in_one_process(one_rank, tmp_path):
     """An open_clip .safetensors (OpenAI-CLIP layout, text tower ignored) streamed into the sharded model at one
-    rank: its MLPs upcycled into every expert, equal to the ordinary upcycled load exactly."""
+    rank: its MLPs upcycled into every expert, the shared expert's output projection (weight and bias) silenced,
+    equal to the ordinary upcycled load exactly."""
     pytest.importorskip("open_clip")
     from mmoe.parallel.fsdp_checkpoint import full_state_dict
     from mmoe.parallel.sharded_load import fill_sharded_module
@@ -494,10 +496,17 @@ def test_fsdp_sharded_init_streams_an_open_clip_tower_in_one_process(one_rank, t
     from mmoe.training.module import MMoEModule
     from test_fsdp_ep import _open_clip_arch, _write_open_clip
     path = _write_open_clip(tmp_path)
+
+    def arch():
+        a = _open_clip_arch(path)
+        a.vision.moe = dataclasses.replace(a.vision.moe, num_shared_experts=1)  # a GELU MLP with biases too
+        return a
+
     torch.manual_seed(0)
-    want = MMoEModule(arch=_open_clip_arch(path)).model.state_dict()
+    want = MMoEModule(arch=arch()).model.state_dict()
+    assert torch.equal(want["vision.vit.blocks.0.mlp.moe.shared.fc2.bias"], torch.zeros(64))
     torch.manual_seed(0)
-    module = MMoEModule(arch=_open_clip_arch(path), parallel=ParallelConfig(sharded_init=True))
+    module = MMoEModule(arch=arch(), parallel=ParallelConfig(sharded_init=True))
     module.configure_model()
     apply_fsdp_ep(module.model, one_rank)
     stats = fill_sharded_module(module, "cpu")

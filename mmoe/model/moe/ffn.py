@@ -55,8 +55,8 @@ class MoEFFN(nn.Module):
         """Initialise from a dense MLP: every expert a copy, router fresh, shared experts silent at start.
 
         With renormalised weights (or top_k = 1 with weight 1) the output equals the dense MLP exactly,
-        whatever the router picks; shared experts get the dense weights with a zeroed output projection
-        so they start contributing nothing and learn from there. `cfg.upcycle_reinit` > 0 (Drop-Upcycling)
+        whatever the router picks; shared experts keep their own initialisation with a zeroed output
+        projection, so they start contributing nothing and learn from there. `cfg.upcycle_reinit` > 0 (Drop-Upcycling)
         gives up that exactness to start the experts apart.
         """
         self.experts.upcycle_(dense, self.cfg.upcycle_reinit)
