@@ -1022,6 +1022,17 @@ def test_fsdp_streamed_box_write_into_a_plain_tensor_equals_indexing(box):
     assert (t == -1).any()
 
 
+def test_fsdp_streamed_vision_checkpoint_is_planned_from_shapes_without_reading_data(tmp_path):
+    """The streaming load plans from the file's header: every tensor is a meta tensor of the stored shape
+    (allocating them would hold the whole checkpoint on every rank)."""
+    from safetensors.torch import save_file
+
+    from mmoe.parallel.sharded_load import _safetensors_meta
+    save_file({"a": torch.ones(3, 4), "b": torch.zeros(2, dtype=torch.float64)}, str(tmp_path / "x.safetensors"))
+    meta = _safetensors_meta(tmp_path / "x.safetensors")
+    assert {k: (tuple(v.shape), v.is_meta) for k, v in meta.items()} == {"a": ((3, 4), True), "b": ((2,), True)}
+
+
 def test_fsdp_streamed_write_to_a_tensor_the_model_lacks_is_refused_naming_it():
     from mmoe.interop.checkpoint import CheckpointError
     from mmoe.parallel.sharded_load import _Targets
