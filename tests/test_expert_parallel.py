@@ -621,3 +621,23 @@ def test_ddp_ignore_list_holds_every_router_load_buffer():
     loads = sorted(n for n, _ in root.named_buffers() if n.endswith("load_accum"))
     assert len(loads) == 3  # every router has one: the two FFN routers and layer 0's MoA router
     assert sorted(ddp_ignore_names(root)) == loads
+
+
+def test_parallel_package_resolves_its_names_lazily_from_their_modules():
+    """`mmoe.parallel.X` is the object its submodule defines; an unknown name is an AttributeError naming it, and
+    the torch-level names import without Lightning (seconds per spawned process)."""
+    import importlib
+    import subprocess
+    import sys
+
+    import mmoe.parallel as parallel
+    for name in parallel.__all__:
+        module = importlib.import_module(f"mmoe.parallel.{parallel._EXPORTS[name]}")
+        assert getattr(parallel, name) is getattr(module, name), name
+    with pytest.raises(AttributeError) as err:
+        parallel.no_such_name  # noqa: B018
+    assert str(err.value) == "module 'mmoe.parallel' has no attribute 'no_such_name'"
+    code = ("import sys; from mmoe.parallel import enable_expert_parallel, build_mesh; "
+            "print('lightning' in sys.modules, 'mmoe.parallel.strategy' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
