@@ -896,6 +896,38 @@ def test_fsdp_sharded_init_density_matches_the_addressed_elements(view):
     assert _ref(mask).nelem == 6 and _ref(mask).covers_storage and not _ref(mask[2:]).covers_storage
 
 
+def test_fsdp_sharded_init_replays_outputs_by_keyword_tensor_lists_self_reads_and_freed_temporaries():
+    """Build steps the presets do not take, replayed exactly: a parameter written through `out=`, an in-place op
+    whose `self` is a tensor list, a fill whose value is read from the tensor it overwrites, and temporaries
+    dropped at once (random draws, unread outputs), whose storage addresses would come back for later tensors."""
+    from mmoe.parallel.sharded_init import record_build, replay
+
+    class Unusual(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            with torch.no_grad():
+                for _ in range(30):
+                    torch.empty(5).normal_()
+                    torch.empty(5)  # made and dropped: an output no later op reads
+                self.c = torch.nn.Parameter(torch.ones(5))
+                self.a = torch.nn.Parameter(torch.empty(4))
+                self.b = torch.nn.Parameter(torch.empty(4))
+                torch.mul(torch.arange(4.0), 3.0, out=self.a)
+                self.b.normal_()
+                torch._foreach_mul_([self.a, self.b], 2.0)
+                self.level = torch.nn.Parameter(torch.empty(3))
+                self.level.copy_(torch.arange(3.0))
+                self.level.fill_(self.level[1])
+
+    torch.manual_seed(1)
+    want = dict(Unusual().state_dict())
+    assert torch.equal(want["a"], torch.tensor([0.0, 6.0, 12.0, 18.0])) and torch.equal(want["level"], torch.ones(3))
+    torch.manual_seed(1)
+    got = {}
+    replay(record_build(Unusual), lambda n, v: got.__setitem__(n, v.clone()))
+    assert set(got) == set(want) and all(torch.equal(got[k], v) for k, v in want.items())
+
+
 def test_fsdp_sharded_init_replays_constants_and_refuses_outside_meta_tensors():
     """A real tensor the build reads and registers as a buffer is never written by a recorded op: the replay must
     still hand it to the sink (before any op runs). A build reading meta tensors made outside it, or returning a
