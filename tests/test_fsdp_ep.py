@@ -962,6 +962,15 @@ def test_fsdp_sharded_init_replays_constants_and_refuses_outside_meta_tensors():
     assert set(got) == set(want) == {"w", "scale", "twice", "halves", "ones", "copied"}
     assert all(torch.equal(got[k], v) and got[k].dtype == v.dtype for k, v in want.items())
     assert torch.equal(got["scale"], scale)
+    def only_a_constant():  # one recorded op, which reads the constant and writes nothing of the model
+        m = torch.nn.Module()
+        m.register_buffer("scale", scale)
+        m.scale.sum()
+        return m
+
+    got = {}
+    replay(record_build(only_a_constant), lambda n, v: got.__setitem__(n, v.clone()))
+    assert list(got) == ["scale"] and torch.equal(got["scale"], scale)
     outside = torch.ones(4, 2, device="meta")
     with pytest.raises(RuntimeError) as err:
         record_build(lambda: Scaled(outside))
