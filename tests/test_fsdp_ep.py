@@ -928,6 +928,38 @@ def test_fsdp_sharded_init_replays_outputs_by_keyword_tensor_lists_self_reads_an
     assert set(got) == set(want) and all(torch.equal(got[k], v) for k, v in want.items())
 
 
+def test_fsdp_sharded_init_skips_superseded_writes_and_refuses_dtype_views():
+    """The liveness pass: a deterministic write overwritten before anything reads it is not replayed (only the
+    last fill runs). A storage read under two dtypes cannot be replayed and is refused naming both."""
+    from mmoe.parallel.sharded_init import record_build, replay
+
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.empty(4))
+            with torch.no_grad():
+                self.w.fill_(1.0)
+                self.w.fill_(2.0)
+
+    rec = record_build(Twice)
+    assert [e.needed for e in rec.events if e.extract is None and "fill_" in str(e.func)] == [False, True]
+    got = {}
+    replay(rec, lambda n, v: got.__setitem__(n, v.clone()))
+    assert torch.equal(got["w"], torch.full((4,), 2.0))
+
+    class Bits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.empty(4))
+            with torch.no_grad():
+                self.w.normal_()
+            self.register_buffer("bits", self.w.detach().view(torch.int32).clone())
+
+    with pytest.raises(NotImplementedError) as err:
+        replay(record_build(Bits), lambda n, v: None)
+    assert str(err.value) == "sharded init: a storage read as torch.float32 and torch.int32 (dtype views)"
+
+
 def test_fsdp_sharded_init_replays_constants_and_refuses_outside_meta_tensors():
     """A real tensor the build reads and registers as a buffer is never written by a recorded op: the replay must
     still hand it to the sink (before any op runs). A build reading meta tensors made outside it, or returning a
