@@ -854,21 +854,28 @@ def test_fsdp_sharded_init_refuses_what_it_cannot_stream(tmp_path):
         MMoEModule(arch=_stream_arch(vit), stage=StageConfig(hf_decoder=llama), parallel=sharded)
 
 
+def _replayed(rec) -> tuple[dict, dict]:
+    """{state name: final value} as the replay of `rec` hands them over (cloned), and the replay's stats."""
+    from mmoe.parallel.sharded_init import replay
+    got: dict = {}
+    stats = replay(rec, lambda name, v: got.__setitem__(name, v.clone()))
+    return got, stats
+
+
 @pytest.mark.parametrize("preset", ["tiny", "default"])
 def test_fsdp_sharded_init_replay_equals_ordinary_build_of_presets(preset):
     """One process: the recorded meta build of a preset (timm ViT, MoE everywhere), replayed, hands every
     parameter and buffer exactly the ordinary build's value (same seed), holding one full tensor at a time."""
     from mmoe.interop.factory import model_preset
     from mmoe.model.vlm import MMoEVLM
-    from mmoe.parallel.sharded_init import record_build, replay
+    from mmoe.parallel.sharded_init import record_build
     arch = model_preset(preset)
     torch.manual_seed(3)
     ref = MMoEVLM(arch)
     want = {**dict(ref.named_buffers()), **ref.state_dict()}
     torch.manual_seed(3)
     rec = record_build(lambda: MMoEVLM(arch))
-    got: dict = {}
-    stats = replay(rec, lambda name, v: got.__setitem__(name, v.clone()))
+    got, stats = _replayed(rec)
     assert set(got) == set(want)
     assert all(torch.equal(got[k], v) for k, v in want.items())
     total = sum(v.numel() * v.element_size() for v in want.values())
@@ -900,7 +907,7 @@ def test_fsdp_sharded_init_replays_outputs_by_keyword_tensor_lists_self_reads_an
     """Build steps the presets do not take, replayed exactly: a parameter written through `out=`, an in-place op
     whose `self` is a tensor list, a fill whose value is read from the tensor it overwrites, and temporaries
     dropped at once (random draws, unread outputs), whose storage addresses would come back for later tensors."""
-    from mmoe.parallel.sharded_init import record_build, replay
+    from mmoe.parallel.sharded_init import record_build
 
     class Unusual(torch.nn.Module):
         def __init__(self):
@@ -923,8 +930,7 @@ def test_fsdp_sharded_init_replays_outputs_by_keyword_tensor_lists_self_reads_an
     want = dict(Unusual().state_dict())
     assert torch.equal(want["a"], torch.tensor([0.0, 6.0, 12.0, 18.0])) and torch.equal(want["level"], torch.ones(3))
     torch.manual_seed(1)
-    got = {}
-    replay(record_build(Unusual), lambda n, v: got.__setitem__(n, v.clone()))
+    got, _ = _replayed(record_build(Unusual))
     assert set(got) == set(want) and all(torch.equal(got[k], v) for k, v in want.items())
 
 
@@ -943,8 +949,7 @@ def test_fsdp_sharded_init_skips_superseded_writes_and_refuses_dtype_views():
 
     rec = record_build(Twice)
     assert [e.needed for e in rec.events if e.extract is None and "fill_" in str(e.func)] == [False, True]
-    got = {}
-    replay(rec, lambda n, v: got.__setitem__(n, v.clone()))
+    got, _ = _replayed(rec)
     assert torch.equal(got["w"], torch.full((4,), 2.0))
 
     class Bits(torch.nn.Module):
@@ -964,7 +969,7 @@ def test_fsdp_sharded_init_replays_constants_and_refuses_outside_meta_tensors():
     """A real tensor the build reads and registers as a buffer is never written by a recorded op: the replay must
     still hand it to the sink (before any op runs). A build reading meta tensors made outside it, or returning a
     module made outside the recording, is refused with a message naming what to do / the tensor."""
-    from mmoe.parallel.sharded_init import record_build, replay
+    from mmoe.parallel.sharded_init import record_build
     scale = torch.tensor([3.0, 0.5])
 
     class Scaled(torch.nn.Module):
@@ -989,8 +994,7 @@ def test_fsdp_sharded_init_replays_constants_and_refuses_outside_meta_tensors():
     want = dict(Scaled().state_dict())
     assert torch.equal(want["halves"], torch.tensor([1.0, 1.0, 2.0, 2.0], dtype=torch.float64))
     torch.manual_seed(1)
-    got = {}
-    replay(record_build(Scaled), lambda n, v: got.__setitem__(n, v.clone()))
+    got, _ = _replayed(record_build(Scaled))
     assert set(got) == set(want) == {"w", "scale", "twice", "halves", "ones", "copied"}
     assert all(torch.equal(got[k], v) and got[k].dtype == v.dtype for k, v in want.items())
     assert torch.equal(got["scale"], scale)
@@ -1000,8 +1004,7 @@ def test_fsdp_sharded_init_replays_constants_and_refuses_outside_meta_tensors():
         m.scale.sum()
         return m
 
-    got = {}
-    replay(record_build(only_a_constant), lambda n, v: got.__setitem__(n, v.clone()))
+    got, _ = _replayed(record_build(only_a_constant))
     assert list(got) == ["scale"] and torch.equal(got["scale"], scale)
     outside = torch.ones(4, 2, device="meta")
     with pytest.raises(RuntimeError) as err:
