@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # One prepared GPU call for issue 23 (MoE execution on GPU): every step under its own `timeout`, each step's
 # log in $OUT/<step>.log and its final JSON line (plus exit code and seconds) appended to $OUT/summary.jsonl,
-# so a step that fails or overruns leaves the others' results. 5 files come back; ~5-6 minutes on one H200.
+# so a step that fails or overruns leaves the others' results. 5 files come back; ~5-6 minutes on one H200
+# (GPU_CHECK_PROFILE=1 adds the moe_profile step: 6 files, ~2 minutes more).
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh            # on the GPU machine (python3 there; PY to override)
 #   GPU_CHECK_REHEARSE=1 bash benchmarks/gpu_check.sh     # CPU rehearsal: same steps, tiny sizes
 #
 # Steps: correctness (bf16 grouped_mm == loop == dense, no host sync at any MoE site, fullgraph inductor compile
 # of a MoE block == eager without recompiles, CUDA-graph decode == eager), moe_layer (issue shapes vs dense and
-# transformers' Mixtral), model_step (configs/model/mid.yaml, bf16 autocast, fused AdamW, MFU), train (`make train`
-# recipe with --trainer.accelerator gpu --trainer.precision bf16-mixed). `make train` needs jsonargparse: run
-# benchmarks/gpu_wheels.sh beforehand where a package index is reachable and carry .whl along.
+# transformers' Mixtral), model_step (configs/model/mid.yaml, bf16 autocast, fused AdamW, MFU), moe_profile
+# (GPU_CHECK_PROFILE=1 only: where the MoE training step's time goes, op and kernel tables, eager and compiled),
+# train (`make train` recipe with --trainer.accelerator gpu --trainer.precision bf16-mixed). `make train` needs
+# jsonargparse: run benchmarks/gpu_wheels.sh beforehand where a package index is reachable and carry .whl along.
 set -u
 OUT=${OUT:-runs/gpu_check}
 mkdir -p "$OUT"
@@ -47,6 +49,7 @@ if [ "$REHEARSE" = 1 ]; then
   step moe_layer 900 "$PY" benchmarks/moe_layer.py --gpu-mode --device cpu --dtype bf16 --size tiny
   step model_step 600 "$PY" benchmarks/model_step.py --gpu-mode --device cpu --batch 2 --seq 40 --repeats 2 \
     --warmup 1
+  step moe_profile 600 "$PY" benchmarks/moe_profile.py --device cpu --dtype fp32 --size tiny
   step train 900 "$PY" -m mmoe.training.main_job --config configs/default.yaml --data data/synthetic \
     --run-dir runs/gpu_check_train --vision-pretrain none --eval-limit 8 -- --trainer.max_steps=2 \
     --trainer.val_check_interval=2 --trainer.limit_val_batches=1
@@ -56,6 +59,9 @@ else
   step moe_layer 130 "$PY" benchmarks/moe_layer.py --device cuda --dtype bf16
   step model_step 130 "$PY" benchmarks/model_step.py --device cuda --config configs/model/mid.yaml --batch 8 \
     --seq 1024 --repeats 5 --warmup 3
+  if [ "${GPU_CHECK_PROFILE:-0}" = 1 ]; then
+    step moe_profile 150 "$PY" benchmarks/moe_profile.py --device cuda --dtype bf16
+  fi
   # make train last, with what is left of the budget (a run(...) call allows 600 s in all)
   left=$(( BUDGET - ($(date +%s) - T0) )); [ "$left" -gt 300 ] && left=300; [ "$left" -lt 30 ] && left=30
   step train "$left" "$PY" -m mmoe.training.main_job --config configs/default.yaml --data data/synthetic \

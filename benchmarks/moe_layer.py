@@ -85,6 +85,17 @@ def event_time(fns: dict, device: torch.device, iters: int, rounds: int = 5) -> 
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def gpu_case(size: str, device: torch.device, dtype: torch.dtype) -> tuple[MoEFFN, SwiGLU, int]:
+    """The GPU mode's layers and training token count: (MoEFFN, dense SwiGLU of the active width, T).
+
+    full: H=2048, expert hidden 2048, E=8, k=2, T=16384 (issue 23); tiny: the same layout at H=64, T=256."""
+    h, i, e, k = (64, 64, 8, 2) if size == "tiny" else (2048, 2048, 8, 2)
+    torch.manual_seed(0)
+    moe = MoEFFN(h, i, MoEConfig(num_experts=e, top_k=k), activation="swiglu", causal=True).to(device, dtype)
+    dense = SwiGLU(h, k * i).to(device, dtype)
+    return moe, dense, 256 if size == "tiny" else 16384
+
+
 def gpu_main(args) -> None:
     """The GPU mode's shapes (or `--size tiny` to rehearse them on a CPU)."""
     from mmoe.model.moe.experts import expert_kernel
@@ -92,12 +103,9 @@ def gpu_main(args) -> None:
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     tiny = args.size == "tiny"
-    h, i, e, k = (64, 64, 8, 2) if tiny else (2048, 2048, 8, 2)
-    t_train = 256 if tiny else 16384
+    moe, dense, t_train = gpu_case(args.size, device, dtype)
+    h, i, e, k = moe.experts.w_in.in_features, moe.experts.w_out.in_features, moe.cfg.num_experts, moe.cfg.top_k
     iters = 2 if tiny else 20
-    torch.manual_seed(0)
-    moe = MoEFFN(h, i, MoEConfig(num_experts=e, top_k=k), activation="swiglu", causal=True).to(device, dtype)
-    dense = SwiGLU(h, k * i).to(device, dtype)
     rows, result = [], {}
     hf = {}
     for name in ("grouped_mm", "eager"):  # a transformers version without one must not stop the rest

@@ -106,6 +106,40 @@ def test_model_step_benchmark_tiny(tmp_path):
     assert result["step_ratio_vs_dense"] > 0 and result["step_ratio_vs_dense_min"] > 0
 
 
+def test_moe_profile_benchmark_tables_and_compiled_ratio(tmp_path):
+    """benchmarks/moe_profile.py at tiny sizes: the ratios are those of the reported times, the op tables are per
+    step (the dense SwiGLU's 3 linears make exactly 9 matmuls a step: 3 forward, 6 backward), sorted, aten
+    operators only, and the compiled MoE step runs (fullgraph) instead of recording a compile error."""
+    result, _ = _run("benchmarks/moe_profile.py", "--device", "cpu", "--dtype", "fp32", "--size", "tiny",
+                     "--steps", "2", "--threads", "1", results=tmp_path)
+    assert "compile_error" not in result
+    t = result["train_ms"]
+    assert set(t) == {"moe", "dense", "moe_compiled", "dense_compiled"} and all(v > 0 for v in t.values())
+    assert result["train_ratio_vs_dense"] == pytest.approx(t["moe"] / t["dense"], rel=0.01)
+    assert result["train_compiled_ratio_vs_dense"] == pytest.approx(t["moe_compiled"] / t["dense_compiled"], rel=0.01)
+    for mode in ("moe", "moe_compiled", "dense"):
+        rows = result[mode]["top_ops"]
+        assert rows and all(r["name"].startswith(("aten::", "mmoe::")) for r in rows), mode
+        times = [r["ms_per_step"] for r in rows]
+        assert times == sorted(times, reverse=True) and 0 < sum(r["share"] for r in rows) <= 1.0001, mode
+        assert result[mode]["profiled_ms_per_step"] >= sum(times) - 1e-3, mode
+    dense_mm = {r["name"]: r for r in result["dense"]["top_ops"]}["aten::mm"]
+    assert dense_mm["calls_per_step"] == 9
+    # the eager MoE: the router's gate (3 matmuls a step) plus per-expert matmuls in the loop kernel
+    moe_mm = {r["name"]: r for r in result["moe"]["top_ops"]}["aten::mm"]
+    assert moe_mm["calls_per_step"] > 9 and result["size"] == "tiny" and result["steps"] == 2
+
+
+def test_moe_profile_benchmark_refuses_cuda_without_a_gpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    out = subprocess.run([sys.executable, "benchmarks/moe_profile.py", "--device", "cuda"], capture_output=True,
+                         text=True, cwd=REPO, timeout=120, env={**os.environ, "MMOE_BENCH_RESULTS": str(tmp_path)})
+    assert out.returncode != 0 and "no CUDA device here" in out.stderr and not list(tmp_path.iterdir())
+
+
 def test_int8_accuracy_benchmark_compares_the_same_questions(tiny_data, tmp_path):
     """Float and int8 runs answer the same questions; the reported accuracies are those of the saved answers
     (eval/vqa.py's metrics), the delta their difference. Skipped without torchao (an optional extra)."""
