@@ -118,7 +118,8 @@ def gpu_main(args) -> None:
     print_table(rows)
     ratio = res["moe"]["step_s"] / res["dense"]["step_s"]
     targets = {"step_ratio_vs_dense": 1.35, "moe_mfu_min": 0.25}
-    finish("model_step", {
+    # model_step[_compiled]-<cpu|cuda>.json: the eager and the compiled step both run in one GPU call
+    finish("model_step_compiled" if args.compile else "model_step", {
         "benchmark": "model_step_gpu", "config": args.config, "device": str(device), "batch": args.batch,
         "seq": args.seq, "precision": args.precision, "compile": args.compile, "step_ratio_vs_dense": round(ratio, 3),
         "moe_step_s": round(res["moe"]["step_s"], 4), "dense_step_s": round(res["dense"]["step_s"], 4),
@@ -164,8 +165,12 @@ def main() -> None:
     setup_threads(args.threads)
     if args.memory_of:
         return memory_child(args)
+    if args.compile_mode and not args.compile:
+        raise SystemExit("--compile-mode needs --compile")
     if args.device != "cpu" or args.gpu_mode:
         return gpu_main(args)
+    if args.compile:
+        raise SystemExit("--compile is for the GPU mode (--device cuda, or --gpu-mode on a CPU)")
     device = torch.device(args.device)
     mods = {k: build(args.config, k, device) for k in ("moe", "dense")}
     fns = {k: step_fn(m, make_batch(m, args.batch, args.seq, device)) for k, m in mods.items()}

@@ -106,6 +106,14 @@ def test_model_step_benchmark_tiny(tmp_path):
     assert result["step_ratio_vs_dense"] > 0 and result["step_ratio_vs_dense_min"] > 0
 
 
+@pytest.mark.parametrize("args, message", [(["--compile"], "--compile is for the GPU mode"),
+                                           (["--gpu-mode", "--compile-mode", "max-autotune"], "needs --compile")])
+def test_model_step_benchmark_refuses_compile_options_it_would_ignore(tmp_path, args, message):
+    out = subprocess.run([sys.executable, "benchmarks/model_step.py", "--device", "cpu", *args], capture_output=True,
+                         text=True, cwd=REPO, timeout=120, env={**os.environ, "MMOE_BENCH_RESULTS": str(tmp_path)})
+    assert out.returncode != 0 and message in out.stderr and not list(tmp_path.iterdir())
+
+
 def test_moe_profile_benchmark_tables_and_compiled_ratio(tmp_path):
     """benchmarks/moe_profile.py at tiny sizes: the ratios are those of the reported times, the op tables are per
     step (the dense SwiGLU's 3 linears make exactly 9 matmuls a step: 3 forward, 6 backward), sorted, aten
