@@ -12,9 +12,11 @@ compilation already removes (a training run compiles blocks with `model.compile:
 
 Ops are aten operators by the device time of the kernels they launch (CPU time on a CPU); kernels (CUDA only)
 also cover what compiled code launches without an aten operator (on a CPU, inductor's own C++ kernels appear in
-no table, so the compiled step's table there holds only the aten calls left in the graph). Final JSON line: train_ms, train_ratio_vs_dense
-(eager / eager), train_compiled_ratio_vs_dense (compiled / compiled), profiled_ms_per_step, top_ops and
-top_kernels per mode ([{name, calls_per_step, ms_per_step, share}]); compile failures are recorded, not fatal.
+no table, so the compiled step's table there holds only the aten calls left in the graph).
+
+Final JSON line: train_ms, train_ratio_vs_dense (eager / eager), train_compiled_ratio_vs_dense (compiled /
+compiled), and per mode profiled_ms_per_step, top_ops and top_kernels ([{name, calls_per_step, ms_per_step,
+share}]); compile failures are recorded, not fatal.
 """
 
 from __future__ import annotations
