@@ -33,24 +33,19 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _util import env_info, finish, print_table, setup_threads  # noqa: E402
+from _util import env_info, finish, print_table, setup_threads, sync  # noqa: E402
 from moe_layer import event_time, gpu_case, train_step  # noqa: E402
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def op_table(fn, device: torch.device, steps: int, top: int) -> dict[str, object]:
     """Profile `steps` calls of fn: the `top` aten ops (and CUDA kernels) by self time per step."""
     cuda = device.type == "cuda"
     fn()
-    _sync(device)
+    sync(device)
     with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         for _ in range(steps):
             fn()
-        _sync(device)
+        sync(device)
     events = prof.key_averages()
     time_of = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
 

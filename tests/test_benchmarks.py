@@ -106,12 +106,17 @@ def test_model_step_benchmark_tiny(tmp_path):
     assert result["step_ratio_vs_dense"] > 0 and result["step_ratio_vs_dense_min"] > 0
 
 
+def _assert_refused(results: Path, script: str, *args: str, message: str) -> None:
+    """The script exits non-zero, names the problem on stderr and writes no result file."""
+    out = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, cwd=REPO, timeout=120,
+                         env={**os.environ, "MMOE_BENCH_RESULTS": str(results)})
+    assert out.returncode != 0 and message in out.stderr and not list(results.iterdir())
+
+
 @pytest.mark.parametrize("args, message", [(["--compile"], "--compile is for the GPU mode"),
                                            (["--gpu-mode", "--compile-mode", "max-autotune"], "needs --compile")])
 def test_model_step_benchmark_refuses_compile_options_it_would_ignore(tmp_path, args, message):
-    out = subprocess.run([sys.executable, "benchmarks/model_step.py", "--device", "cpu", *args], capture_output=True,
-                         text=True, cwd=REPO, timeout=120, env={**os.environ, "MMOE_BENCH_RESULTS": str(tmp_path)})
-    assert out.returncode != 0 and message in out.stderr and not list(tmp_path.iterdir())
+    _assert_refused(tmp_path, "benchmarks/model_step.py", "--device", "cpu", *args, message=message)
 
 
 def test_moe_profile_benchmark_tables_and_compiled_ratio(tmp_path):
@@ -143,9 +148,7 @@ def test_moe_profile_benchmark_refuses_cuda_without_a_gpu(tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
-    out = subprocess.run([sys.executable, "benchmarks/moe_profile.py", "--device", "cuda"], capture_output=True,
-                         text=True, cwd=REPO, timeout=120, env={**os.environ, "MMOE_BENCH_RESULTS": str(tmp_path)})
-    assert out.returncode != 0 and "no CUDA device here" in out.stderr and not list(tmp_path.iterdir())
+    _assert_refused(tmp_path, "benchmarks/moe_profile.py", "--device", "cuda", message="no CUDA device here")
 
 
 def test_int8_accuracy_benchmark_compares_the_same_questions(tiny_data, tmp_path):
